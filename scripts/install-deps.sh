@@ -1,0 +1,23 @@
+#!/bin/bash
+# Installs what the test suite needs from Debian's packages, only what is missing.
+#   scripts/install-deps.sh [ejabberd] [postgres] ...   (no argument: everything)
+set -euo pipefail
+want=("$@"); [ ${#want[@]} -gt 0 ] || want=(ejabberd postgres)
+pkgs=()
+for w in "${want[@]}"; do
+  case "$w" in
+    ejabberd) command -v ejabberdctl >/dev/null || pkgs+=(ejabberd) ;;
+    postgres) { command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; } || pkgs+=(postgresql) ;;
+    *) echo "install-deps: unknown component $w" >&2; exit 2 ;;
+  esac
+done
+[ ${#pkgs[@]} -eq 0 ] && exit 0
+[ "$(id -u)" = 0 ] || { echo "install-deps: need root to apt-get install ${pkgs[*]}" >&2; exit 1; }
+exec 8>/tmp/presence-bridge-apt.lock
+flock 8
+echo "install-deps: apt-get install ${pkgs[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# policy-rc.d keeps Debian's own ejabberd/postgres services from starting on install when the
+# image has it; our scripts start private nodes on their own ports either way.
+apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null

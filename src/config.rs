@@ -1,0 +1,731 @@
+//! Configuration: defaults → TOML file → `PRESENCE_BRIDGE__SECTION__KEY` environment variables.
+//!
+//! Secrets (`xmpp.password`, `auth.jwt_secret`, `store.postgres_url`) may also come from a file
+//! named by the matching `*_file` key, so they can live in a mounted secret instead of the TOML.
+//! They are wrapped in [`Secret`], whose `Debug`, `Display` and `Serialize` never show the value:
+//! a config printed by `check-config` or logged by accident shows `***`.
+//!
+//! Unknown keys are an error, not a warning: a typo such as `pasword` would otherwise silently
+//! leave the default in force, which is the worst kind of misconfiguration to debug.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize, Serializer};
+
+/// Environment variable prefix; `__` separates nesting levels.
+pub const ENV_PREFIX: &str = "PRESENCE_BRIDGE__";
+
+/// A configuration error, always naming the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The value of `key` is unusable.
+    #[error("invalid config: {key}: {reason}")]
+    Invalid {
+        /// Dotted key path, e.g. `xmpp.server`.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The config file could not be read or parsed.
+    #[error("invalid config: {0}")]
+    Load(String),
+}
+
+impl ConfigError {
+    fn invalid(key: &str, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A string that must never be shown: `Debug`, `Display` and `Serialize` print `***`.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The secret itself; call only where it is used (handshake, signing, connecting).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// True when no secret was configured.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "" } else { "***" })
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0.is_empty() { "" } else { "***" })
+    }
+}
+
+/// A Postgres URL: shown with its password masked (`postgres://user:***@host/db`).
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct DbUrl(String);
+
+impl DbUrl {
+    /// The URL with its password, for connecting only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// The URL with any password replaced by `***`.
+    pub fn masked(&self) -> String {
+        mask_url_password(&self.0)
+    }
+}
+
+impl fmt::Debug for DbUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.masked())
+    }
+}
+
+impl Serialize for DbUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.masked())
+    }
+}
+
+/// `scheme://user:password@host` → `scheme://user:***@host`; key=value strings mask `password=`.
+fn mask_url_password(url: &str) -> String {
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        let authority = &rest[..authority_end];
+        if let Some(at) = authority.rfind('@') {
+            let userinfo = &authority[..at];
+            if let Some(colon) = userinfo.find(':') {
+                return format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &rest[at..]
+                );
+            }
+        }
+        return url.to_owned();
+    }
+    // libpq key/value form: mask the value of password=...
+    url.split_whitespace()
+        .map(|part| {
+            if part.starts_with("password=") {
+                "password=***".to_owned()
+            } else {
+                part.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The whole configuration. Every key is documented in `config/bridge.example.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// XMPP component connection.
+    pub xmpp: XmppConfig,
+    /// HTTP/WebSocket server.
+    pub http: HttpConfig,
+    /// Token verification.
+    pub auth: AuthConfig,
+    /// Persistence.
+    pub store: StoreConfig,
+    /// Presence engine tuning.
+    pub presence: PresenceConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            xmpp: XmppConfig::default(),
+            http: HttpConfig::default(),
+            auth: AuthConfig::default(),
+            store: StoreConfig::default(),
+            presence: PresenceConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// `[xmpp]`: the XEP-0114 component connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct XmppConfig {
+    /// `host:port` of the server's component listener.
+    pub server: String,
+    /// The component's JID (a domain).
+    pub component: String,
+    /// Shared secret of the component listener.
+    pub password: Secret,
+    /// File holding the shared secret (alternative to `password`).
+    pub password_file: Option<PathBuf>,
+    /// User domains whose presence is tracked.
+    pub domains: Vec<String>,
+    /// Probe known users after every (re)connect.
+    pub probe_on_connect: bool,
+    /// Seconds to wait for probe answers before unconfirmed resources go offline.
+    pub resync_grace_secs: f64,
+    /// Seconds of silence before the bridge pings the server (keepalive).
+    pub keepalive_secs: f64,
+    /// Seconds to wait for any data after a keepalive before the connection is declared dead.
+    pub keepalive_timeout_secs: f64,
+    /// Seconds allowed for TCP connect + stream + handshake.
+    pub connect_timeout_secs: f64,
+    /// First reconnect delay in seconds (doubles per failure, with jitter).
+    pub reconnect_min_secs: f64,
+    /// Upper bound of the reconnect delay in seconds.
+    pub reconnect_max_secs: f64,
+    /// Probes sent per second during a resync (protects the server from a probe storm).
+    pub probe_rate_per_sec: u32,
+    /// Longest accepted `<status/>` text in bytes; a longer one marks the stanza oversized.
+    pub max_status_bytes: usize,
+    /// Most child elements accepted in one presence; more marks the stanza oversized.
+    pub max_payloads: usize,
+    /// Preferred `<status xml:lang>` when a presence carries several status texts.
+    pub status_languages: Vec<String>,
+}
+
+impl Default for XmppConfig {
+    fn default() -> Self {
+        Self {
+            server: "127.0.0.1:5347".into(),
+            component: "bridge.localhost".into(),
+            password: Secret::default(),
+            password_file: None,
+            domains: vec!["localhost".into()],
+            probe_on_connect: true,
+            resync_grace_secs: 10.0,
+            keepalive_secs: 30.0,
+            keepalive_timeout_secs: 20.0,
+            connect_timeout_secs: 10.0,
+            reconnect_min_secs: 0.5,
+            reconnect_max_secs: 30.0,
+            probe_rate_per_sec: 2000,
+            max_status_bytes: 4096,
+            max_payloads: 32,
+            status_languages: vec!["en".into()],
+        }
+    }
+}
+
+impl XmppConfig {
+    /// Grace period for probe answers.
+    pub fn resync_grace(&self) -> Duration {
+        Duration::from_secs_f64(self.resync_grace_secs)
+    }
+    /// Keepalive interval.
+    pub fn keepalive(&self) -> Duration {
+        Duration::from_secs_f64(self.keepalive_secs)
+    }
+    /// Dead-peer timeout after a keepalive.
+    pub fn keepalive_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.keepalive_timeout_secs)
+    }
+    /// Connect + handshake deadline.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.connect_timeout_secs)
+    }
+}
+
+/// `[http]`: the REST/WebSocket server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Listen address.
+    pub bind: String,
+    /// WebSocket Origin allow-list; empty means same-origin only.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:8080".into(),
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+/// `[auth]`: JWT verification.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// HS256 secret.
+    pub jwt_secret: Secret,
+    /// File holding the HS256 secret.
+    pub jwt_secret_file: Option<PathBuf>,
+    /// PEM public key for RS256/ES256 (instead of `jwt_secret`).
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// Required `iss`, when set.
+    pub issuer: Option<String>,
+    /// Required `aud`, when set.
+    pub audience: Option<String>,
+}
+
+/// `[store]`: persistence.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Postgres URL; absent means memory only.
+    pub postgres_url: Option<DbUrl>,
+    /// File holding the Postgres URL.
+    pub postgres_url_file: Option<PathBuf>,
+    /// Directory of the on-disk spool used while Postgres is unreachable.
+    pub spool_dir: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            postgres_url: None,
+            postgres_url_file: None,
+            spool_dir: PathBuf::from("data/spool"),
+        }
+    }
+}
+
+/// `[presence]`: engine tuning.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// Number of recent changes kept for resume (`since=`).
+    pub ring_size: usize,
+    /// Capacity of the engine's input queue (events waiting for the sequencer).
+    pub queue_size: usize,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self {
+            ring_size: 65_536,
+            queue_size: 65_536,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `presence_bridge=debug,info`. `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `path` (if it exists, or an error if `required`), then the
+    /// environment; resolves `*_file` secrets and validates.
+    pub fn load(path: &Path, required: bool) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if path.exists() {
+            fig = fig.merge(Toml::file_exact(path));
+        } else if required {
+            return Err(ConfigError::Load(format!(
+                "config file {} not found",
+                path.display()
+            )));
+        }
+        fig = fig.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        Self::from_figment(&fig)
+    }
+
+    /// Extracts, resolves secrets from files and validates.
+    pub fn from_figment(fig: &Figment) -> Result<Self, ConfigError> {
+        let mut cfg: Config = fig.extract().map_err(figment_error)?;
+        cfg.resolve_secret_files()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn resolve_secret_files(&mut self) -> Result<(), ConfigError> {
+        if let Some(path) = &self.xmpp.password_file {
+            if !self.xmpp.password.is_empty() {
+                return Err(ConfigError::invalid(
+                    "xmpp.password_file",
+                    "set either xmpp.password or xmpp.password_file, not both",
+                ));
+            }
+            self.xmpp.password = Secret::new(read_secret_file("xmpp.password_file", path)?);
+        }
+        if let Some(path) = &self.auth.jwt_secret_file {
+            if !self.auth.jwt_secret.is_empty() {
+                return Err(ConfigError::invalid(
+                    "auth.jwt_secret_file",
+                    "set either auth.jwt_secret or auth.jwt_secret_file, not both",
+                ));
+            }
+            self.auth.jwt_secret = Secret::new(read_secret_file("auth.jwt_secret_file", path)?);
+        }
+        if let Some(path) = &self.store.postgres_url_file {
+            if self.store.postgres_url.is_some() {
+                return Err(ConfigError::invalid(
+                    "store.postgres_url_file",
+                    "set either store.postgres_url or store.postgres_url_file, not both",
+                ));
+            }
+            self.store.postgres_url =
+                Some(DbUrl(read_secret_file("store.postgres_url_file", path)?));
+        }
+        Ok(())
+    }
+
+    /// Checks every value that can be checked without connecting anywhere.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let x = &self.xmpp;
+        if x.server.trim().is_empty() {
+            return Err(ConfigError::invalid("xmpp.server", "must be host:port"));
+        }
+        match x.server.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+            _ => {
+                return Err(ConfigError::invalid(
+                    "xmpp.server",
+                    format!("{:?} is not host:port", x.server),
+                ));
+            }
+        }
+        if jid::BareJid::new(&x.component)
+            .map(|j| j.node().is_some())
+            .unwrap_or(true)
+        {
+            return Err(ConfigError::invalid(
+                "xmpp.component",
+                format!("{:?} is not a domain JID", x.component),
+            ));
+        }
+        if x.password.is_empty() {
+            return Err(ConfigError::invalid(
+                "xmpp.password",
+                "is required (or xmpp.password_file)",
+            ));
+        }
+        if x.domains.is_empty() {
+            return Err(ConfigError::invalid(
+                "xmpp.domains",
+                "must list at least one user domain",
+            ));
+        }
+        for d in &x.domains {
+            if jid::BareJid::new(d).map(|j| j.node().is_some()).unwrap_or(true) {
+                return Err(ConfigError::invalid(
+                    "xmpp.domains",
+                    format!("{d:?} is not a domain"),
+                ));
+            }
+        }
+        for (key, v) in [
+            ("xmpp.resync_grace_secs", x.resync_grace_secs),
+            ("xmpp.keepalive_secs", x.keepalive_secs),
+            ("xmpp.keepalive_timeout_secs", x.keepalive_timeout_secs),
+            ("xmpp.connect_timeout_secs", x.connect_timeout_secs),
+            ("xmpp.reconnect_min_secs", x.reconnect_min_secs),
+            ("xmpp.reconnect_max_secs", x.reconnect_max_secs),
+        ] {
+            if !(v.is_finite() && v > 0.0 && v < 86_400.0) {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("{v} is not a positive number of seconds below one day"),
+                ));
+            }
+        }
+        if x.reconnect_max_secs < x.reconnect_min_secs {
+            return Err(ConfigError::invalid(
+                "xmpp.reconnect_max_secs",
+                "must be >= xmpp.reconnect_min_secs",
+            ));
+        }
+        if x.probe_rate_per_sec == 0 {
+            return Err(ConfigError::invalid(
+                "xmpp.probe_rate_per_sec",
+                "must be at least 1",
+            ));
+        }
+        if self.http.bind.parse::<SocketAddr>().is_err() {
+            return Err(ConfigError::invalid(
+                "http.bind",
+                format!("{:?} is not ip:port", self.http.bind),
+            ));
+        }
+        if !self.auth.jwt_secret.is_empty() && self.auth.jwt_public_key_file.is_some() {
+            return Err(ConfigError::invalid(
+                "auth.jwt_public_key_file",
+                "set either auth.jwt_secret (HS256) or auth.jwt_public_key_file, not both",
+            ));
+        }
+        if let Some(url) = &self.store.postgres_url {
+            let u = url.expose();
+            if !(u.starts_with("postgres://") || u.starts_with("postgresql://") || u.contains('='))
+            {
+                return Err(ConfigError::invalid(
+                    "store.postgres_url",
+                    "must be a postgres:// URL or a libpq key=value string",
+                ));
+            }
+        }
+        if self.presence.ring_size < 16 {
+            return Err(ConfigError::invalid(
+                "presence.ring_size",
+                "must be at least 16",
+            ));
+        }
+        if self.presence.queue_size < 16 {
+            return Err(ConfigError::invalid(
+                "presence.queue_size",
+                "must be at least 16",
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(ConfigError::invalid(
+                "log.level",
+                format!("{:?} is not a tracing filter", self.log.level),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, secrets masked.
+    pub fn to_masked_toml(&self) -> String {
+        toml_string(self)
+    }
+}
+
+fn toml_string(cfg: &Config) -> String {
+    // figment re-exports no TOML writer; serde_json → a small TOML rendering keeps deps lean.
+    let value = serde_json::to_value(cfg).unwrap_or(serde_json::Value::Null);
+    let mut out = String::new();
+    if let serde_json::Value::Object(sections) = value {
+        for (section, body) in sections {
+            out.push_str(&format!("[{section}]\n"));
+            if let serde_json::Value::Object(keys) = body {
+                for (k, v) in keys {
+                    if v.is_null() {
+                        out.push_str(&format!("# {k} = (unset)\n"));
+                    } else {
+                        out.push_str(&format!("{k} = {v}\n"));
+                    }
+                }
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn read_secret_file(key: &str, path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::invalid(key, format!("cannot read {}: {}", path.display(), e.kind()))
+    })?;
+    let value = text.trim_end_matches(['\r', '\n']).to_owned();
+    if value.is_empty() {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{} is empty", path.display()),
+        ));
+    }
+    Ok(value)
+}
+
+/// Turns a figment error into a one-line message that names the key.
+fn figment_error(e: figment::Error) -> ConfigError {
+    let mut msgs = Vec::new();
+    for err in e {
+        let key = err.path.join(".");
+        let kind = err.kind.to_string();
+        if key.is_empty() {
+            // unknown_field errors carry the field in the kind text.
+            msgs.push(kind);
+        } else {
+            msgs.push(format!("{key}: {kind}"));
+        }
+    }
+    ConfigError::Load(msgs.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    const MINIMAL: &str = r#"
+        [xmpp]
+        password = "s3cr3t-value"
+    "#;
+
+    #[test]
+    fn defaults_plus_file_plus_env() {
+        Jail::expect_with(|jail| {
+            jail.create_file("bridge.toml", MINIMAL)?;
+            jail.set_env("PRESENCE_BRIDGE__XMPP__SERVER", "10.0.0.1:6000");
+            jail.set_env("PRESENCE_BRIDGE__STORE__SPOOL_DIR", "/var/spool/pb");
+            let cfg = Config::load(Path::new("bridge.toml"), true).map_err(|e| e.to_string())?;
+            assert_eq!(cfg.xmpp.server, "10.0.0.1:6000");
+            assert_eq!(cfg.xmpp.password.expose(), "s3cr3t-value");
+            assert_eq!(cfg.store.spool_dir, PathBuf::from("/var/spool/pb"));
+            assert_eq!(cfg.xmpp.domains, vec!["localhost".to_string()]);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secret_from_file_and_conflict() {
+        Jail::expect_with(|jail| {
+            jail.create_file("pw.txt", "from-file\n")?;
+            jail.create_file("bridge.toml", "[xmpp]\npassword_file = \"pw.txt\"\n")?;
+            let cfg = Config::load(Path::new("bridge.toml"), true).map_err(|e| e.to_string())?;
+            assert_eq!(cfg.xmpp.password.expose(), "from-file");
+
+            jail.create_file(
+                "both.toml",
+                "[xmpp]\npassword = \"x\"\npassword_file = \"pw.txt\"\n",
+            )?;
+            let err = Config::load(Path::new("both.toml"), true)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("xmpp.password_file"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        Jail::expect_with(|jail| {
+            jail.create_file("a.toml", "[xmpp]\npassword = \"x\"\nserver = \"nope\"\n")?;
+            let err = Config::load(Path::new("a.toml"), true)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("xmpp.server"), "{err}");
+
+            jail.create_file("b.toml", "[xmpp]\npassword = \"x\"\npasword = \"y\"\n")?;
+            let err = Config::load(Path::new("b.toml"), true)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("pasword"), "{err}");
+
+            jail.create_file("c.toml", "[xmpp]\n")?;
+            let err = Config::load(Path::new("c.toml"), true)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("xmpp.password"), "{err}");
+
+            jail.create_file(
+                "d.toml",
+                "[xmpp]\npassword = \"x\"\ncomponent = \"user@host\"\n",
+            )?;
+            let err = Config::load(Path::new("d.toml"), true)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("xmpp.component"), "{err}");
+
+            jail.create_file("e.toml", "[xmpp]\npassword = \"x\"\nresync_grace_secs = -1\n")?;
+            let err = Config::load(Path::new("e.toml"), true)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("xmpp.resync_grace_secs"), "{err}");
+
+            jail.set_env("PRESENCE_BRIDGE__XMPP__KEEPALIVE_SECS", "abc");
+            jail.create_file("f.toml", MINIMAL)?;
+            let err = Config::load(Path::new("f.toml"), true)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("keepalive_secs"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_are_masked_everywhere() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "bridge.toml",
+                r#"
+                [xmpp]
+                password = "hunter2-xmpp"
+                [auth]
+                jwt_secret = "hunter2-jwt"
+                [store]
+                postgres_url = "postgres://app:hunter2-db@127.0.0.1:5432/presence"
+                "#,
+            )?;
+            let cfg = Config::load(Path::new("bridge.toml"), true).map_err(|e| e.to_string())?;
+            let printed = cfg.to_masked_toml();
+            let debugged = format!("{cfg:?}");
+            for text in [&printed, &debugged] {
+                assert!(!text.contains("hunter2"), "secret leaked: {text}");
+            }
+            assert!(printed.contains("postgres://app:***@127.0.0.1:5432/presence"));
+            assert!(printed.contains("password = \"***\""));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn url_masking_variants() {
+        assert_eq!(
+            mask_url_password("postgres://u@h/db"),
+            "postgres://u@h/db".to_string()
+        );
+        assert_eq!(
+            mask_url_password("postgresql://u:p@ss@h:5/db"),
+            "postgresql://u:***@h:5/db".to_string()
+        );
+        assert_eq!(
+            mask_url_password("host=h user=u password=secret dbname=d"),
+            "host=h user=u password=*** dbname=d".to_string()
+        );
+    }
+}

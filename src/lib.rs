@@ -1,0 +1,29 @@
+//! presence-bridge: mirrors XMPP presence into a live presence map, history and dashboards.
+//!
+//! # Layout
+//!
+//! The folders follow the data flow: `xmpp` → `presence` → (`store`, `api`, later issues).
+//!
+//! - [`config`]: layered configuration (defaults → TOML → `PRESENCE_BRIDGE__…` env), secrets
+//!   from `*_file` keys, validation that names the bad key, and masking of secrets wherever
+//!   the config is printed or logged.
+//! - [`xmpp`]: the XEP-0114 component. [`xmpp::component`] is a supervisor task that connects,
+//!   handshakes, reads stanzas, keeps the stream alive, reconnects with capped backoff and
+//!   jitter, and resyncs by probing known users after every (re)connect.
+//!   [`xmpp::translate`] turns a presence stanza into an engine event or a roster-handshake
+//!   action, as a pure function.
+//! - [`presence`]: the engine. One sequencer task ([`presence::engine`]) applies events in
+//!   arrival order through the pure rules of [`presence::aggregate`], stamps every resulting
+//!   change with a gap-free `seq`, and publishes it to a concurrent map (O(1) reads by JID),
+//!   online counters, and the change [`presence::hub`] (a ring of recent changes for resume plus
+//!   a broadcast feed with lag detection). Nothing downstream can slow the sequencer.
+//! - [`telemetry`]: tracing setup (text or JSON).
+//! - [`shutdown`]: SIGTERM/SIGINT → one `CancellationToken` for every task.
+//! - [`cli`]: the `presence-bridge` subcommands.
+
+pub mod cli;
+pub mod config;
+pub mod presence;
+pub mod shutdown;
+pub mod telemetry;
+pub mod xmpp;

@@ -1,0 +1,362 @@
+//! The sequencer: one task that applies events in arrival order, stamps each resulting change
+//! with the next `seq`, and publishes it to the map, the counters and the hub.
+//!
+//! Only this task writes presence state, so everything it publishes is consistent with its
+//! `seq`; a snapshot is taken *by* this task, between two events, and is therefore exactly the
+//! state at its `seq`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use chrono::{DateTime, Utc};
+use dashmap::DashMap;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::aggregate;
+use super::hub::Hub;
+use super::model::{
+    Cause, Change, EventKind, PresenceEvent, Show, UserJid, UserPresence, new_event_id,
+};
+use crate::config::PresenceConfig;
+
+/// The engine's task has stopped (the process is shutting down).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("presence engine stopped")]
+pub struct EngineClosed;
+
+/// Online counts, maintained incrementally by the sequencer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    /// Seq of the last change these counts include.
+    pub seq: u64,
+    /// Users with at least one resource online.
+    pub online_users: u64,
+    /// Online resources.
+    pub online_resources: u64,
+    /// Online users by aggregate show.
+    pub by_show: std::collections::BTreeMap<Show, u64>,
+    /// Online users by domain.
+    pub by_domain: std::collections::BTreeMap<String, u64>,
+}
+
+impl Stats {
+    fn account(&mut self, p: &UserPresence, sign: i64) {
+        if !p.online {
+            return;
+        }
+        let add = |v: &mut u64, d: i64| *v = v.saturating_add_signed(d);
+        add(&mut self.online_users, sign);
+        add(&mut self.online_resources, sign * p.resources.len() as i64);
+        let s = self.by_show.entry(p.show).or_default();
+        add(s, sign);
+        if *s == 0 {
+            self.by_show.remove(&p.show);
+        }
+        let d = self.by_domain.entry(p.jid.domain().to_owned()).or_default();
+        add(d, sign);
+        if *d == 0 {
+            self.by_domain.remove(p.jid.domain());
+        }
+    }
+}
+
+/// All online users at one `seq`.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The epoch of `seq`.
+    pub epoch: Arc<str>,
+    /// The last change included.
+    pub seq: u64,
+    /// Online users, sorted by JID.
+    pub users: Vec<Arc<UserPresence>>,
+}
+
+enum Command {
+    Apply(PresenceEvent),
+    Snapshot(oneshot::Sender<Snapshot>),
+    KnownUsers(oneshot::Sender<Vec<UserJid>>),
+    ResyncBegin(u64),
+    ResyncEnd {
+        generation: u64,
+        offline_at: DateTime<Utc>,
+    },
+    Barrier(oneshot::Sender<u64>),
+}
+
+/// State shared between the sequencer and readers.
+#[derive(Debug)]
+struct Shared {
+    epoch: Arc<str>,
+    /// Every user ever seen this run (online or not), for O(1) reads by JID.
+    map: DashMap<UserJid, Arc<UserPresence>>,
+    stats: RwLock<Stats>,
+    seq: AtomicU64,
+    hub: Hub,
+}
+
+/// Handle to the engine. Cheap to clone; the sequencer stops when every handle is dropped.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    tx: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+}
+
+impl Engine {
+    /// Starts the sequencer task.
+    pub fn start(cfg: &PresenceConfig) -> (Engine, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(cfg.queue_size);
+        let epoch: Arc<str> = Arc::from(format!("{:016x}", (new_event_id() >> 64) as u64 ^ rand::random::<u64>()));
+        let shared = Arc::new(Shared {
+            epoch,
+            map: DashMap::new(),
+            stats: RwLock::new(Stats::default()),
+            seq: AtomicU64::new(0),
+            hub: Hub::new(cfg.ring_size, cfg.ring_size.clamp(1024, 65_536)),
+        });
+        let seq = Sequencer {
+            shared: shared.clone(),
+            touch: 0,
+            resync: None,
+        };
+        let task = tokio::spawn(seq.run(rx));
+        (Engine { tx, shared }, task)
+    }
+
+    /// Queues an event (waits if the queue is full: backpressure on the input source).
+    pub async fn apply(&self, ev: PresenceEvent) -> Result<(), EngineClosed> {
+        self.tx.send(Command::Apply(ev)).await.map_err(|_| EngineClosed)
+    }
+
+    /// All online users, consistent with the returned `seq`.
+    pub async fn snapshot(&self) -> Result<Snapshot, EngineClosed> {
+        self.ask(Command::Snapshot).await
+    }
+
+    /// Every user the engine knows (online or offline), for probing after a reconnect.
+    pub async fn known_users(&self) -> Result<Vec<UserJid>, EngineClosed> {
+        self.ask(Command::KnownUsers).await
+    }
+
+    /// Waits until every event queued before this call has been applied; returns the seq then.
+    pub async fn barrier(&self) -> Result<u64, EngineClosed> {
+        self.ask(Command::Barrier).await
+    }
+
+    /// Starts a resync round: every resource online now must be confirmed (by any presence
+    /// of that resource) before [`Engine::resync_end`] with the same generation, or it goes
+    /// offline with cause `resync`.
+    pub async fn resync_begin(&self, generation: u64) -> Result<(), EngineClosed> {
+        self.tx
+            .send(Command::ResyncBegin(generation))
+            .await
+            .map_err(|_| EngineClosed)
+    }
+
+    /// Ends a resync round; unconfirmed resources go offline at `offline_at`. A stale
+    /// generation (a newer round began since) is ignored.
+    pub async fn resync_end(
+        &self,
+        generation: u64,
+        offline_at: DateTime<Utc>,
+    ) -> Result<(), EngineClosed> {
+        self.tx
+            .send(Command::ResyncEnd {
+                generation,
+                offline_at,
+            })
+            .await
+            .map_err(|_| EngineClosed)
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, EngineClosed> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| EngineClosed)?;
+        rx.await.map_err(|_| EngineClosed)
+    }
+
+    /// The current state of one user (O(1)), online or offline; `None` if never seen.
+    pub fn get(&self, jid: &UserJid) -> Option<Arc<UserPresence>> {
+        self.shared.map.get(jid).map(|e| e.value().clone())
+    }
+
+    /// Online counts.
+    pub fn stats(&self) -> Stats {
+        self.shared
+            .stats
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Users known to the map (online or not).
+    pub fn known_count(&self) -> usize {
+        self.shared.map.len()
+    }
+
+    /// The change hub (subscribe, resume).
+    pub fn hub(&self) -> &Hub {
+        &self.shared.hub
+    }
+
+    /// This process's epoch.
+    pub fn epoch(&self) -> &Arc<str> {
+        &self.shared.epoch
+    }
+
+    /// The seq of the last published change.
+    pub fn seq(&self) -> u64 {
+        self.shared.seq.load(Ordering::Acquire)
+    }
+}
+
+struct Resync {
+    generation: u64,
+    pending: HashSet<(UserJid, String)>,
+}
+
+struct Sequencer {
+    shared: Arc<Shared>,
+    touch: u64,
+    resync: Option<Resync>,
+}
+
+impl Sequencer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(cmd) = rx.recv().await {
+            match cmd {
+                Command::Apply(ev) => {
+                    self.confirm(&ev);
+                    self.apply(&ev);
+                }
+                Command::Snapshot(reply) => {
+                    let mut users: Vec<Arc<UserPresence>> = self
+                        .shared
+                        .map
+                        .iter()
+                        .filter(|e| e.value().online)
+                        .map(|e| e.value().clone())
+                        .collect();
+                    users.sort_by(|a, b| a.jid.cmp(&b.jid));
+                    let _ = reply.send(Snapshot {
+                        epoch: self.shared.epoch.clone(),
+                        seq: self.shared.seq.load(Ordering::Acquire),
+                        users,
+                    });
+                }
+                Command::KnownUsers(reply) => {
+                    let mut users: Vec<UserJid> =
+                        self.shared.map.iter().map(|e| e.key().clone()).collect();
+                    users.sort();
+                    let _ = reply.send(users);
+                }
+                Command::Barrier(reply) => {
+                    let _ = reply.send(self.shared.seq.load(Ordering::Acquire));
+                }
+                Command::ResyncBegin(generation) => {
+                    let pending = self
+                        .shared
+                        .map
+                        .iter()
+                        .flat_map(|e| {
+                            let jid = e.key().clone();
+                            e.value()
+                                .resources
+                                .iter()
+                                .map(|r| (jid.clone(), r.resource.clone()))
+                                .collect::<Vec<_>>()
+                        })
+                        .collect();
+                    self.resync = Some(Resync {
+                        generation,
+                        pending,
+                    });
+                }
+                Command::ResyncEnd {
+                    generation,
+                    offline_at,
+                } => {
+                    if self.resync.as_ref().map(|r| r.generation) != Some(generation) {
+                        continue;
+                    }
+                    let Some(r) = self.resync.take() else { continue };
+                    let mut stale: Vec<_> = r.pending.into_iter().collect();
+                    stale.sort();
+                    if !stale.is_empty() {
+                        tracing::info!(
+                            resources = stale.len(),
+                            "resync: resources not confirmed by probe within the grace period go offline"
+                        );
+                    }
+                    let now = Utc::now();
+                    for (jid, resource) in stale {
+                        self.apply(&PresenceEvent {
+                            id: new_event_id(),
+                            jid,
+                            resource,
+                            kind: EventKind::Unavailable { status: None },
+                            at: offline_at,
+                            received_at: now,
+                            cause: Cause::Resync,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn confirm(&mut self, ev: &PresenceEvent) {
+        if let Some(r) = &mut self.resync {
+            match ev.kind {
+                EventKind::AllUnavailable { .. } => r.pending.retain(|(j, _)| *j != ev.jid),
+                _ => {
+                    r.pending.remove(&(ev.jid.clone(), ev.resource.clone()));
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, ev: &PresenceEvent) {
+        self.touch += 1;
+        let prev = self.shared.map.get(&ev.jid).map(|e| e.value().clone());
+        let Some((op, next)) = aggregate::apply(prev.as_deref(), ev, self.touch) else {
+            return;
+        };
+        let next = Arc::new(next);
+        let seq = self.shared.seq.load(Ordering::Relaxed) + 1;
+        {
+            let mut stats = self.shared.stats.write().unwrap_or_else(|p| p.into_inner());
+            if let Some(p) = &prev {
+                stats.account(p, -1);
+            }
+            stats.account(&next, 1);
+            stats.seq = seq;
+        }
+        self.shared.map.insert(ev.jid.clone(), next.clone());
+        self.shared.seq.store(seq, Ordering::Release);
+        self.shared.hub.publish(Arc::new(Change {
+            seq,
+            jid: ev.jid.clone(),
+            op,
+            presence: next,
+        }));
+    }
+}
+
+/// A reference map of the live state, rebuilt from a snapshot plus changes (used by tests and
+/// by clients that mirror the stream).
+pub fn replay(snapshot: &[Arc<UserPresence>], changes: &[Arc<Change>]) -> HashMap<UserJid, Arc<UserPresence>> {
+    let mut state: HashMap<UserJid, Arc<UserPresence>> = snapshot
+        .iter()
+        .map(|u| (u.jid.clone(), u.clone()))
+        .collect();
+    for c in changes {
+        if c.presence.online {
+            state.insert(c.jid.clone(), c.presence.clone());
+        } else {
+            state.remove(&c.jid);
+        }
+    }
+    state
+}

@@ -1,0 +1,651 @@
+//! The XEP-0114 component supervisor.
+//!
+//! One task owns the connection: connect → stream header → handshake → read loop, and on any
+//! loss, capped exponential backoff with jitter, then again. A rejected secret or an unknown
+//! component domain is fatal (retrying cannot fix configuration). tokio-xmpp's `Component`
+//! hides *why* its stream ended, so we drive `tokio_xmpp::xmlstream` directly, which tells a bad
+//! stanza (skip it) from a soft timeout (send a keepalive) from a dead connection (reconnect).
+//!
+//! After every handshake the session starts a resync round (see [`crate::presence::Engine::resync_begin`])
+//! *before* it reads the first stanza, then probes every known user at a bounded rate; after
+//! the grace period, resources nobody confirmed go offline. While disconnected the presence map
+//! is left alone and marked stale: no offline storm reaches subscribers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures::{SinkExt, StreamExt};
+use minidom::Element;
+use tokio::io::BufStream;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_xmpp::Stanza;
+use tokio_xmpp::xmlstream::{
+    FallibleStreamElement, ReadError, StreamHeader, Timeouts, XmppStream, XmppStreamElement,
+    initiate_stream,
+};
+use xmpp_parsers::component::Handshake;
+use xmpp_parsers::iq::Iq;
+use xmpp_parsers::jid::{BareJid, Jid};
+use xmpp_parsers::ping::Ping;
+use xmpp_parsers::presence::{Presence, Type as PresenceType};
+use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
+use xmpp_parsers::stream_error::DefinedCondition as StreamCondition;
+
+use super::translate::{self, Dropped, Inbound, Translator};
+use crate::config::XmppConfig;
+use crate::presence::{Engine, UserJid};
+
+type Stream = XmppStream<BufStream<TcpStream>>;
+
+/// A failure that reconnecting cannot fix. The message names the config key to check.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FatalError {
+    /// The server answered the handshake with `not-authorized` (ejabberd also answers so for a
+    /// component domain it does not serve).
+    #[error(
+        "the XMPP server rejected the component handshake for {component:?} (not-authorized): check xmpp.password, and that xmpp.component is a domain of the server's component listener"
+    )]
+    NotAuthorized {
+        /// The component domain we tried.
+        component: String,
+    },
+    /// The server does not serve this component domain.
+    #[error(
+        "the XMPP server does not know the component domain {component:?} (host-unknown): check xmpp.component"
+    )]
+    HostUnknown {
+        /// The component domain we tried.
+        component: String,
+    },
+}
+
+/// Connection state, visible to the rest of the program (`/readyz`, metrics, logs).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ConnectionStatus {
+    /// Handshake done and the stream is up.
+    pub connected: bool,
+    /// When the current state began.
+    pub since: Option<DateTime<Utc>>,
+    /// Successful connections after the first one.
+    pub reconnects: u64,
+    /// Failed connection attempts in a row (0 while connected).
+    pub failed_attempts: u64,
+    /// The presence map is not being fed (disconnected after having been connected).
+    pub stale: bool,
+    /// A resync round is running (probes out, grace period not over).
+    pub resyncing: bool,
+    /// XEP-0356 permissions advertised by the server: `(access, type)`.
+    pub privileges: Vec<(String, String)>,
+    /// Why the last connection ended or failed (no secrets in it).
+    pub last_error: Option<String>,
+}
+
+/// Counters for metrics (monotonic).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// `<presence/>` stanzas read.
+    pub presence_in: AtomicU64,
+    /// `<message/>` stanzas read.
+    pub message_in: AtomicU64,
+    /// `<iq/>` stanzas read.
+    pub iq_in: AtomicU64,
+    /// Stanzas that failed to parse (skipped).
+    pub parse_errors: AtomicU64,
+    /// Presence from domains not in `xmpp.domains` (dropped).
+    pub dropped_foreign: AtomicU64,
+    /// Presence dropped as oversized.
+    pub dropped_oversized: AtomicU64,
+    /// Presence dropped for other reasons (no from, no resource, from a server JID).
+    pub dropped_other: AtomicU64,
+    /// Probes sent during resyncs.
+    pub probes_sent: AtomicU64,
+    /// Keepalive pings sent.
+    pub keepalives_sent: AtomicU64,
+    /// Events handed to the engine.
+    pub events: AtomicU64,
+}
+
+impl Counters {
+    fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Handle to the running component: its status and counters.
+#[derive(Debug, Clone)]
+pub struct ComponentHandle {
+    status: watch::Receiver<ConnectionStatus>,
+    counters: Arc<Counters>,
+}
+
+impl ComponentHandle {
+    /// The current connection status.
+    pub fn status(&self) -> ConnectionStatus {
+        self.status.borrow().clone()
+    }
+    /// A receiver to wait for status changes.
+    pub fn watch(&self) -> watch::Receiver<ConnectionStatus> {
+        self.status.clone()
+    }
+    /// The counters.
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+}
+
+/// Starts the supervisor. The task ends with `Ok(())` on cancellation and with the fatal error
+/// otherwise; it never ends on a transient failure.
+pub fn spawn(
+    cfg: XmppConfig,
+    engine: Engine,
+    cancel: CancellationToken,
+) -> (ComponentHandle, JoinHandle<Result<(), FatalError>>) {
+    let (status_tx, status_rx) = watch::channel(ConnectionStatus {
+        since: Some(Utc::now()),
+        ..ConnectionStatus::default()
+    });
+    let counters = Arc::new(Counters::default());
+    let sup = Supervisor {
+        translator: Translator::new(&cfg),
+        cfg,
+        engine,
+        status: status_tx,
+        counters: counters.clone(),
+        cancel,
+        generation: 0,
+    };
+    let task = tokio::spawn(sup.run());
+    (
+        ComponentHandle {
+            status: status_rx,
+            counters,
+        },
+        task,
+    )
+}
+
+/// Reconnect delay: `min · 2^attempt`, capped at `max`, with "equal jitter" (a uniform draw in
+/// the upper half) so that a fleet of bridges restarted together does not reconnect in step.
+pub fn backoff_delay(min: Duration, max: Duration, attempt: u32) -> Duration {
+    let exp = min.saturating_mul(1u32 << attempt.min(20));
+    let capped = exp.min(max);
+    let half = capped / 2;
+    half + half.mul_f64(rand::random::<f64>())
+}
+
+enum ConnectError {
+    Fatal(FatalError),
+    Transient(String),
+}
+
+enum SessionEnd {
+    Cancelled,
+    Lost(String),
+    Fatal(FatalError),
+}
+
+struct Supervisor {
+    cfg: XmppConfig,
+    translator: Translator,
+    engine: Engine,
+    status: watch::Sender<ConnectionStatus>,
+    counters: Arc<Counters>,
+    cancel: CancellationToken,
+    generation: u64,
+}
+
+impl Supervisor {
+    async fn run(mut self) -> Result<(), FatalError> {
+        let min = Duration::from_secs_f64(self.cfg.reconnect_min_secs);
+        let max = Duration::from_secs_f64(self.cfg.reconnect_max_secs);
+        let mut attempt: u32 = 0;
+        let mut ever_connected = false;
+        let mut lost_at: Option<DateTime<Utc>> = None;
+        loop {
+            let connected = tokio::select! {
+                _ = self.cancel.cancelled() => return Ok(()),
+                r = tokio::time::timeout(self.cfg.connect_timeout(), self.connect()) => r,
+            };
+            match connected {
+                Ok(Ok(stream)) => {
+                    let started = Instant::now();
+                    tracing::info!(server = %self.cfg.server, component = %self.cfg.component, "XMPP component connected");
+                    self.status.send_modify(|s| {
+                        s.connected = true;
+                        s.since = Some(Utc::now());
+                        if ever_connected {
+                            s.reconnects += 1;
+                        }
+                        s.failed_attempts = 0;
+                        s.stale = false;
+                        s.privileges.clear();
+                    });
+                    ever_connected = true;
+                    let end = self.session(stream, lost_at).await;
+                    let now = Utc::now();
+                    lost_at = Some(now);
+                    self.status.send_modify(|s| {
+                        s.connected = false;
+                        s.since = Some(now);
+                        s.stale = true;
+                        s.resyncing = false;
+                    });
+                    match end {
+                        SessionEnd::Cancelled => return Ok(()),
+                        SessionEnd::Fatal(e) => {
+                            self.status.send_modify(|s| s.last_error = Some(e.to_string()));
+                            return Err(e);
+                        }
+                        SessionEnd::Lost(why) => {
+                            tracing::warn!(reason = %why, "XMPP component connection lost; presence is stale until reconnected");
+                            self.status.send_modify(|s| s.last_error = Some(why));
+                        }
+                    }
+                    // A session that lived long was healthy: start backing off from scratch.
+                    if started.elapsed() >= max {
+                        attempt = 0;
+                    }
+                }
+                Ok(Err(ConnectError::Fatal(e))) => {
+                    tracing::error!("{e}");
+                    self.status.send_modify(|s| s.last_error = Some(e.to_string()));
+                    return Err(e);
+                }
+                Ok(Err(ConnectError::Transient(why))) => {
+                    tracing::warn!(server = %self.cfg.server, reason = %why, attempt, "XMPP connect failed");
+                    self.status.send_modify(|s| {
+                        s.failed_attempts += 1;
+                        s.last_error = Some(why);
+                    });
+                }
+                Err(_) => {
+                    let why = format!("connect + handshake took longer than {:?}", self.cfg.connect_timeout());
+                    tracing::warn!(server = %self.cfg.server, reason = %why, attempt, "XMPP connect failed");
+                    self.status.send_modify(|s| {
+                        s.failed_attempts += 1;
+                        s.last_error = Some(why);
+                    });
+                }
+            }
+            let delay = backoff_delay(min, max, attempt);
+            attempt = attempt.saturating_add(1);
+            tracing::debug!(?delay, "reconnecting after delay");
+            tokio::select! {
+                _ = self.cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            read_timeout: self.cfg.keepalive(),
+            response_timeout: self.cfg.keepalive_timeout(),
+        }
+    }
+
+    async fn connect(&self) -> Result<Stream, ConnectError> {
+        let tcp = TcpStream::connect(&self.cfg.server)
+            .await
+            .map_err(|e| ConnectError::Transient(format!("TCP connect to {} (xmpp.server): {e}", self.cfg.server)))?;
+        let _ = tcp.set_nodelay(true);
+        let header = StreamHeader {
+            to: Some(self.cfg.component.clone().into()),
+            from: None,
+            id: None,
+        };
+        let mut pending = initiate_stream(
+            BufStream::new(tcp),
+            xmpp_parsers::ns::COMPONENT,
+            header,
+            self.timeouts(),
+        )
+        .await
+        .map_err(|e| ConnectError::Transient(format!("stream header: {e}")))?;
+        let id = pending.take_header().id;
+        let mut stream: Stream = pending.skip_features();
+        let Some(id) = id else {
+            // ejabberd sends a header without id followed by a stream error for an unknown host.
+            return Err(match read_stream_error(&mut stream).await {
+                Some(cond) => self.classify(cond),
+                None => ConnectError::Transient("server sent no stream id".into()),
+            });
+        };
+        stream
+            .send(&XmppStreamElement::ComponentHandshake(
+                Handshake::from_stream_id_and_password(id.into_owned(), self.cfg.password.expose()),
+            ))
+            .await
+            .map_err(|e| ConnectError::Transient(format!("sending handshake: {e}")))?;
+        loop {
+            match stream.next().await {
+                Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::ComponentHandshake(_)))) => {
+                    return Ok(stream);
+                }
+                Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::StreamError(e)))) => {
+                    return Err(self.classify(e.0.condition));
+                }
+                Some(Err(ReadError::SoftTimeout)) => continue,
+                Some(Ok(other)) => {
+                    return Err(ConnectError::Transient(format!(
+                        "unexpected element before handshake reply: {other:?}"
+                    )));
+                }
+                Some(Err(e)) => return Err(ConnectError::Transient(format!("handshake: {e}"))),
+                None => return Err(ConnectError::Transient("stream ended during handshake".into())),
+            }
+        }
+    }
+
+    fn classify(&self, cond: StreamCondition) -> ConnectError {
+        let component = self.cfg.component.clone();
+        match cond {
+            StreamCondition::NotAuthorized => ConnectError::Fatal(FatalError::NotAuthorized { component }),
+            StreamCondition::HostUnknown | StreamCondition::ImproperAddressing => {
+                ConnectError::Fatal(FatalError::HostUnknown { component })
+            }
+            other => ConnectError::Transient(format!("stream error: {other:?}")),
+        }
+    }
+
+    async fn session(&mut self, mut stream: Stream, lost_at: Option<DateTime<Utc>>) -> SessionEnd {
+        // Resync round: registered with the engine before the first stanza is read, so every
+        // presence of this session counts as a confirmation.
+        self.generation += 1;
+        let generation = self.generation;
+        let session_cancel = self.cancel.child_token();
+        let _stop_resync = session_cancel.clone().drop_guard();
+        let (out_tx, mut out_rx) = mpsc::channel::<Stanza>(256);
+        if self.cfg.probe_on_connect {
+            if self.engine.resync_begin(generation).await.is_err() {
+                return SessionEnd::Cancelled;
+            }
+            self.status.send_modify(|s| s.resyncing = true);
+            tokio::spawn(resync(
+                self.engine.clone(),
+                self.cfg.clone(),
+                self.counters.clone(),
+                self.status.clone(),
+                out_tx.clone(),
+                generation,
+                lost_at.unwrap_or_else(Utc::now),
+                session_cancel.clone(),
+            ));
+        }
+        let component: Jid = match BareJid::new(&self.cfg.component) {
+            Ok(j) => j.into(),
+            Err(e) => return SessionEnd::Lost(format!("component JID: {e}")),
+        };
+        let server_domain: Option<Jid> = self
+            .cfg
+            .domains
+            .first()
+            .and_then(|d| BareJid::new(d).ok())
+            .map(Into::into);
+        let mut ping_id: u64 = 0;
+
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), stream.shutdown()).await;
+                    return SessionEnd::Cancelled;
+                }
+                Some(stanza) = out_rx.recv() => {
+                    if let Err(e) = stream.send(&XmppStreamElement::Stanza(stanza)).await {
+                        return SessionEnd::Lost(format!("write failed: {e}"));
+                    }
+                }
+                item = stream.next() => {
+                    let el = match item {
+                        None => return SessionEnd::Lost("stream closed".into()),
+                        Some(Err(ReadError::SoftTimeout)) => {
+                            // Silence: ask the server something so that a live peer answers and
+                            // a dead one trips the hard timeout.
+                            ping_id += 1;
+                            Counters::inc(&self.counters.keepalives_sent);
+                            let mut iq = Iq::from_get(format!("keepalive-{ping_id}"), Ping).with_from(component.clone());
+                            if let Some(to) = &server_domain {
+                                iq = iq.with_to(to.clone());
+                            }
+                            if let Err(e) = stream.send(&XmppStreamElement::Stanza(iq.into())).await {
+                                return SessionEnd::Lost(format!("keepalive write failed: {e}"));
+                            }
+                            continue;
+                        }
+                        Some(Err(ReadError::HardError(e))) => return SessionEnd::Lost(format!("connection error: {e}")),
+                        Some(Err(ReadError::StreamFooterReceived)) => return SessionEnd::Lost("server closed the stream".into()),
+                        Some(Err(ReadError::ParseError(e))) => {
+                            Counters::inc(&self.counters.parse_errors);
+                            tracing::debug!(error = %e, "skipping unparsable element");
+                            continue;
+                        }
+                        Some(Ok(FallibleStreamElement::Err(e))) => {
+                            Counters::inc(&self.counters.parse_errors);
+                            tracing::debug!(error = %e, "skipping invalid stanza");
+                            continue;
+                        }
+                        Some(Ok(FallibleStreamElement::Ok(el))) => el,
+                    };
+                    match el {
+                        XmppStreamElement::Stanza(Stanza::Presence(p)) => {
+                            Counters::inc(&self.counters.presence_in);
+                            let replies = match self.on_presence(&p).await {
+                                Ok(r) => r,
+                                Err(()) => return SessionEnd::Cancelled,
+                            };
+                            for r in replies {
+                                if let Err(e) = stream.send(&XmppStreamElement::Stanza(r.with_from(component.clone()).into())).await {
+                                    return SessionEnd::Lost(format!("write failed: {e}"));
+                                }
+                            }
+                        }
+                        XmppStreamElement::Stanza(Stanza::Message(m)) => {
+                            Counters::inc(&self.counters.message_in);
+                            if let Some(perms) = translate::privileges(&m) {
+                                tracing::info!(?perms, from = ?m.from.as_ref().map(|j| j.to_string()), "XEP-0356 privileges granted");
+                                self.status.send_modify(|s| s.privileges = perms);
+                            }
+                        }
+                        XmppStreamElement::Stanza(Stanza::Iq(iq)) => {
+                            Counters::inc(&self.counters.iq_in);
+                            if let Some(reply) = answer_iq(iq, &component)
+                                && let Err(e) = stream.send(&XmppStreamElement::Stanza(reply.into())).await
+                            {
+                                return SessionEnd::Lost(format!("write failed: {e}"));
+                            }
+                        }
+                        XmppStreamElement::StreamError(e) => {
+                            return match self.classify(e.0.condition.clone()) {
+                                ConnectError::Fatal(f) => SessionEnd::Fatal(f),
+                                ConnectError::Transient(_) => SessionEnd::Lost(format!("stream error from server: {e}")),
+                            };
+                        }
+                        other => tracing::debug!(element = ?other, "ignoring stream element"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Translates and applies one presence; returns the stanzas to send back (without `from`).
+    async fn on_presence(&self, p: &Presence) -> Result<Vec<Presence>, ()> {
+        let inbound = match self.translator.presence(p, Utc::now()) {
+            Ok(i) => i,
+            Err(d) => {
+                let c = match d {
+                    Dropped::ForeignDomain(_) => &self.counters.dropped_foreign,
+                    Dropped::Oversized(_) => &self.counters.dropped_oversized,
+                    _ => &self.counters.dropped_other,
+                };
+                Counters::inc(c);
+                tracing::debug!(reason = %d, "dropped presence");
+                return Ok(Vec::new());
+            }
+        };
+        let to = |j: &UserJid| -> Option<Jid> { BareJid::new(j.as_str()).ok().map(Into::into) };
+        Ok(match inbound {
+            Inbound::Event(ev) => {
+                Counters::inc(&self.counters.events);
+                self.engine.apply(ev).await.map_err(|_| ())?;
+                Vec::new()
+            }
+            Inbound::Subscribe(j) => {
+                tracing::info!(jid = %j, "subscription request: approving and subscribing back");
+                let Some(jid) = to(&j) else { return Ok(Vec::new()) };
+                vec![
+                    Presence::subscribed().with_to(jid.clone()),
+                    Presence::subscribe().with_to(jid.clone()),
+                    Presence::available().with_to(jid),
+                ]
+            }
+            Inbound::Unsubscribe(j) => {
+                tracing::info!(jid = %j, "user unsubscribed from the bridge");
+                to(&j).map(|jid| vec![Presence::new(PresenceType::Unsubscribed).with_to(jid)]).unwrap_or_default()
+            }
+            Inbound::Subscribed(j) => {
+                tracing::info!(jid = %j, "user approved the bridge's subscription");
+                Vec::new()
+            }
+            Inbound::Unsubscribed(j) => {
+                tracing::warn!(jid = %j, "user revoked the bridge's subscription: their presence will no longer be seen");
+                Vec::new()
+            }
+            Inbound::Probe(from) => vec![Presence::available().with_to(from)],
+        })
+    }
+}
+
+/// Reads until a stream error arrives (used when the server refused our header).
+async fn read_stream_error(stream: &mut Stream) -> Option<StreamCondition> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
+            Ok(Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::StreamError(e))))) => {
+                return Some(e.0.condition);
+            }
+            Ok(Some(Err(ReadError::SoftTimeout))) | Ok(Some(Ok(_))) => continue,
+            _ => return None,
+        }
+    }
+}
+
+const DISCO_INFO_XML: &str = "<query xmlns='http://jabber.org/protocol/disco#info'><identity category='component' type='presence' name='presence-bridge'/><feature var='http://jabber.org/protocol/disco#info'/><feature var='urn:xmpp:ping'/></query>";
+
+/// Answers server-originated IQs: XEP-0199 ping, XEP-0030 disco#info; anything else of type
+/// get/set gets `service-unavailable` (RFC 6120 §8.4). Results and errors (the answers to our
+/// keepalives) need no answer.
+fn answer_iq(iq: Iq, component: &Jid) -> Option<Iq> {
+    let (from, id, payload) = match iq {
+        Iq::Get { from, id, payload, .. } | Iq::Set { from, id, payload, .. } => (from, id, payload),
+        _ => return None,
+    };
+    let reply = if payload.is("ping", xmpp_parsers::ns::PING) {
+        Iq::Result { from: None, to: None, id, payload: None }
+    } else if payload.is("query", xmpp_parsers::ns::DISCO_INFO) {
+        let info: Element = DISCO_INFO_XML.parse().ok()?;
+        Iq::Result { from: None, to: None, id, payload: Some(info) }
+    } else {
+        Iq::Error {
+            from: None,
+            to: None,
+            id,
+            error: StanzaError::new(
+                ErrorType::Cancel,
+                DefinedCondition::ServiceUnavailable,
+                "en",
+                "presence-bridge does not handle this request",
+            ),
+            payload: None,
+        }
+    };
+    let mut reply = reply.with_from(component.clone());
+    if let Some(f) = from {
+        reply = reply.with_to(f);
+    }
+    Some(reply)
+}
+
+/// One resync round: probe every known user at a bounded rate, wait the grace period, then let
+/// the engine drop what nobody confirmed.
+#[allow(clippy::too_many_arguments)]
+async fn resync(
+    engine: Engine,
+    cfg: XmppConfig,
+    counters: Arc<Counters>,
+    status: watch::Sender<ConnectionStatus>,
+    out: mpsc::Sender<Stanza>,
+    generation: u64,
+    offline_at: DateTime<Utc>,
+    cancel: CancellationToken,
+) {
+    let work = async {
+        let users = engine.known_users().await.ok()?;
+        let component: Jid = BareJid::new(&cfg.component).ok()?.into();
+        tracing::info!(users = users.len(), generation, "resync: probing known users");
+        let per_tick = (cfg.probe_rate_per_sec / 10).max(1) as usize;
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        for chunk in users.chunks(per_tick) {
+            tick.tick().await;
+            for u in chunk {
+                let Ok(to) = BareJid::new(u.as_str()) else { continue };
+                let probe = Presence::new(PresenceType::Probe)
+                    .with_from(component.clone())
+                    .with_to(to);
+                out.send(probe.into()).await.ok()?;
+                Counters::inc(&counters.probes_sent);
+            }
+        }
+        // What is still unconfirmed is decided after the grace period.
+        tokio::time::sleep(cfg.resync_grace()).await;
+        engine.resync_end(generation, offline_at).await.ok()?;
+        status.send_modify(|s| s.resyncing = false);
+        tracing::info!(generation, "resync: grace period over");
+        Some(())
+    };
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = work => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let min = Duration::from_millis(500);
+        let max = Duration::from_secs(30);
+        for attempt in 0..40 {
+            let d = backoff_delay(min, max, attempt);
+            let ceiling = min.saturating_mul(1 << attempt.min(20)).min(max);
+            assert!(d <= ceiling, "attempt {attempt}: {d:?} > {ceiling:?}");
+            assert!(d >= ceiling / 2, "attempt {attempt}: {d:?} < half of {ceiling:?}");
+        }
+        let draws: std::collections::HashSet<_> = (0..20).map(|_| backoff_delay(min, max, 10)).collect();
+        assert!(draws.len() > 1, "jitter varies the delay");
+    }
+
+    #[test]
+    fn iq_answers() {
+        let comp: Jid = BareJid::new("bridge.localhost").unwrap_or_else(|e| panic!("{e}")).into();
+        let server: Jid = BareJid::new("localhost").unwrap_or_else(|e| panic!("{e}")).into();
+        let ping = Iq::from_get("p1", Ping).with_from(server.clone());
+        match answer_iq(ping, &comp) {
+            Some(Iq::Result { id, to, from, payload: None }) => {
+                assert_eq!(id, "p1");
+                assert_eq!(to, Some(server.clone()));
+                assert_eq!(from, Some(comp.clone()));
+            }
+            other => panic!("{other:?}"),
+        }
+        let unknown = Iq::Get { from: Some(server.clone()), to: None, id: "v1".into(), payload: Element::bare("query", "jabber:iq:version") };
+        assert!(matches!(answer_iq(unknown, &comp), Some(Iq::Error { .. })));
+        let result = Iq::Result { from: Some(server), to: None, id: "keepalive-1".into(), payload: None };
+        assert!(answer_iq(result, &comp).is_none());
+    }
+}

@@ -1,0 +1,208 @@
+//! The XMPP component against a real ejabberd (Debian 23.01), driven by real XMPP clients.
+//! Every step asserts the exact aggregate the engine publishes.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::Utc;
+use common::*;
+use presence_bridge::presence::{Op, Show};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_resource_lifecycle_exact_aggregates() {
+    init_logs();
+    let ej = Ejabberd::shared();
+    let lease = lease_component();
+    let user = ej.user("life", &lease.domain);
+    let bridge = Bridge::start(xmpp_cfg(&ej, &lease));
+    bridge.connected().await;
+    let mut sub = bridge.engine.hub().subscribe();
+
+    // 1. phone: chat / "on my phone" / priority 5, Conversations caps.
+    let t0 = Utc::now();
+    let mut phone = Client::login(ej.c2s, &user, "phone").await;
+    phone.presence(Some("chat"), Some("on my phone"), 5, Some("http://conversations.im")).await;
+    let c = next_change(&mut sub, &user).await;
+    let t1 = Utc::now();
+    assert_eq!((c.seq, c.op), (1, Op::Online));
+    let p = &c.presence;
+    assert_eq!((p.online, p.show, p.status.as_deref(), p.priority), (true, Show::Chat, Some("on my phone"), 5));
+    assert_eq!(p.resources.len(), 1);
+    let r = &p.resources[0];
+    assert_eq!((r.resource.as_str(), r.show, r.priority, r.client.as_deref()), ("phone", Show::Chat, 5, Some("Conversations")));
+    assert!(t0 <= r.since && r.since <= t1, "since {} not within [{t0}, {t1}]", r.since);
+    assert_eq!(p.online_since, Some(r.since));
+    assert_eq!(p.last_seen, None);
+    let online_since = p.online_since;
+    let phone_since = r.since;
+
+    // 2. laptop: available / "at my desk" / priority 10 → laptop wins on priority.
+    let mut laptop = Client::login(ej.c2s, &user, "laptop").await;
+    laptop.presence(None, Some("at my desk"), 10, Some("https://gajim.org")).await;
+    let c = next_change(&mut sub, &user).await;
+    assert_eq!((c.seq, c.op), (2, Op::Update));
+    let p = &c.presence;
+    assert_eq!((p.show, p.status.as_deref(), p.priority), (Show::Available, Some("at my desk"), 10));
+    let names: Vec<_> = p.resources.iter().map(|r| (r.resource.as_str(), r.client.as_deref())).collect();
+    assert_eq!(names, vec![("laptop", Some("Gajim")), ("phone", Some("Conversations"))]);
+    assert_eq!(p.online_since, online_since, "online_since stays with the first resource");
+
+    // 3. phone → away "walking": aggregate still the laptop's.
+    phone.presence(Some("away"), Some("walking"), 5, Some("http://conversations.im")).await;
+    let c = next_change(&mut sub, &user).await;
+    assert_eq!((c.seq, c.op), (3, Op::Update));
+    let p = &c.presence;
+    assert_eq!((p.show, p.status.as_deref(), p.priority), (Show::Available, Some("at my desk"), 10));
+    let ph = p.resources.iter().find(|r| r.resource == "phone").unwrap();
+    assert_eq!((ph.show, ph.status.as_deref(), ph.since), (Show::Away, Some("walking"), phone_since));
+
+    // 4. laptop → dnd "in a meeting".
+    laptop.presence(Some("dnd"), Some("in a meeting"), 10, Some("https://gajim.org")).await;
+    let c = next_change(&mut sub, &user).await;
+    assert_eq!((c.seq, c.presence.show, c.presence.status.as_deref(), c.presence.priority), (4, Show::Dnd, Some("in a meeting"), 10));
+
+    // 5. status-only change.
+    laptop.presence(Some("dnd"), Some("meeting until 15:00"), 10, Some("https://gajim.org")).await;
+    let c = next_change(&mut sub, &user).await;
+    assert_eq!((c.seq, c.op, c.presence.show, c.presence.status.as_deref()), (5, Op::Update, Show::Dnd, Some("meeting until 15:00")));
+
+    // 6. phone leaves with an explicit unavailable.
+    phone.unavailable(Some("bye from phone")).await;
+    let c = next_change(&mut sub, &user).await;
+    assert_eq!((c.seq, c.op), (6, Op::Update));
+    assert_eq!(c.presence.resources.iter().map(|r| r.resource.as_str()).collect::<Vec<_>>(), vec!["laptop"]);
+    assert_eq!((c.presence.show, c.presence.priority), (Show::Dnd, 10));
+    phone.close().await;
+
+    // 7. laptop closes the stream without an unavailable: the server's roster broadcast
+    //    still tells us (lab §4.3).
+    let before_close = Utc::now();
+    laptop.close().await;
+    let c = next_change(&mut sub, &user).await;
+    let after_close = Utc::now();
+    assert_eq!((c.seq, c.op), (7, Op::Offline));
+    let p = &c.presence;
+    assert_eq!((p.online, p.show, p.priority, p.online_since), (false, Show::Offline, 0, None));
+    assert!(p.resources.is_empty());
+    let seen = p.last_seen.unwrap();
+    assert!(before_close <= seen && seen <= after_close, "last_seen {seen} not within [{before_close}, {after_close}]");
+    assert_eq!(bridge.engine.get(&c.jid).unwrap(), c.presence, "map agrees with the change");
+
+    // Nothing else happened: seq is gap-free and complete; the stream is still the first one.
+    assert_eq!(bridge.engine.barrier().await.unwrap(), 7);
+    let st = bridge.component.status();
+    assert_eq!((st.connected, st.reconnects, st.stale), (true, 0, false));
+    assert_eq!(bridge.component.counters().parse_errors.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_abort_goes_offline() {
+    init_logs();
+    let ej = Ejabberd::shared();
+    let lease = lease_component();
+    let user = ej.user("abort", &lease.domain);
+    let bridge = Bridge::start(xmpp_cfg(&ej, &lease));
+    bridge.connected().await;
+    let mut c = Client::login(ej.c2s, &user, "desktop").await;
+    c.presence(Some("xa"), Some("gone fishing"), -1, None).await;
+    let p = bridge.wait_user(&user, "online", |p| p.online).await;
+    assert_eq!((p.show, p.priority, p.status.as_deref()), (Show::Xa, -1, Some("gone fishing")));
+    assert_eq!(p.resources[0].client, None);
+
+    let before = Utc::now();
+    c.abort();
+    let p = bridge.wait_user(&user, "offline after TCP abort", |p| !p.online).await;
+    assert!(p.last_seen.unwrap() >= before);
+    assert_eq!((p.show, p.resources.len()), (Show::Offline, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_online_while_bridge_away_is_found_by_probe_with_real_since() {
+    init_logs();
+    let ej = Ejabberd::shared();
+    let lease = lease_component();
+    let user = ej.user("probe", &lease.domain);
+
+    // The bridge sees the user once (so it is a known user), then goes away.
+    let bridge = Bridge::start(xmpp_cfg(&ej, &lease));
+    bridge.connected().await;
+    let mut c = Client::login(ej.c2s, &user, "old").await;
+    c.presence(None, None, 0, None).await;
+    bridge.wait_user(&user, "online", |p| p.online).await;
+    c.unavailable(None).await;
+    c.close().await;
+    bridge.wait_user(&user, "offline", |p| !p.online).await;
+    let engine = bridge.stop().await;
+    let seq_before = engine.seq();
+
+    // While the bridge is away the user logs in on two devices; their presence is lost for
+    // the bridge (the server bounces it).
+    let t0 = Utc::now();
+    let mut tablet = Client::login(ej.c2s, &user, "tablet").await;
+    tablet.presence(Some("away"), Some("on the train"), 3, Some("https://dino.im")).await;
+    let mut pc = Client::login(ej.c2s, &user, "pc").await;
+    pc.presence(Some("dnd"), Some("deep work"), 3, None).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t1 = Utc::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The bridge comes back: the probe answers (with delay stamps) restore both resources
+    // with the time they really changed, not the time the bridge heard about them.
+    let bridge = Bridge::start_with(engine, xmpp_cfg(&ej, &lease));
+    bridge.connected().await;
+    let p = bridge.wait_user(&user, "both resources back", |p| p.resources.len() == 2).await;
+    for r in &p.resources {
+        assert!(t0 <= r.since && r.since <= t1, "{}: since {} not within [{t0}, {t1}] (delay stamp)", r.resource, r.since);
+    }
+    let min_since = p.resources.iter().map(|r| r.since).min();
+    assert_eq!(p.online_since, min_since);
+    // Equal priority: away beats dnd on availability.
+    assert_eq!((p.show, p.status.as_deref(), p.priority), (Show::Away, Some("on the train"), 3));
+    let tab = p.resources.iter().find(|r| r.resource == "tablet").unwrap();
+    assert_eq!(tab.client.as_deref(), Some("Dino"));
+    let st = bridge.component.status();
+    assert!(bridge.component.counters().probes_sent.load(std::sync::atomic::Ordering::Relaxed) >= 1, "{st:?}");
+
+    // After the grace period nothing is expired: both resources answered.
+    bridge.wait_status("resync over", |s| !s.resyncing).await;
+    assert_eq!(bridge.engine.get(&p.jid).unwrap().resources.len(), 2);
+    assert_eq!(bridge.engine.barrier().await.unwrap(), seq_before + 2, "one change per resource found");
+    tablet.unavailable(None).await;
+    pc.abort();
+    bridge.wait_user(&user, "offline", |p| !p.online).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_presence_is_skipped_and_the_connection_survives() {
+    init_logs();
+    let ej = Ejabberd::shared();
+    let lease = lease_component();
+    let user = ej.user("bad", &lease.domain);
+    let bridge = Bridge::start(xmpp_cfg(&ej, &lease));
+    bridge.connected().await;
+    let mut c = Client::login(ej.c2s, &user, "r").await;
+    c.presence(Some("chat"), Some("fine"), 1, None).await;
+    bridge.wait_user(&user, "online", |p| p.online).await;
+    // Whatever the server makes of these, the bridge must neither crash nor drop the stream.
+    c.send("<presence><show>sleeping</show><status>bad show</status></presence>").await;
+    c.send("<presence><priority>300</priority><status>bad priority</status></presence>").await;
+    c.send(&format!("<presence><status>{}</status></presence>", "x".repeat(6000))).await;
+    c.presence(Some("away"), Some("after garbage"), 1, None).await;
+    let p = bridge.wait_user(&user, "valid presence after garbage", |p| p.status.as_deref() == Some("after garbage")).await;
+    assert_eq!(p.show, Show::Away);
+    let st = bridge.component.status();
+    assert_eq!((st.connected, st.reconnects), (true, 0), "{st:?}");
+    let k = bridge.component.counters();
+    let skipped = k.parse_errors.load(std::sync::atomic::Ordering::Relaxed)
+        + k.dropped_oversized.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "parse_errors={} oversized={}",
+        k.parse_errors.load(std::sync::atomic::Ordering::Relaxed),
+        k.dropped_oversized.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert!(skipped >= 1, "the oversized status at least must be counted");
+    c.unavailable(None).await;
+    bridge.wait_user(&user, "offline", |p| !p.online).await;
+}
