@@ -19,7 +19,11 @@ pub const DEFAULT_CONFIG: &str = "config/bridge.toml";
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Parser)]
-#[command(name = "presence-bridge", version, about = "Mirrors XMPP presence into live dashboards, history and last-seen lookups")]
+#[command(
+    name = "presence-bridge",
+    version,
+    about = "Mirrors XMPP presence into live dashboards, history and last-seen lookups"
+)]
 struct Cli {
     /// Log format (overrides `log.format`).
     #[arg(long, global = true, value_enum)]
@@ -59,7 +63,10 @@ pub fn main() -> ExitCode {
             let (path, required) = config_path(config);
             match Config::load(&path, required) {
                 Ok(cfg) => {
-                    println!("# effective configuration ({}; secrets masked)", path.display());
+                    println!(
+                        "# effective configuration ({}; secrets masked)",
+                        path.display()
+                    );
                     print!("{}", cfg.to_masked_toml());
                     ExitCode::SUCCESS
                 }
@@ -79,7 +86,10 @@ pub fn main() -> ExitCode {
                 }
             };
             telemetry::init(cli.log_format.unwrap_or(cfg.log.format), &cfg.log.level);
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("presence-bridge: cannot start the runtime: {e}");
@@ -111,12 +121,15 @@ pub async fn run(cfg: Config) -> ExitCode {
     );
     tracing::debug!(config = ?cfg, "effective configuration (secrets masked)");
     if cfg.store.postgres_url.is_none() {
-        tracing::warn!("store.postgres_url is not set: presence is kept in memory only (no history; last-seen only for this run)");
+        tracing::warn!(
+            "store.postgres_url is not set: presence is kept in memory only (no history; last-seen only for this run)"
+        );
     }
     let cancel = CancellationToken::new();
     shutdown::on_signals(cancel.clone());
     let (engine, engine_task) = Engine::start(&cfg.presence);
-    let (_component, mut component_task) = xmpp::spawn(cfg.xmpp.clone(), engine.clone(), cancel.clone());
+    let (_component, mut component_task) =
+        xmpp::spawn(cfg.xmpp.clone(), engine.clone(), cancel.clone());
     drop(engine);
 
     let code = tokio::select! {

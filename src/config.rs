@@ -144,7 +144,7 @@ fn mask_url_password(url: &str) -> String {
 }
 
 /// The whole configuration. Every key is documented in `config/bridge.example.toml`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// XMPP component connection.
@@ -159,19 +159,6 @@ pub struct Config {
     pub presence: PresenceConfig,
     /// Logging.
     pub log: LogConfig,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            xmpp: XmppConfig::default(),
-            http: HttpConfig::default(),
-            auth: AuthConfig::default(),
-            store: StoreConfig::default(),
-            presence: PresenceConfig::default(),
-            log: LogConfig::default(),
-        }
-    }
 }
 
 /// `[xmpp]`: the XEP-0114 component connection.
@@ -454,7 +441,10 @@ impl Config {
             ));
         }
         for d in &x.domains {
-            if jid::BareJid::new(d).map(|j| j.node().is_some()).unwrap_or(true) {
+            if jid::BareJid::new(d)
+                .map(|j| j.node().is_some())
+                .unwrap_or(true)
+            {
                 return Err(ConfigError::invalid(
                     "xmpp.domains",
                     format!("{d:?} is not a domain"),
@@ -590,6 +580,7 @@ fn figment_error(e: figment::Error) -> ConfigError {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;
@@ -669,7 +660,10 @@ mod tests {
                 .unwrap_or_default();
             assert!(err.contains("xmpp.component"), "{err}");
 
-            jail.create_file("e.toml", "[xmpp]\npassword = \"x\"\nresync_grace_secs = -1\n")?;
+            jail.create_file(
+                "e.toml",
+                "[xmpp]\npassword = \"x\"\nresync_grace_secs = -1\n",
+            )?;
             let err = Config::load(Path::new("e.toml"), true)
                 .err()
                 .map(|e| e.to_string())

@@ -18,7 +18,10 @@ pub fn on_signals(token: CancellationToken) {
 #[cfg(unix)]
 async fn wait_for_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Cannot install handlers: fall back to Ctrl-C only.
         let _ = tokio::signal::ctrl_c().await;
         return "SIGINT";

@@ -8,9 +8,7 @@ use chrono::{DateTime, Utc};
 #[cfg(test)]
 use super::model::UserJid;
 
-use super::model::{
-    EventKind, Op, PresenceEvent, ResourcePresence, Show, UserPresence,
-};
+use super::model::{EventKind, Op, PresenceEvent, ResourcePresence, Show, UserPresence};
 
 /// The resource RFC 6121 would pick: highest priority, then most available, then most recent.
 pub fn best_resource(resources: &[ResourcePresence]) -> Option<&ResourcePresence> {
@@ -35,39 +33,37 @@ pub fn apply(
     let mut goodbye_status = None;
 
     match &ev.kind {
-        EventKind::Available(a) => {
-            match resources.iter_mut().find(|r| r.resource == ev.resource) {
-                Some(r) => {
-                    if r.show == a.show
-                        && r.status == a.status
-                        && r.priority == a.priority
-                        && r.client == a.client
-                        && r.idle_since == a.idle_since
-                    {
-                        return None;
-                    }
-                    r.show = a.show;
-                    r.status.clone_from(&a.status);
-                    r.priority = a.priority;
-                    r.client.clone_from(&a.client);
-                    r.idle_since = a.idle_since;
-                    r.touched = touch;
+        EventKind::Available(a) => match resources.iter_mut().find(|r| r.resource == ev.resource) {
+            Some(r) => {
+                if r.show == a.show
+                    && r.status == a.status
+                    && r.priority == a.priority
+                    && r.client == a.client
+                    && r.idle_since == a.idle_since
+                {
+                    return None;
                 }
-                None => {
-                    resources.push(ResourcePresence {
-                        resource: ev.resource.clone(),
-                        show: a.show,
-                        status: a.status.clone(),
-                        priority: a.priority,
-                        client: a.client.clone(),
-                        since: ev.at,
-                        idle_since: a.idle_since,
-                        touched: touch,
-                    });
-                    resources.sort_by(|x, y| x.resource.cmp(&y.resource));
-                }
+                r.show = a.show;
+                r.status.clone_from(&a.status);
+                r.priority = a.priority;
+                r.client.clone_from(&a.client);
+                r.idle_since = a.idle_since;
+                r.touched = touch;
             }
-        }
+            None => {
+                resources.push(ResourcePresence {
+                    resource: ev.resource.clone(),
+                    show: a.show,
+                    status: a.status.clone(),
+                    priority: a.priority,
+                    client: a.client.clone(),
+                    since: ev.at,
+                    idle_since: a.idle_since,
+                    touched: touch,
+                });
+                resources.sort_by(|x, y| x.resource.cmp(&y.resource));
+            }
+        },
         EventKind::Unavailable { status } => {
             let pos = resources.iter().position(|r| r.resource == ev.resource)?;
             resources.remove(pos);
@@ -140,7 +136,9 @@ mod tests {
     use chrono::TimeZone;
 
     fn t(s: i64) -> DateTime<Utc> {
-        Utc.timestamp_opt(1_700_000_000 + s, 0).single().unwrap_or_default()
+        Utc.timestamp_opt(1_700_000_000 + s, 0)
+            .single()
+            .unwrap_or_default()
     }
 
     fn avail(res: &str, show: Show, prio: i8, status: &str, at: i64) -> PresenceEvent {
@@ -166,7 +164,9 @@ mod tests {
             id: at as u128,
             jid: jid("alice@localhost"),
             resource: res.into(),
-            kind: EventKind::Unavailable { status: Some("bye".into()) },
+            kind: EventKind::Unavailable {
+                status: Some("bye".into()),
+            },
             at: t(at),
             received_at: t(at),
             cause: Cause::Stanza,
@@ -177,32 +177,65 @@ mod tests {
     fn lab_sequence() {
         // The lab client's script: phone chat/5, laptop available/10, phone→away,
         // laptop→dnd, laptop status text, phone leaves, laptop leaves.
-        let (op, s) = apply(None, &avail("phone", Show::Chat, 5, "on my phone", 1), 1).expect("change");
+        let (op, s) =
+            apply(None, &avail("phone", Show::Chat, 5, "on my phone", 1), 1).expect("change");
         assert_eq!(op, Op::Online);
         assert_eq!((s.show, s.priority), (Show::Chat, 5));
         assert_eq!(s.online_since, Some(t(1)));
 
-        let (op, s) = apply(Some(&s), &avail("laptop", Show::Available, 10, "at my desk", 2), 2).expect("change");
+        let (op, s) = apply(
+            Some(&s),
+            &avail("laptop", Show::Available, 10, "at my desk", 2),
+            2,
+        )
+        .expect("change");
         assert_eq!(op, Op::Update);
-        assert_eq!((s.show, s.priority, s.status.as_deref()), (Show::Available, 10, Some("at my desk")));
+        assert_eq!(
+            (s.show, s.priority, s.status.as_deref()),
+            (Show::Available, 10, Some("at my desk"))
+        );
         assert_eq!(s.resources.len(), 2);
         assert_eq!(s.online_since, Some(t(1)));
 
         // duplicate: no change
-        assert!(apply(Some(&s), &avail("laptop", Show::Available, 10, "at my desk", 3), 3).is_none());
+        assert!(
+            apply(
+                Some(&s),
+                &avail("laptop", Show::Available, 10, "at my desk", 3),
+                3
+            )
+            .is_none()
+        );
 
-        let (_, s) = apply(Some(&s), &avail("phone", Show::Away, 5, "walking", 4), 4).expect("change");
+        let (_, s) =
+            apply(Some(&s), &avail("phone", Show::Away, 5, "walking", 4), 4).expect("change");
         assert_eq!(s.show, Show::Available, "laptop (prio 10) still wins");
-        let (_, s) = apply(Some(&s), &avail("laptop", Show::Dnd, 10, "in a meeting", 5), 5).expect("change");
-        assert_eq!((s.show, s.status.as_deref()), (Show::Dnd, Some("in a meeting")));
-        let (_, s) = apply(Some(&s), &avail("laptop", Show::Dnd, 10, "meeting until 15:00", 6), 6).expect("change");
+        let (_, s) = apply(
+            Some(&s),
+            &avail("laptop", Show::Dnd, 10, "in a meeting", 5),
+            5,
+        )
+        .expect("change");
+        assert_eq!(
+            (s.show, s.status.as_deref()),
+            (Show::Dnd, Some("in a meeting"))
+        );
+        let (_, s) = apply(
+            Some(&s),
+            &avail("laptop", Show::Dnd, 10, "meeting until 15:00", 6),
+            6,
+        )
+        .expect("change");
         assert_eq!(s.status.as_deref(), Some("meeting until 15:00"));
         assert_eq!(s.last_change, t(6));
 
         let (op, s) = apply(Some(&s), &gone("phone", 7), 7).expect("change");
         assert_eq!(op, Op::Update);
         assert_eq!(s.resources.len(), 1);
-        assert!(apply(Some(&s), &gone("phone", 8), 8).is_none(), "second unavailable is a no-op");
+        assert!(
+            apply(Some(&s), &gone("phone", 8), 8).is_none(),
+            "second unavailable is a no-op"
+        );
 
         let (op, s) = apply(Some(&s), &gone("laptop", 9), 9).expect("change");
         assert_eq!(op, Op::Offline);
@@ -217,9 +250,17 @@ mod tests {
     fn ties_break_by_show_then_recency() {
         let (_, s) = apply(None, &avail("a", Show::Away, 0, "a", 1), 1).expect("change");
         let (_, s) = apply(Some(&s), &avail("b", Show::Chat, 0, "b", 2), 2).expect("change");
-        assert_eq!(s.status.as_deref(), Some("b"), "chat beats away at equal priority");
+        assert_eq!(
+            s.status.as_deref(),
+            Some("b"),
+            "chat beats away at equal priority"
+        );
         let (_, s) = apply(Some(&s), &avail("c", Show::Chat, 0, "c", 3), 3).expect("change");
-        assert_eq!(s.status.as_deref(), Some("c"), "most recent wins a full tie");
+        assert_eq!(
+            s.status.as_deref(),
+            Some("c"),
+            "most recent wins a full tie"
+        );
         let (_, s) = apply(Some(&s), &avail("b", Show::Chat, 0, "b2", 4), 4).expect("change");
         assert_eq!(s.status.as_deref(), Some("b2"));
         let (_, s) = apply(Some(&s), &avail("a", Show::Dnd, 1, "a2", 5), 5).expect("change");

@@ -107,7 +107,10 @@ impl Engine {
     /// Starts the sequencer task.
     pub fn start(cfg: &PresenceConfig) -> (Engine, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(cfg.queue_size);
-        let epoch: Arc<str> = Arc::from(format!("{:016x}", (new_event_id() >> 64) as u64 ^ rand::random::<u64>()));
+        let epoch: Arc<str> = Arc::from(format!(
+            "{:016x}",
+            (new_event_id() >> 64) as u64 ^ rand::random::<u64>()
+        ));
         let shared = Arc::new(Shared {
             epoch,
             map: DashMap::new(),
@@ -126,7 +129,10 @@ impl Engine {
 
     /// Queues an event (waits if the queue is full: backpressure on the input source).
     pub async fn apply(&self, ev: PresenceEvent) -> Result<(), EngineClosed> {
-        self.tx.send(Command::Apply(ev)).await.map_err(|_| EngineClosed)
+        self.tx
+            .send(Command::Apply(ev))
+            .await
+            .map_err(|_| EngineClosed)
     }
 
     /// All online users, consistent with the returned `seq`.
@@ -170,7 +176,10 @@ impl Engine {
             .map_err(|_| EngineClosed)
     }
 
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, EngineClosed> {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, EngineClosed> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(make(tx)).await.map_err(|_| EngineClosed)?;
         rx.await.map_err(|_| EngineClosed)
@@ -280,7 +289,9 @@ impl Sequencer {
                     if self.resync.as_ref().map(|r| r.generation) != Some(generation) {
                         continue;
                     }
-                    let Some(r) = self.resync.take() else { continue };
+                    let Some(r) = self.resync.take() else {
+                        continue;
+                    };
                     let mut stale: Vec<_> = r.pending.into_iter().collect();
                     stale.sort();
                     if !stale.is_empty() {
@@ -346,7 +357,10 @@ impl Sequencer {
 
 /// A reference map of the live state, rebuilt from a snapshot plus changes (used by tests and
 /// by clients that mirror the stream).
-pub fn replay(snapshot: &[Arc<UserPresence>], changes: &[Arc<Change>]) -> HashMap<UserJid, Arc<UserPresence>> {
+pub fn replay(
+    snapshot: &[Arc<UserPresence>],
+    changes: &[Arc<Change>],
+) -> HashMap<UserJid, Arc<UserPresence>> {
     let mut state: HashMap<UserJid, Arc<UserPresence>> = snapshot
         .iter()
         .map(|u| (u.jid.clone(), u.clone()))

@@ -28,9 +28,20 @@ mod proptests {
 
     #[derive(Debug, Clone)]
     enum Step {
-        Avail { user: u8, res: u8, show: u8, prio: i8, status: u8 },
-        Gone { user: u8, res: u8 },
-        AllGone { user: u8 },
+        Avail {
+            user: u8,
+            res: u8,
+            show: u8,
+            prio: i8,
+            status: u8,
+        },
+        Gone {
+            user: u8,
+            res: u8,
+        },
+        AllGone {
+            user: u8,
+        },
         Snapshot,
         Repeat,
     }
@@ -51,10 +62,13 @@ mod proptests {
         UserJid::parse(&format!("user{u}@d{}.test", u % 2)).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// Reference: user → resource → (show, prio, status, last-touched counter).
+    /// (show, prio, status, last-touched counter) of one resource.
+    type Res = (Show, i8, String, u64);
+
+    /// Reference: user → resource → state.
     #[derive(Default)]
     struct Model {
-        users: BTreeMap<UserJid, BTreeMap<String, (Show, i8, String, u64)>>,
+        users: BTreeMap<UserJid, BTreeMap<String, Res>>,
         clock: u64,
     }
 
@@ -63,7 +77,13 @@ mod proptests {
         fn apply(&mut self, s: &Step) -> bool {
             self.clock += 1;
             match *s {
-                Step::Avail { user: u, res, show, prio, status } => {
+                Step::Avail {
+                    user: u,
+                    res,
+                    show,
+                    prio,
+                    status,
+                } => {
                     let r = self.users.entry(user(u)).or_default();
                     let v = (SHOWS[show as usize], prio, format!("s{status}"));
                     match r.get_mut(&format!("r{res}")) {
@@ -96,7 +116,9 @@ mod proptests {
                 .iter()
                 .filter(|(_, r)| !r.is_empty())
                 .filter_map(|(j, r)| {
-                    let best = r.values().max_by_key(|(show, prio, _, t)| (*prio, show.availability(), *t))?;
+                    let best = r
+                        .values()
+                        .max_by_key(|(show, prio, _, t)| (*prio, show.availability(), *t))?;
                     Some((j.clone(), (best.0, best.1, best.2.clone(), r.len())))
                 })
                 .collect()
@@ -106,7 +128,13 @@ mod proptests {
     fn event(s: &Step, n: u64) -> Option<PresenceEvent> {
         let at = Utc.timestamp_opt(1_700_000_000 + n as i64, 0).single()?;
         let (u, resource, kind) = match *s {
-            Step::Avail { user, res, show, prio, status } => (
+            Step::Avail {
+                user,
+                res,
+                show,
+                prio,
+                status,
+            } => (
                 user,
                 format!("r{res}"),
                 EventKind::Available(Availability {
@@ -117,17 +145,45 @@ mod proptests {
                     idle_since: None,
                 }),
             ),
-            Step::Gone { user, res } => (user, format!("r{res}"), EventKind::Unavailable { status: None }),
-            Step::AllGone { user } => (user, String::new(), EventKind::AllUnavailable { status: None }),
+            Step::Gone { user, res } => (
+                user,
+                format!("r{res}"),
+                EventKind::Unavailable { status: None },
+            ),
+            Step::AllGone { user } => (
+                user,
+                String::new(),
+                EventKind::AllUnavailable { status: None },
+            ),
             _ => return None,
         };
-        Some(PresenceEvent { id: n as u128, jid: user(u), resource, kind, at, received_at: at, cause: Cause::Stanza })
+        Some(PresenceEvent {
+            id: n as u128,
+            jid: user(u),
+            resource,
+            kind,
+            at,
+            received_at: at,
+            cause: Cause::Stanza,
+        })
     }
 
-    fn view(state: &HashMap<UserJid, Arc<UserPresence>>) -> HashMap<UserJid, (Show, i8, String, usize)> {
+    fn view(
+        state: &HashMap<UserJid, Arc<UserPresence>>,
+    ) -> HashMap<UserJid, (Show, i8, String, usize)> {
         state
             .iter()
-            .map(|(j, p)| (j.clone(), (p.show, p.priority, p.status.clone().unwrap_or_default(), p.resources.len())))
+            .map(|(j, p)| {
+                (
+                    j.clone(),
+                    (
+                        p.show,
+                        p.priority,
+                        p.status.clone().unwrap_or_default(),
+                        p.resources.len(),
+                    ),
+                )
+            })
             .collect()
     }
 
@@ -193,19 +249,49 @@ mod proptests {
 
     #[tokio::test]
     async fn resync_expires_unconfirmed_resources_only() {
-        let (engine, _task) = Engine::start(&PresenceConfig { ring_size: 64, queue_size: 64 });
+        let (engine, _task) = Engine::start(&PresenceConfig {
+            ring_size: 64,
+            queue_size: 64,
+        });
         let at = Utc::now();
         for (n, (u, res)) in [(0u8, 0u8), (0, 1), (1, 0)].into_iter().enumerate() {
-            let s = Step::Avail { user: u, res, show: 1, prio: 0, status: 0 };
-            engine.apply(event(&s, n as u64).unwrap_or_else(|| panic!("event"))).await.unwrap_or_else(|e| panic!("{e}"));
+            let s = Step::Avail {
+                user: u,
+                res,
+                show: 1,
+                prio: 0,
+                status: 0,
+            };
+            engine
+                .apply(event(&s, n as u64).unwrap_or_else(|| panic!("event")))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
         }
-        engine.resync_begin(1).await.unwrap_or_else(|e| panic!("{e}"));
+        engine
+            .resync_begin(1)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         // user0/r0 confirmed by a duplicate (no change), the others not.
-        let s = Step::Avail { user: 0, res: 0, show: 1, prio: 0, status: 0 };
-        engine.apply(event(&s, 0).unwrap_or_else(|| panic!("event"))).await.unwrap_or_else(|e| panic!("{e}"));
-        engine.resync_end(2, at).await.unwrap_or_else(|e| panic!("{e}")); // stale generation: ignored
+        let s = Step::Avail {
+            user: 0,
+            res: 0,
+            show: 1,
+            prio: 0,
+            status: 0,
+        };
+        engine
+            .apply(event(&s, 0).unwrap_or_else(|| panic!("event")))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        engine
+            .resync_end(2, at)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")); // stale generation: ignored
         assert_eq!(engine.barrier().await.unwrap_or_default(), 3);
-        engine.resync_end(1, at).await.unwrap_or_else(|e| panic!("{e}"));
+        engine
+            .resync_end(1, at)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(engine.barrier().await.unwrap_or_default(), 5);
         let u0 = engine.get(&user(0)).unwrap_or_else(|| panic!("user0"));
         assert_eq!(u0.resources.len(), 1);

@@ -238,7 +238,8 @@ impl Supervisor {
                     match end {
                         SessionEnd::Cancelled => return Ok(()),
                         SessionEnd::Fatal(e) => {
-                            self.status.send_modify(|s| s.last_error = Some(e.to_string()));
+                            self.status
+                                .send_modify(|s| s.last_error = Some(e.to_string()));
                             return Err(e);
                         }
                         SessionEnd::Lost(why) => {
@@ -253,7 +254,8 @@ impl Supervisor {
                 }
                 Ok(Err(ConnectError::Fatal(e))) => {
                     tracing::error!("{e}");
-                    self.status.send_modify(|s| s.last_error = Some(e.to_string()));
+                    self.status
+                        .send_modify(|s| s.last_error = Some(e.to_string()));
                     return Err(e);
                 }
                 Ok(Err(ConnectError::Transient(why))) => {
@@ -264,7 +266,10 @@ impl Supervisor {
                     });
                 }
                 Err(_) => {
-                    let why = format!("connect + handshake took longer than {:?}", self.cfg.connect_timeout());
+                    let why = format!(
+                        "connect + handshake took longer than {:?}",
+                        self.cfg.connect_timeout()
+                    );
                     tracing::warn!(server = %self.cfg.server, reason = %why, attempt, "XMPP connect failed");
                     self.status.send_modify(|s| {
                         s.failed_attempts += 1;
@@ -290,9 +295,12 @@ impl Supervisor {
     }
 
     async fn connect(&self) -> Result<Stream, ConnectError> {
-        let tcp = TcpStream::connect(&self.cfg.server)
-            .await
-            .map_err(|e| ConnectError::Transient(format!("TCP connect to {} (xmpp.server): {e}", self.cfg.server)))?;
+        let tcp = TcpStream::connect(&self.cfg.server).await.map_err(|e| {
+            ConnectError::Transient(format!(
+                "TCP connect to {} (xmpp.server): {e}",
+                self.cfg.server
+            ))
+        })?;
         let _ = tcp.set_nodelay(true);
         let header = StreamHeader {
             to: Some(self.cfg.component.clone().into()),
@@ -337,7 +345,11 @@ impl Supervisor {
                     )));
                 }
                 Some(Err(e)) => return Err(ConnectError::Transient(format!("handshake: {e}"))),
-                None => return Err(ConnectError::Transient("stream ended during handshake".into())),
+                None => {
+                    return Err(ConnectError::Transient(
+                        "stream ended during handshake".into(),
+                    ));
+                }
             }
         }
     }
@@ -345,7 +357,9 @@ impl Supervisor {
     fn classify(&self, cond: StreamCondition) -> ConnectError {
         let component = self.cfg.component.clone();
         match cond {
-            StreamCondition::NotAuthorized => ConnectError::Fatal(FatalError::NotAuthorized { component }),
+            StreamCondition::NotAuthorized => {
+                ConnectError::Fatal(FatalError::NotAuthorized { component })
+            }
             StreamCondition::HostUnknown | StreamCondition::ImproperAddressing => {
                 ConnectError::Fatal(FatalError::HostUnknown { component })
             }
@@ -496,7 +510,9 @@ impl Supervisor {
             }
             Inbound::Subscribe(j) => {
                 tracing::info!(jid = %j, "subscription request: approving and subscribing back");
-                let Some(jid) = to(&j) else { return Ok(Vec::new()) };
+                let Some(jid) = to(&j) else {
+                    return Ok(Vec::new());
+                };
                 vec![
                     Presence::subscribed().with_to(jid.clone()),
                     Presence::subscribe().with_to(jid.clone()),
@@ -505,7 +521,9 @@ impl Supervisor {
             }
             Inbound::Unsubscribe(j) => {
                 tracing::info!(jid = %j, "user unsubscribed from the bridge");
-                to(&j).map(|jid| vec![Presence::new(PresenceType::Unsubscribed).with_to(jid)]).unwrap_or_default()
+                to(&j)
+                    .map(|jid| vec![Presence::new(PresenceType::Unsubscribed).with_to(jid)])
+                    .unwrap_or_default()
             }
             Inbound::Subscribed(j) => {
                 tracing::info!(jid = %j, "user approved the bridge's subscription");
@@ -540,14 +558,29 @@ const DISCO_INFO_XML: &str = "<query xmlns='http://jabber.org/protocol/disco#inf
 /// keepalives) need no answer.
 fn answer_iq(iq: Iq, component: &Jid) -> Option<Iq> {
     let (from, id, payload) = match iq {
-        Iq::Get { from, id, payload, .. } | Iq::Set { from, id, payload, .. } => (from, id, payload),
+        Iq::Get {
+            from, id, payload, ..
+        }
+        | Iq::Set {
+            from, id, payload, ..
+        } => (from, id, payload),
         _ => return None,
     };
     let reply = if payload.is("ping", xmpp_parsers::ns::PING) {
-        Iq::Result { from: None, to: None, id, payload: None }
+        Iq::Result {
+            from: None,
+            to: None,
+            id,
+            payload: None,
+        }
     } else if payload.is("query", xmpp_parsers::ns::DISCO_INFO) {
         let info: Element = DISCO_INFO_XML.parse().ok()?;
-        Iq::Result { from: None, to: None, id, payload: Some(info) }
+        Iq::Result {
+            from: None,
+            to: None,
+            id,
+            payload: Some(info),
+        }
     } else {
         Iq::Error {
             from: None,
@@ -585,13 +618,19 @@ async fn resync(
     let work = async {
         let users = engine.known_users().await.ok()?;
         let component: Jid = BareJid::new(&cfg.component).ok()?.into();
-        tracing::info!(users = users.len(), generation, "resync: probing known users");
+        tracing::info!(
+            users = users.len(),
+            generation,
+            "resync: probing known users"
+        );
         let per_tick = (cfg.probe_rate_per_sec / 10).max(1) as usize;
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         for chunk in users.chunks(per_tick) {
             tick.tick().await;
             for u in chunk {
-                let Ok(to) = BareJid::new(u.as_str()) else { continue };
+                let Ok(to) = BareJid::new(u.as_str()) else {
+                    continue;
+                };
                 let probe = Presence::new(PresenceType::Probe)
                     .with_from(component.clone())
                     .with_to(to);
@@ -624,28 +663,51 @@ mod tests {
             let d = backoff_delay(min, max, attempt);
             let ceiling = min.saturating_mul(1 << attempt.min(20)).min(max);
             assert!(d <= ceiling, "attempt {attempt}: {d:?} > {ceiling:?}");
-            assert!(d >= ceiling / 2, "attempt {attempt}: {d:?} < half of {ceiling:?}");
+            assert!(
+                d >= ceiling / 2,
+                "attempt {attempt}: {d:?} < half of {ceiling:?}"
+            );
         }
-        let draws: std::collections::HashSet<_> = (0..20).map(|_| backoff_delay(min, max, 10)).collect();
+        let draws: std::collections::HashSet<_> =
+            (0..20).map(|_| backoff_delay(min, max, 10)).collect();
         assert!(draws.len() > 1, "jitter varies the delay");
     }
 
     #[test]
     fn iq_answers() {
-        let comp: Jid = BareJid::new("bridge.localhost").unwrap_or_else(|e| panic!("{e}")).into();
-        let server: Jid = BareJid::new("localhost").unwrap_or_else(|e| panic!("{e}")).into();
+        let comp: Jid = BareJid::new("bridge.localhost")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into();
+        let server: Jid = BareJid::new("localhost")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into();
         let ping = Iq::from_get("p1", Ping).with_from(server.clone());
         match answer_iq(ping, &comp) {
-            Some(Iq::Result { id, to, from, payload: None }) => {
+            Some(Iq::Result {
+                id,
+                to,
+                from,
+                payload: None,
+            }) => {
                 assert_eq!(id, "p1");
                 assert_eq!(to, Some(server.clone()));
                 assert_eq!(from, Some(comp.clone()));
             }
             other => panic!("{other:?}"),
         }
-        let unknown = Iq::Get { from: Some(server.clone()), to: None, id: "v1".into(), payload: Element::bare("query", "jabber:iq:version") };
+        let unknown = Iq::Get {
+            from: Some(server.clone()),
+            to: None,
+            id: "v1".into(),
+            payload: Element::bare("query", "jabber:iq:version"),
+        };
         assert!(matches!(answer_iq(unknown, &comp), Some(Iq::Error { .. })));
-        let result = Iq::Result { from: Some(server), to: None, id: "keepalive-1".into(), payload: None };
+        let result = Iq::Result {
+            from: Some(server),
+            to: None,
+            id: "keepalive-1".into(),
+            payload: None,
+        };
         assert!(answer_iq(result, &comp).is_none());
     }
 }

@@ -11,7 +11,9 @@ use xmpp_parsers::message::Message;
 use xmpp_parsers::presence::{Presence, Show as XShow, Type};
 
 use crate::config::XmppConfig;
-use crate::presence::model::{Availability, Cause, EventKind, PresenceEvent, Show, UserJid, new_event_id};
+use crate::presence::model::{
+    Availability, Cause, EventKind, PresenceEvent, Show, UserJid, new_event_id,
+};
 
 const NS_CAPS: &str = "http://jabber.org/protocol/caps";
 const NS_DELAY: &str = "urn:xmpp:delay";
@@ -74,7 +76,11 @@ impl Translator {
             domains: cfg.domains.iter().map(|d| d.to_lowercase()).collect(),
             max_status_bytes: cfg.max_status_bytes,
             max_payloads: cfg.max_payloads,
-            status_languages: cfg.status_languages.iter().map(|l| l.to_lowercase()).collect(),
+            status_languages: cfg
+                .status_languages
+                .iter()
+                .map(|l| l.to_lowercase())
+                .collect(),
         }
     }
 
@@ -158,7 +164,12 @@ impl Translator {
             }
             Type::Unavailable => {
                 let resource = resource.ok_or_else(|| Dropped::NoResource(user.to_string()))?;
-                event(resource, EventKind::Unavailable { status: self.default_status(p) })
+                event(
+                    resource,
+                    EventKind::Unavailable {
+                        status: self.default_status(p),
+                    },
+                )
             }
             // RFC 6121 / MongooseIM: an error from the user's JID means that resource (or,
             // from the bare JID, the whole user) is unreachable: it is gone.
@@ -213,7 +224,9 @@ fn idle_since(payloads: &[Element], at: DateTime<Utc>) -> Option<DateTime<Utc>> 
 
 /// XEP-0082 date-time (RFC 3339 profile, fractional seconds optional).
 fn parse_datetime(s: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc))
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
 }
 
 /// Well-known XEP-0115 caps nodes → client names. Unknown nodes fall back to the node's host
@@ -314,7 +327,9 @@ mod tests {
     }
 
     fn now() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 11, 22, 3, 0, 0).single().unwrap_or_default()
+        Utc.with_ymd_and_hms(2026, 11, 22, 3, 0, 0)
+            .single()
+            .unwrap_or_default()
     }
 
     fn run(xml: &str) -> Result<Inbound, Dropped> {
@@ -341,7 +356,9 @@ mod tests {
     #[test]
     fn lab_available_with_caps() {
         // Verbatim shape from the lab report §4.1.
-        let e = event(&format!("<presence {NS} xml:lang='en' to='bridge.localhost' from='alice@localhost/phone' id='f427'><c xmlns='http://jabber.org/protocol/caps' node='https://lab.invalid/presence-client/phone' hash='sha-1' ver='fxVFrxx/tY4nubVZA64epe60C1I='/><priority>5</priority><show>chat</show><status>on my phone</status></presence>"));
+        let e = event(&format!(
+            "<presence {NS} xml:lang='en' to='bridge.localhost' from='alice@localhost/phone' id='f427'><c xmlns='http://jabber.org/protocol/caps' node='https://lab.invalid/presence-client/phone' hash='sha-1' ver='fxVFrxx/tY4nubVZA64epe60C1I='/><priority>5</priority><show>chat</show><status>on my phone</status></presence>"
+        ));
         assert_eq!(e.jid.as_str(), "alice@localhost");
         assert_eq!(e.resource, "phone");
         assert_eq!(e.cause, Cause::Stanza);
@@ -350,7 +367,10 @@ mod tests {
         assert_eq!(a.show, Show::Chat);
         assert_eq!(a.priority, 5);
         assert_eq!(a.status.as_deref(), Some("on my phone"));
-        assert_eq!(a.client.as_deref(), Some("lab.invalid/presence-client/phone"));
+        assert_eq!(
+            a.client.as_deref(),
+            Some("lab.invalid/presence-client/phone")
+        );
         assert_eq!(a.idle_since, None);
     }
 
@@ -360,86 +380,182 @@ mod tests {
         assert_eq!(e.jid.as_str(), "alice@localhost");
         assert_eq!(e.resource, "Laptop", "resource keeps its case");
         let a = avail(&e);
-        assert_eq!((a.show, a.priority, a.status.clone(), a.client.clone()), (Show::Available, 0, None, None));
+        assert_eq!(
+            (a.show, a.priority, a.status.clone(), a.client.clone()),
+            (Show::Available, 0, None, None)
+        );
     }
 
     #[test]
     fn every_show_value_and_priority_bounds() {
-        for (word, show) in [("chat", Show::Chat), ("away", Show::Away), ("xa", Show::Xa), ("dnd", Show::Dnd)] {
-            let e = event(&format!("<presence {NS} from='a@localhost/r'><show>{word}</show><priority>-128</priority></presence>"));
+        for (word, show) in [
+            ("chat", Show::Chat),
+            ("away", Show::Away),
+            ("xa", Show::Xa),
+            ("dnd", Show::Dnd),
+        ] {
+            let e = event(&format!(
+                "<presence {NS} from='a@localhost/r'><show>{word}</show><priority>-128</priority></presence>"
+            ));
             assert_eq!(avail(&e).show, show);
             assert_eq!(avail(&e).priority, -128);
         }
-        let e = event(&format!("<presence {NS} from='a@localhost/r'><priority>127</priority></presence>"));
+        let e = event(&format!(
+            "<presence {NS} from='a@localhost/r'><priority>127</priority></presence>"
+        ));
         assert_eq!(avail(&e).priority, 127);
     }
 
     #[test]
     fn probe_answer_with_delay_restores_time() {
         // Lab §4.3: probe answers carry <delay> with the time of the resource's last change.
-        let e = event(&format!("<presence {NS} xml:lang='en' to='bridge.localhost' from='alice@localhost/phone' id='70'><c xmlns='http://jabber.org/protocol/caps' node='http://conversations.im' hash='sha-1' ver='x'/><delay from='alice@localhost/phone' stamp='2026-11-22T02:22:51.058921Z' xmlns='urn:xmpp:delay'/><priority>5</priority><show>away</show><status>walking</status></presence>"));
+        let e = event(&format!(
+            "<presence {NS} xml:lang='en' to='bridge.localhost' from='alice@localhost/phone' id='70'><c xmlns='http://jabber.org/protocol/caps' node='http://conversations.im' hash='sha-1' ver='x'/><delay from='alice@localhost/phone' stamp='2026-11-22T02:22:51.058921Z' xmlns='urn:xmpp:delay'/><priority>5</priority><show>away</show><status>walking</status></presence>"
+        ));
         assert_eq!(e.cause, Cause::Probe);
         assert_eq!(e.at.to_rfc3339(), "2026-11-22T02:22:51.058921+00:00");
         assert_eq!(e.received_at, now());
         assert_eq!(avail(&e).client.as_deref(), Some("Conversations"));
         // Prosody: second precision, server JID as delay from.
-        let e = event(&format!("<presence {NS} from='bob@localhost/laptop'><delay stamp='2026-11-22T02:17:38Z' xmlns='urn:xmpp:delay' from='localhost'/></presence>"));
+        let e = event(&format!(
+            "<presence {NS} from='bob@localhost/laptop'><delay stamp='2026-11-22T02:17:38Z' xmlns='urn:xmpp:delay' from='localhost'/></presence>"
+        ));
         assert_eq!(e.at.to_rfc3339(), "2026-11-22T02:17:38+00:00");
         // Legacy XEP-0091.
-        let e = event(&format!("<presence {NS} from='bob@localhost/laptop'><x xmlns='jabber:x:delay' stamp='20261122T01:02:03'/></presence>"));
+        let e = event(&format!(
+            "<presence {NS} from='bob@localhost/laptop'><x xmlns='jabber:x:delay' stamp='20261122T01:02:03'/></presence>"
+        ));
         assert_eq!(e.at.to_rfc3339(), "2026-11-22T01:02:03+00:00");
         // A future stamp (clock skew) is clamped to the receive time.
-        let e = event(&format!("<presence {NS} from='bob@localhost/laptop'><delay stamp='2030-01-01T00:00:00Z' xmlns='urn:xmpp:delay'/></presence>"));
+        let e = event(&format!(
+            "<presence {NS} from='bob@localhost/laptop'><delay stamp='2030-01-01T00:00:00Z' xmlns='urn:xmpp:delay'/></presence>"
+        ));
         assert_eq!(e.at, now());
         // A garbage stamp is ignored, the presence kept.
-        let e = event(&format!("<presence {NS} from='bob@localhost/laptop'><delay stamp='yesterday' xmlns='urn:xmpp:delay'/></presence>"));
+        let e = event(&format!(
+            "<presence {NS} from='bob@localhost/laptop'><delay stamp='yesterday' xmlns='urn:xmpp:delay'/></presence>"
+        ));
         assert_eq!((e.at, e.cause), (now(), Cause::Stanza));
     }
 
     #[test]
     fn idle_forms() {
-        let e = event(&format!("<presence {NS} from='a@localhost/r'><show>away</show><idle xmlns='urn:xmpp:idle:1' since='2026-11-22T02:00:00+01:00'/></presence>"));
-        assert_eq!(avail(&e).idle_since.map(|t| t.to_rfc3339()), Some("2026-11-22T01:00:00+00:00".into()));
-        let e = event(&format!("<presence {NS} from='a@localhost/r'><query xmlns='jabber:iq:last' seconds='60'/></presence>"));
-        assert_eq!(avail(&e).idle_since, Some(now() - ChronoDuration::seconds(60)));
-        let e = event(&format!("<presence {NS} from='a@localhost/r'><idle xmlns='urn:xmpp:idle:1' since='garbage'/></presence>"));
+        let e = event(&format!(
+            "<presence {NS} from='a@localhost/r'><show>away</show><idle xmlns='urn:xmpp:idle:1' since='2026-11-22T02:00:00+01:00'/></presence>"
+        ));
+        assert_eq!(
+            avail(&e).idle_since.map(|t| t.to_rfc3339()),
+            Some("2026-11-22T01:00:00+00:00".into())
+        );
+        let e = event(&format!(
+            "<presence {NS} from='a@localhost/r'><query xmlns='jabber:iq:last' seconds='60'/></presence>"
+        ));
+        assert_eq!(
+            avail(&e).idle_since,
+            Some(now() - ChronoDuration::seconds(60))
+        );
+        let e = event(&format!(
+            "<presence {NS} from='a@localhost/r'><idle xmlns='urn:xmpp:idle:1' since='garbage'/></presence>"
+        ));
         assert_eq!(avail(&e).idle_since, None);
     }
 
     #[test]
     fn status_language_preference() {
-        let e = event(&format!("<presence {NS} xml:lang='en' from='a@localhost/r'><status xml:lang='de'>Besprechung</status><status>meeting</status></presence>"));
+        let e = event(&format!(
+            "<presence {NS} xml:lang='en' from='a@localhost/r'><status xml:lang='de'>Besprechung</status><status>meeting</status></presence>"
+        ));
         assert_eq!(avail(&e).status.as_deref(), Some("meeting"));
-        let e = event(&format!("<presence {NS} from='a@localhost/r'><status xml:lang='fr'>réunion</status><status xml:lang='de'>Besprechung</status></presence>"));
-        assert_eq!(avail(&e).status.as_deref(), Some("Besprechung"), "first in language order");
-        let e = event(&format!("<presence {NS} from='a@localhost/r'><status xml:lang='fr'>réunion</status></presence>"));
-        assert_eq!(avail(&e).status.as_deref(), Some("réunion"), "the only status");
-        let e = event(&format!("<presence {NS} from='a@localhost/r'><status xml:lang='de'>Besprechung</status><status>meeting</status></presence>"));
-        assert_eq!(avail(&e).status.as_deref(), Some("meeting"), "no language at all beats a tagged one");
-        let e = event(&format!("<presence {NS} from='a@localhost/r'><status>  </status></presence>"));
+        let e = event(&format!(
+            "<presence {NS} from='a@localhost/r'><status xml:lang='fr'>réunion</status><status xml:lang='de'>Besprechung</status></presence>"
+        ));
+        assert_eq!(
+            avail(&e).status.as_deref(),
+            Some("Besprechung"),
+            "first in language order"
+        );
+        let e = event(&format!(
+            "<presence {NS} from='a@localhost/r'><status xml:lang='fr'>réunion</status></presence>"
+        ));
+        assert_eq!(
+            avail(&e).status.as_deref(),
+            Some("réunion"),
+            "the only status"
+        );
+        let e = event(&format!(
+            "<presence {NS} from='a@localhost/r'><status xml:lang='de'>Besprechung</status><status>meeting</status></presence>"
+        ));
+        assert_eq!(
+            avail(&e).status.as_deref(),
+            Some("meeting"),
+            "no language at all beats a tagged one"
+        );
+        let e = event(&format!(
+            "<presence {NS} from='a@localhost/r'><status>  </status></presence>"
+        ));
         assert_eq!(avail(&e).status, None, "blank status is no status");
     }
 
     #[test]
     fn unavailable_and_error() {
         // Lab §4.1: explicit unavailable; §4.7: Prosody's with a status.
-        let e = event(&format!("<presence {NS} xml:lang='en' to='bridge.localhost' from='alice@localhost/phone' type='unavailable' id='64e2'/>"));
+        let e = event(&format!(
+            "<presence {NS} xml:lang='en' to='bridge.localhost' from='alice@localhost/phone' type='unavailable' id='64e2'/>"
+        ));
         assert_eq!(e.kind, EventKind::Unavailable { status: None });
-        let e = event(&format!("<presence {NS} to='bridge.localhost' type='unavailable' from='bob@localhost/laptop'><status>Disconnected: closed</status></presence>"));
-        assert_eq!(e.kind, EventKind::Unavailable { status: Some("Disconnected: closed".into()) });
-        let e = event(&format!("<presence {NS} from='bob@localhost/laptop' type='error'><error type='cancel'><item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></presence>"));
-        assert_eq!((e.resource.as_str(), e.kind.clone()), ("laptop", EventKind::Unavailable { status: None }));
-        let e = event(&format!("<presence {NS} from='bob@localhost' type='error'><error type='cancel'><item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></presence>"));
+        let e = event(&format!(
+            "<presence {NS} to='bridge.localhost' type='unavailable' from='bob@localhost/laptop'><status>Disconnected: closed</status></presence>"
+        ));
+        assert_eq!(
+            e.kind,
+            EventKind::Unavailable {
+                status: Some("Disconnected: closed".into())
+            }
+        );
+        let e = event(&format!(
+            "<presence {NS} from='bob@localhost/laptop' type='error'><error type='cancel'><item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></presence>"
+        ));
+        assert_eq!(
+            (e.resource.as_str(), e.kind.clone()),
+            ("laptop", EventKind::Unavailable { status: None })
+        );
+        let e = event(&format!(
+            "<presence {NS} from='bob@localhost' type='error'><error type='cancel'><item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></presence>"
+        ));
         assert_eq!(e.kind, EventKind::AllUnavailable { status: None });
     }
 
     #[test]
     fn roster_handshake() {
-        assert_eq!(run(&format!("<presence {NS} from='Bob@localhost' type='subscribe'/>")), Ok(Inbound::Subscribe(UserJid::parse("bob@localhost").unwrap_or_else(|e| panic!("{e}")))));
-        assert!(matches!(run(&format!("<presence {NS} from='bob@localhost' type='subscribed'/>")), Ok(Inbound::Subscribed(_))));
-        assert!(matches!(run(&format!("<presence {NS} from='bob@localhost' type='unsubscribe'/>")), Ok(Inbound::Unsubscribe(_))));
-        assert!(matches!(run(&format!("<presence {NS} from='bob@localhost' type='unsubscribed'/>")), Ok(Inbound::Unsubscribed(_))));
-        match run(&format!("<presence {NS} from='bob@localhost/x' type='probe'/>")) {
+        assert_eq!(
+            run(&format!(
+                "<presence {NS} from='Bob@localhost' type='subscribe'/>"
+            )),
+            Ok(Inbound::Subscribe(
+                UserJid::parse("bob@localhost").unwrap_or_else(|e| panic!("{e}"))
+            ))
+        );
+        assert!(matches!(
+            run(&format!(
+                "<presence {NS} from='bob@localhost' type='subscribed'/>"
+            )),
+            Ok(Inbound::Subscribed(_))
+        ));
+        assert!(matches!(
+            run(&format!(
+                "<presence {NS} from='bob@localhost' type='unsubscribe'/>"
+            )),
+            Ok(Inbound::Unsubscribe(_))
+        ));
+        assert!(matches!(
+            run(&format!(
+                "<presence {NS} from='bob@localhost' type='unsubscribed'/>"
+            )),
+            Ok(Inbound::Unsubscribed(_))
+        ));
+        match run(&format!(
+            "<presence {NS} from='bob@localhost/x' type='probe'/>"
+        )) {
             Ok(Inbound::Probe(j)) => assert_eq!(j.to_string(), "bob@localhost/x"),
             other => panic!("{other:?}"),
         }
@@ -448,17 +564,52 @@ mod tests {
     #[test]
     fn dropped_shapes() {
         assert_eq!(run(&format!("<presence {NS}/>")), Err(Dropped::NoFrom));
-        assert_eq!(run(&format!("<presence {NS} from='evil.org/x'/>")), Err(Dropped::NotUser("evil.org/x".into())));
-        assert_eq!(run(&format!("<presence {NS} from='a@evil.org/x'/>")), Err(Dropped::ForeignDomain("evil.org".into())));
-        assert!(matches!(run(&format!("<presence {NS} from='a@example.com/x'/>")), Ok(Inbound::Event(_))), "configured domains are case-insensitive");
-        assert_eq!(run(&format!("<presence {NS} from='a@localhost'/>")), Err(Dropped::NoResource("a@localhost".into())));
-        assert_eq!(run(&format!("<presence {NS} from='a@localhost' type='unavailable'/>")), Err(Dropped::NoResource("a@localhost".into())));
+        assert_eq!(
+            run(&format!("<presence {NS} from='evil.org/x'/>")),
+            Err(Dropped::NotUser("evil.org/x".into()))
+        );
+        assert_eq!(
+            run(&format!("<presence {NS} from='a@evil.org/x'/>")),
+            Err(Dropped::ForeignDomain("evil.org".into()))
+        );
+        assert!(
+            matches!(
+                run(&format!("<presence {NS} from='a@example.com/x'/>")),
+                Ok(Inbound::Event(_))
+            ),
+            "configured domains are case-insensitive"
+        );
+        assert_eq!(
+            run(&format!("<presence {NS} from='a@localhost'/>")),
+            Err(Dropped::NoResource("a@localhost".into()))
+        );
+        assert_eq!(
+            run(&format!(
+                "<presence {NS} from='a@localhost' type='unavailable'/>"
+            )),
+            Err(Dropped::NoResource("a@localhost".into()))
+        );
         // ejabberd's bounce while the component was down (lab §4.3): from the component domain.
-        assert!(matches!(run(&format!("<presence {NS} from='bridge.localhost' type='error'><error type='cancel'><remote-server-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></presence>")), Err(Dropped::NotUser(_))));
+        assert!(matches!(
+            run(&format!(
+                "<presence {NS} from='bridge.localhost' type='error'><error type='cancel'><remote-server-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></presence>"
+            )),
+            Err(Dropped::NotUser(_))
+        ));
         let long = "x".repeat(5000);
-        assert_eq!(run(&format!("<presence {NS} from='a@localhost/r'><status>{long}</status></presence>")), Err(Dropped::Oversized("status text too long")));
+        assert_eq!(
+            run(&format!(
+                "<presence {NS} from='a@localhost/r'><status>{long}</status></presence>"
+            )),
+            Err(Dropped::Oversized("status text too long"))
+        );
         let many = "<x xmlns='urn:example'/>".repeat(40);
-        assert_eq!(run(&format!("<presence {NS} from='a@localhost/r'>{many}</presence>")), Err(Dropped::Oversized("too many child elements")));
+        assert_eq!(
+            run(&format!(
+                "<presence {NS} from='a@localhost/r'>{many}</presence>"
+            )),
+            Err(Dropped::Oversized("too many child elements"))
+        );
     }
 
     #[test]
@@ -480,23 +631,41 @@ mod tests {
 
     #[test]
     fn control_characters_are_stripped() {
-        let e = event(&format!("<presence {NS} from='a@localhost/r'><status>line1\nline2\u{85}\u{9f}</status></presence>"));
+        let e = event(&format!(
+            "<presence {NS} from='a@localhost/r'><status>line1\nline2\u{85}\u{9f}</status></presence>"
+        ));
         assert_eq!(avail(&e).status.as_deref(), Some("line1\nline2"));
     }
 
     #[test]
     fn client_names() {
         let caps = |node: &str| -> Option<String> {
-            let el: Element = format!("<c xmlns='http://jabber.org/protocol/caps' node='{node}' hash='sha-1' ver='x'/>").parse().ok()?;
+            let el: Element = format!(
+                "<c xmlns='http://jabber.org/protocol/caps' node='{node}' hash='sha-1' ver='x'/>"
+            )
+            .parse()
+            .ok()?;
             client_name(&[el])
         };
-        assert_eq!(caps("http://conversations.im").as_deref(), Some("Conversations"));
+        assert_eq!(
+            caps("http://conversations.im").as_deref(),
+            Some("Conversations")
+        );
         assert_eq!(caps("https://gajim.org").as_deref(), Some("Gajim"));
         assert_eq!(caps("https://dino.im").as_deref(), Some("Dino"));
         assert_eq!(caps("http://psi-im.org").as_deref(), Some("Psi"));
-        assert_eq!(caps("https://github.com/monal-im/Monal").as_deref(), Some("Monal"));
-        assert_eq!(caps("http://slixmpp.com/ver/1.17.0").as_deref(), Some("slixmpp"));
-        assert_eq!(caps("https://example.org/mybot/").as_deref(), Some("example.org/mybot"));
+        assert_eq!(
+            caps("https://github.com/monal-im/Monal").as_deref(),
+            Some("Monal")
+        );
+        assert_eq!(
+            caps("http://slixmpp.com/ver/1.17.0").as_deref(),
+            Some("slixmpp")
+        );
+        assert_eq!(
+            caps("https://example.org/mybot/").as_deref(),
+            Some("example.org/mybot")
+        );
         assert_eq!(caps("").as_deref(), None);
     }
 
@@ -515,8 +684,55 @@ mod tests {
         let m: Element = "<message xmlns='jabber:component:accept' from='localhost' to='bridge.localhost'><privilege xmlns='urn:xmpp:privilege:2'><perm access='roster' type='both'/><perm access='presence' type='managed_entity'/></privilege></message>".parse().unwrap_or_else(|e| panic!("{e}"));
         let m = Message::try_from(m).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(privileges(&m).map(|p| p.len()), Some(2));
-        let m: Element = "<message xmlns='jabber:component:accept' from='localhost'><body>hi</body></message>".parse().unwrap_or_else(|e| panic!("{e}"));
+        let m: Element =
+            "<message xmlns='jabber:component:accept' from='localhost'><body>hi</body></message>"
+                .parse()
+                .unwrap_or_else(|e| panic!("{e}"));
         let m = Message::try_from(m).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(privileges(&m), None);
+    }
+}
+
+#[cfg(test)]
+mod robustness {
+    //! Arbitrary input never panics the parse → translate path (the fuzz target in `fuzz/`
+    //! goes further with coverage guidance; this runs in every test run).
+    use super::*;
+    use proptest::prelude::*;
+
+    fn tr() -> Translator {
+        Translator::new(&XmppConfig::default())
+    }
+
+    fn run(xml: &str) {
+        if let Ok(p) = parse_presence(xml) {
+            let _ = tr().presence(&p, Utc::now());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        #[test]
+        fn arbitrary_text_never_panics(s in ".{0,400}") {
+            run(&s);
+        }
+
+        #[test]
+        fn arbitrary_fields_never_panic(
+            from in "[a-zA-Z0-9@./ -]{0,40}",
+            ty in prop::sample::select(vec!["", "unavailable", "error", "probe", "subscribe", "unsubscribed", "bogus"]),
+            show in "[a-z]{0,8}",
+            prio in "-?[0-9]{0,5}",
+            status in "[^<&]{0,60}",
+            stamp in "[0-9TZ:.+-]{0,30}",
+            node in "[a-z:/.]{0,30}",
+        ) {
+            let ty = if ty.is_empty() { String::new() } else { format!(" type='{ty}'") };
+            let from = from.replace('\'', "");
+            let xml = format!(
+                "<presence xmlns='jabber:component:accept' from='{from}'{ty}><show>{show}</show><priority>{prio}</priority><status>{status}</status><delay xmlns='urn:xmpp:delay' stamp='{stamp}'/><idle xmlns='urn:xmpp:idle:1' since='{stamp}'/><c xmlns='http://jabber.org/protocol/caps' node='{node}' hash='sha-1' ver='x'/></presence>"
+            );
+            run(&xml);
+        }
     }
 }

@@ -110,7 +110,10 @@ impl Ejabberd {
             ("EJ_COMPONENT_PORT".into(), self.component_port.to_string()),
             ("EJ_HTTP_PORT".into(), self.http.to_string()),
             ("EJ_DIST_PORT".into(), self.dist.to_string()),
-            ("EJ_PRIVILEGE".into(), if self.privilege { "1" } else { "0" }.into()),
+            (
+                "EJ_PRIVILEGE".into(),
+                if self.privilege { "1" } else { "0" }.into(),
+            ),
             ("EJ_USERS".into(), String::new()),
         ];
         if self.private {
@@ -266,7 +269,10 @@ pub fn http_post(port: u16, path: &str, body: &str) -> Result<(u16, String), Str
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| format!("bad HTTP response: {text}"))?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -280,7 +286,9 @@ pub struct Client {
 
 impl Client {
     pub async fn login(port: u16, user: &str, resource: &str) -> Client {
-        let stream = TcpStream::connect(("127.0.0.1", port)).await.expect("c2s connect");
+        let stream = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("c2s connect");
         let mut c = Client {
             stream,
             jid: format!("{user}@localhost/{resource}"),
@@ -307,11 +315,20 @@ impl Client {
     }
 
     pub async fn send(&mut self, xml: &str) {
-        self.stream.write_all(xml.as_bytes()).await.expect("client write");
+        self.stream
+            .write_all(xml.as_bytes())
+            .await
+            .expect("client write");
     }
 
     /// Broadcast presence. `caps` is a XEP-0115 node.
-    pub async fn presence(&mut self, show: Option<&str>, status: Option<&str>, priority: i8, caps: Option<&str>) {
+    pub async fn presence(
+        &mut self,
+        show: Option<&str>,
+        status: Option<&str>,
+        priority: i8,
+        caps: Option<&str>,
+    ) {
         let mut x = String::from("<presence>");
         if let Some(node) = caps {
             x.push_str(&format!(
@@ -331,7 +348,12 @@ impl Client {
 
     pub async fn unavailable(&mut self, status: Option<&str>) {
         match status {
-            Some(s) => self.send(&format!("<presence type='unavailable'><status>{s}</status></presence>")).await,
+            Some(s) => {
+                self.send(&format!(
+                    "<presence type='unavailable'><status>{s}</status></presence>"
+                ))
+                .await
+            }
             None => self.send("<presence type='unavailable'/>").await,
         }
     }
@@ -384,7 +406,11 @@ fn base64_encode(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -441,14 +467,21 @@ impl Bridge {
     pub fn start_with(engine: Engine, cfg: XmppConfig) -> Bridge {
         let cancel = CancellationToken::new();
         let (component, task) = xmpp::spawn(cfg, engine.clone(), cancel.clone());
-        Bridge { engine, component, cancel, task: Some(task) }
+        Bridge {
+            engine,
+            component,
+            cancel,
+            task: Some(task),
+        }
     }
 
     /// Stops the component (the engine lives on in the returned handle).
     pub async fn stop(mut self) -> Engine {
         self.cancel.cancel();
         if let Some(t) = self.task.take() {
-            let r = tokio::time::timeout(PATIENCE, t).await.expect("component stops");
+            let r = tokio::time::timeout(PATIENCE, t)
+                .await
+                .expect("component stops");
             assert_eq!(r.expect("join"), Ok(()));
         }
         self.engine.clone()
@@ -457,7 +490,11 @@ impl Bridge {
     pub async fn wait_status(&self, what: &str, pred: impl Fn(&xmpp::ConnectionStatus) -> bool) {
         let mut rx = self.component.watch();
         let r = tokio::time::timeout(PATIENCE, rx.wait_for(|s| pred(s))).await;
-        assert!(r.is_ok(), "timeout waiting for status {what}; now {:?}", self.component.status());
+        assert!(
+            r.is_ok(),
+            "timeout waiting for status {what}; now {:?}",
+            self.component.status()
+        );
     }
 
     pub async fn connected(&self) {
@@ -465,7 +502,12 @@ impl Bridge {
     }
 
     /// Waits until the user's state satisfies `pred`; panics with the last state otherwise.
-    pub async fn wait_user(&self, user: &str, what: &str, pred: impl Fn(&UserPresence) -> bool) -> Arc<UserPresence> {
+    pub async fn wait_user(
+        &self,
+        user: &str,
+        what: &str,
+        pred: impl Fn(&UserPresence) -> bool,
+    ) -> Arc<UserPresence> {
         let jid = UserJid::parse(&format!("{user}@localhost")).expect("jid");
         let deadline = Instant::now() + PATIENCE;
         loop {

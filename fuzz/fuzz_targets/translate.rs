@@ -1,0 +1,15 @@
+//! Fuzz the stanza path: bytes → XML → presence → engine event. Must never panic.
+//!   cargo fuzz run translate      (from the repo root; see fuzz/README.md)
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use presence_bridge::config::XmppConfig;
+use presence_bridge::xmpp::translate::{Translator, parse_presence};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    if let Ok(p) = parse_presence(text) {
+        let t = Translator::new(&XmppConfig::default());
+        let _ = t.presence(&p, chrono::Utc::now());
+    }
+});

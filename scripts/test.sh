@@ -1,0 +1,34 @@
+#!/bin/bash
+# The test command (README, .ci/run). On a fresh machine it installs and starts everything the
+# tests need, then runs formatting and lint checks and the whole suite:
+#   - ejabberd from Debian's packages (if missing), and the shared test node on 127.0.0.1:25xxx
+#     (tests that restart or reconfigure a server start their own private nodes);
+# and stops what it started. PB_KEEP_SERVERS=1 leaves the shared ejabberd running for the next
+# run; PB_SKIP_LINT=1 skips fmt/clippy. Extra arguments go to the test runner.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+scripts/install-deps.sh ejabberd
+
+cleanup() {
+  if [ "${PB_KEEP_SERVERS:-0}" != 1 ]; then
+    bash scripts/ejabberd/stop.sh >/dev/null 2>&1 || true
+  fi
+}
+trap cleanup EXIT
+bash scripts/ejabberd/start.sh
+
+if [ "${PB_SKIP_LINT:-0}" != 1 ]; then
+  echo "== cargo fmt --check"
+  cargo fmt --all -- --check
+  echo "== cargo clippy --all-targets -- -D warnings"
+  cargo clippy --all-targets --quiet -- -D warnings
+fi
+
+echo "== tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast "$@"
+else
+  echo "(cargo-nextest not found: using cargo test)"
+  cargo test --workspace --no-fail-fast "$@"
+fi
