@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, LogFormat};
 use crate::presence::Engine;
+use crate::store::{StoreSink, pg, reads, writer};
 use crate::{shutdown, telemetry, xmpp};
 
 /// Default config path when `--config` is not given.
@@ -37,6 +38,12 @@ enum Command {
     /// Run the service: XMPP component + presence engine.
     Run {
         /// Config file (default: config/bridge.toml; optional when every key comes from the environment).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Apply the SQL migrations in schema/ to the configured Postgres and exit.
+    Migrate {
+        /// Config file (default: config/bridge.toml).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -76,29 +83,74 @@ pub fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { config } => {
-            let (path, required) = config_path(config);
-            let cfg = match Config::load(&path, required) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("presence-bridge: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            telemetry::init(cli.log_format.unwrap_or(cfg.log.format), &cfg.log.level);
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("presence-bridge: cannot start the runtime: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            let code = rt.block_on(run(cfg));
-            rt.shutdown_timeout(Duration::from_secs(1));
-            code
+        Command::Run { config } => with_config(config, cli.log_format, run),
+        Command::Migrate { config } => with_config(config, cli.log_format, migrate),
+    }
+}
+
+/// Loads the config (exit 2 if invalid), sets up logging and a runtime, runs `f`.
+fn with_config<F, Fut>(config: Option<PathBuf>, log_format: Option<LogFormat>, f: F) -> ExitCode
+where
+    F: FnOnce(Config) -> Fut,
+    Fut: std::future::Future<Output = ExitCode>,
+{
+    let (path, required) = config_path(config);
+    let cfg = match Config::load(&path, required) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("presence-bridge: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(log_format.unwrap_or(cfg.log.format), &cfg.log.level);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("presence-bridge: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = rt.block_on(f(cfg));
+    rt.shutdown_timeout(Duration::from_secs(1));
+    code
+}
+
+/// `presence-bridge migrate`.
+pub async fn migrate(cfg: Config) -> ExitCode {
+    let Some(url) = &cfg.store.postgres_url else {
+        eprintln!("presence-bridge: invalid config: store.postgres_url: required by migrate");
+        return ExitCode::from(2);
+    };
+    let pool = match pg::pool(
+        url.expose(),
+        1,
+        Duration::from_secs_f64(cfg.store.connect_timeout_secs),
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("presence-bridge: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match pg::migrate(&pool).await {
+        Ok(applied) if applied.is_empty() => {
+            println!("schema up to date (no migrations to apply)");
+            ExitCode::SUCCESS
+        }
+        Ok(applied) => {
+            println!(
+                "applied {} migration(s): {}",
+                applied.len(),
+                applied.join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("presence-bridge: {e}");
+            ExitCode::from(1)
         }
     }
 }
@@ -120,16 +172,72 @@ pub async fn run(cfg: Config) -> ExitCode {
         "presence-bridge starting"
     );
     tracing::debug!(config = ?cfg, "effective configuration (secrets masked)");
-    if cfg.store.postgres_url.is_none() {
+    let cancel = CancellationToken::new();
+    shutdown::on_signals(cancel.clone());
+
+    // The store: migrate, load known users, start the writer. Postgres being down is not
+    // fatal: the writer spools and migrates once it is back.
+    let mut seed = Vec::new();
+    let mut lost_at = None;
+    let mut store = None;
+    if let Some(url) = &cfg.store.postgres_url {
+        let timeout = Duration::from_secs_f64(cfg.store.connect_timeout_secs);
+        let pool = match pg::pool(url.expose(), cfg.store.pool_size, timeout) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("presence-bridge: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        match pg::migrate(&pool).await {
+            Ok(applied) => {
+                if !applied.is_empty() {
+                    tracing::info!(?applied, "store: migrations applied");
+                }
+                match reads::load_known(&pool).await {
+                    Ok(users) => {
+                        tracing::info!(
+                            users = users.len(),
+                            online = users.iter().filter(|u| u.online).count(),
+                            "store: known users loaded; they will be probed"
+                        );
+                        seed = users;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "store: cannot load known users"),
+                }
+                if let Ok(c) = pg::client(&pool).await
+                    && let Ok(Some(t)) = pg::get_state(&c, "stopped_at").await
+                {
+                    lost_at = chrono::DateTime::parse_from_rfc3339(&t)
+                        .ok()
+                        .map(|t| t.with_timezone(&chrono::Utc));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "store: Postgres not usable at start-up; events are spooled until it is")
+            }
+        }
+        let sink = StoreSink::new();
+        match writer::start(&cfg.store, pool.clone(), sink.clone()) {
+            Ok((handle, task)) => store = Some((sink, handle, task, pool)),
+            Err(e) => {
+                eprintln!(
+                    "presence-bridge: invalid config: store.spool_dir: {}: {e}",
+                    cfg.store.spool_dir.display()
+                );
+                return ExitCode::from(2);
+            }
+        }
+    } else {
         tracing::warn!(
             "store.postgres_url is not set: presence is kept in memory only (no history; last-seen only for this run)"
         );
     }
-    let cancel = CancellationToken::new();
-    shutdown::on_signals(cancel.clone());
-    let (engine, engine_task) = Engine::start(&cfg.presence);
+
+    let (engine, engine_task) =
+        Engine::start_with(&cfg.presence, store.as_ref().map(|s| s.0.clone()), seed);
     let (_component, mut component_task) =
-        xmpp::spawn(cfg.xmpp.clone(), engine.clone(), cancel.clone());
+        xmpp::component::spawn_with(cfg.xmpp.clone(), engine.clone(), cancel.clone(), lost_at);
     drop(engine);
 
     let code = tokio::select! {
@@ -145,17 +253,27 @@ pub async fn run(cfg: Config) -> ExitCode {
             }
         },
         _ = cancel.cancelled() => {
-            match tokio::time::timeout(SHUTDOWN_DEADLINE, &mut component_task).await {
-                Ok(_) => ExitCode::SUCCESS,
-                Err(_) => {
-                    tracing::warn!("XMPP component did not stop within the shutdown deadline");
-                    ExitCode::SUCCESS
-                }
+            if tokio::time::timeout(SHUTDOWN_DEADLINE, &mut component_task).await.is_err() {
+                tracing::warn!("XMPP component did not stop within the shutdown deadline");
             }
+            ExitCode::SUCCESS
         }
     };
     cancel.cancel();
+    // The sequencer ends once every engine handle is gone; then the writer drains its queue
+    // (to Postgres, or the spool past store.flush_timeout_secs).
     let _ = tokio::time::timeout(SHUTDOWN_DEADLINE, engine_task).await;
+    if let Some((_, handle, task, _)) = store {
+        handle.close();
+        let deadline =
+            Duration::from_secs_f64(cfg.store.flush_timeout_secs) + Duration::from_secs(5);
+        if tokio::time::timeout(deadline, task).await.is_err() {
+            tracing::error!(
+                queued = handle.queue_depth(),
+                "store writer did not finish flushing in time"
+            );
+        }
+    }
     tracing::info!("presence-bridge stopped");
     code
 }

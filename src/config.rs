@@ -286,6 +286,26 @@ pub struct StoreConfig {
     pub postgres_url_file: Option<PathBuf>,
     /// Directory of the on-disk spool used while Postgres is unreachable.
     pub spool_dir: PathBuf,
+    /// Events per batch (a batch is written when full or after `batch_timeout_ms`).
+    pub batch_size: usize,
+    /// Longest wait for a batch to fill, in milliseconds.
+    pub batch_timeout_ms: u64,
+    /// Events queued for the writer beyond which new batches go straight to the spool.
+    pub queue_capacity: usize,
+    /// A batch write slower than this (seconds) is abandoned and spooled.
+    pub write_timeout_secs: f64,
+    /// Seconds between attempts to replay the spool while Postgres is failing.
+    pub retry_secs: f64,
+    /// Days of history kept; older daily partitions are dropped.
+    pub retention_days: u32,
+    /// Postgres connections in the pool.
+    pub pool_size: usize,
+    /// Seconds allowed to connect to Postgres.
+    pub connect_timeout_secs: f64,
+    /// Spool segment size in bytes before a new segment starts.
+    pub spool_segment_bytes: u64,
+    /// Seconds the writer may take on shutdown to flush (to Postgres or the spool).
+    pub flush_timeout_secs: f64,
 }
 
 impl Default for StoreConfig {
@@ -294,6 +314,16 @@ impl Default for StoreConfig {
             postgres_url: None,
             postgres_url_file: None,
             spool_dir: PathBuf::from("data/spool"),
+            batch_size: 5000,
+            batch_timeout_ms: 50,
+            queue_capacity: 262_144,
+            write_timeout_secs: 5.0,
+            retry_secs: 1.0,
+            retention_days: 30,
+            pool_size: 4,
+            connect_timeout_secs: 5.0,
+            spool_segment_bytes: 64 << 20,
+            flush_timeout_secs: 10.0,
         }
     }
 }
@@ -499,6 +529,50 @@ impl Config {
                     "must be a postgres:// URL or a libpq key=value string",
                 ));
             }
+        }
+        let st = &self.store;
+        for (key, v) in [
+            ("store.write_timeout_secs", st.write_timeout_secs),
+            ("store.retry_secs", st.retry_secs),
+            ("store.connect_timeout_secs", st.connect_timeout_secs),
+            ("store.flush_timeout_secs", st.flush_timeout_secs),
+        ] {
+            if !(v.is_finite() && v > 0.0 && v < 86_400.0) {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("{v} is not a positive number of seconds below one day"),
+                ));
+            }
+        }
+        if st.batch_size == 0 || st.batch_size > 100_000 {
+            return Err(ConfigError::invalid(
+                "store.batch_size",
+                "must be 1..=100000",
+            ));
+        }
+        if st.batch_timeout_ms == 0 {
+            return Err(ConfigError::invalid(
+                "store.batch_timeout_ms",
+                "must be at least 1",
+            ));
+        }
+        if st.queue_capacity < st.batch_size {
+            return Err(ConfigError::invalid(
+                "store.queue_capacity",
+                "must be >= store.batch_size",
+            ));
+        }
+        if st.retention_days == 0 {
+            return Err(ConfigError::invalid(
+                "store.retention_days",
+                "must be at least 1",
+            ));
+        }
+        if st.pool_size == 0 {
+            return Err(ConfigError::invalid(
+                "store.pool_size",
+                "must be at least 1",
+            ));
         }
         if self.presence.ring_size < 16 {
             return Err(ConfigError::invalid(

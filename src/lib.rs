@@ -17,6 +17,11 @@
 //!   change with a gap-free `seq`, and publishes it to a concurrent map (O(1) reads by JID),
 //!   online counters, and the change [`presence::hub`] (a ring of recent changes for resume plus
 //!   a broadcast feed with lag detection). Nothing downstream can slow the sequencer.
+//! - [`store`]: persistence. The sequencer pushes one record per resource-level change into a
+//!   never-blocking queue; the writer batches them into Postgres (COPY for events, sessions
+//!   opened/closed, last-seen upserted once per user per batch) and spools batches to disk
+//!   (checksummed, fsync'd) while Postgres is down or slow, replaying them in order later.
+//!   [`store::reads`] answers last-seen and history and loads known users at start-up.
 //! - [`telemetry`]: tracing setup (text or JSON).
 //! - [`shutdown`]: SIGTERM/SIGINT → one `CancellationToken` for every task.
 //! - [`cli`]: the `presence-bridge` subcommands.
@@ -25,5 +30,6 @@ pub mod cli;
 pub mod config;
 pub mod presence;
 pub mod shutdown;
+pub mod store;
 pub mod telemetry;
 pub mod xmpp;

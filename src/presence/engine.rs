@@ -20,6 +20,7 @@ use super::model::{
     Cause, Change, EventKind, PresenceEvent, Show, UserJid, UserPresence, new_event_id,
 };
 use crate::config::PresenceConfig;
+use crate::store::{StoreSink, StoredEvent, UserAfter};
 
 /// The engine's task has stopped (the process is shutting down).
 #[derive(Debug, Clone, Copy, thiserror::Error)]
@@ -104,8 +105,19 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the sequencer task.
+    /// Starts the sequencer task with no store and no known users.
     pub fn start(cfg: &PresenceConfig) -> (Engine, JoinHandle<()>) {
+        Self::start_with(cfg, None, Vec::new())
+    }
+
+    /// Starts the sequencer task. Every resource-level change is pushed to `sink` (if any).
+    /// `seed` is the state loaded from the store: it is installed without changes (seq stays
+    /// 0) and confirmed or expired by the first resync.
+    pub fn start_with(
+        cfg: &PresenceConfig,
+        sink: Option<StoreSink>,
+        seed: Vec<UserPresence>,
+    ) -> (Engine, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(cfg.queue_size);
         let epoch: Arc<str> = Arc::from(format!(
             "{:016x}",
@@ -118,10 +130,18 @@ impl Engine {
             seq: AtomicU64::new(0),
             hub: Hub::new(cfg.ring_size, cfg.ring_size.clamp(1024, 65_536)),
         });
+        {
+            let mut stats = shared.stats.write().unwrap_or_else(|p| p.into_inner());
+            for u in seed {
+                stats.account(&u, 1);
+                shared.map.insert(u.jid.clone(), Arc::new(u));
+            }
+        }
         let seq = Sequencer {
             shared: shared.clone(),
             touch: 0,
             resync: None,
+            sink,
         };
         let task = tokio::spawn(seq.run(rx));
         (Engine { tx, shared }, task)
@@ -229,6 +249,7 @@ struct Sequencer {
     shared: Arc<Shared>,
     touch: u64,
     resync: Option<Resync>,
+    sink: Option<StoreSink>,
 }
 
 impl Sequencer {
@@ -344,6 +365,9 @@ impl Sequencer {
             stats.account(&next, 1);
             stats.seq = seq;
         }
+        if let Some(sink) = &self.sink {
+            sink.push(stored_events(ev, prev.as_deref(), &next));
+        }
         self.shared.map.insert(ev.jid.clone(), next.clone());
         self.shared.seq.store(seq, Ordering::Release);
         self.shared.hub.publish(Arc::new(Change {
@@ -352,6 +376,69 @@ impl Sequencer {
             op,
             presence: next,
         }));
+    }
+}
+
+/// The store's view of one applied event: one record per resource that changed (an
+/// "all resources gone" error becomes one unavailable per resource that was online).
+fn stored_events(
+    ev: &PresenceEvent,
+    prev: Option<&UserPresence>,
+    next: &UserPresence,
+) -> Vec<StoredEvent> {
+    let user = UserAfter {
+        online: next.online,
+        online_since: next.online_since,
+        last_seen: next.last_seen,
+        show: next.show,
+        status: next.status.clone(),
+    };
+    let had = |r: &str| prev.is_some_and(|p| p.resources.iter().any(|x| x.resource == r));
+    let base = |resource: &str, id: u128| StoredEvent {
+        id,
+        jid: ev.jid.to_string(),
+        resource: resource.to_owned(),
+        available: false,
+        show: None,
+        status: None,
+        priority: None,
+        client: None,
+        idle_since: None,
+        at: ev.at,
+        received_at: ev.received_at,
+        cause: ev.cause,
+        opened: false,
+        closed: false,
+        user: user.clone(),
+    };
+    match &ev.kind {
+        EventKind::Available(a) => vec![StoredEvent {
+            available: true,
+            show: Some(a.show),
+            status: a.status.clone(),
+            priority: Some(a.priority),
+            client: a.client.clone(),
+            idle_since: a.idle_since,
+            opened: !had(&ev.resource),
+            ..base(&ev.resource, ev.id)
+        }],
+        EventKind::Unavailable { status } => vec![StoredEvent {
+            status: status.clone(),
+            closed: true,
+            ..base(&ev.resource, ev.id)
+        }],
+        EventKind::AllUnavailable { status } => prev
+            .map(|p| p.resources.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .map(|(i, r)| StoredEvent {
+                status: status.clone(),
+                closed: true,
+                // Derived ids stay unique: the low bits of an event id are random.
+                ..base(&r.resource, ev.id ^ (i as u128 + 1))
+            })
+            .collect(),
     }
 }
 

@@ -145,6 +145,17 @@ pub fn spawn(
     engine: Engine,
     cancel: CancellationToken,
 ) -> (ComponentHandle, JoinHandle<Result<(), FatalError>>) {
+    spawn_with(cfg, engine, cancel, None)
+}
+
+/// Like [`spawn`]; `lost_at` is when presence was last known to be current (the previous
+/// run's stop), used as `last_seen` for users the first resync finds gone.
+pub fn spawn_with(
+    cfg: XmppConfig,
+    engine: Engine,
+    cancel: CancellationToken,
+    lost_at: Option<DateTime<Utc>>,
+) -> (ComponentHandle, JoinHandle<Result<(), FatalError>>) {
     let (status_tx, status_rx) = watch::channel(ConnectionStatus {
         since: Some(Utc::now()),
         ..ConnectionStatus::default()
@@ -159,7 +170,7 @@ pub fn spawn(
         cancel,
         generation: 0,
     };
-    let task = tokio::spawn(sup.run());
+    let task = tokio::spawn(sup.run(lost_at));
     (
         ComponentHandle {
             status: status_rx,
@@ -200,12 +211,11 @@ struct Supervisor {
 }
 
 impl Supervisor {
-    async fn run(mut self) -> Result<(), FatalError> {
+    async fn run(mut self, mut lost_at: Option<DateTime<Utc>>) -> Result<(), FatalError> {
         let min = Duration::from_secs_f64(self.cfg.reconnect_min_secs);
         let max = Duration::from_secs_f64(self.cfg.reconnect_max_secs);
         let mut attempt: u32 = 0;
         let mut ever_connected = false;
-        let mut lost_at: Option<DateTime<Utc>> = None;
         loop {
             let connected = tokio::select! {
                 _ = self.cancel.cancelled() => return Ok(()),

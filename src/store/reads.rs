@@ -1,0 +1,370 @@
+//! Reads for the API (contract §4 shapes): last-seen (one, bulk), history pages, and the
+//! start-up load of known users.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::pg::{self, PgError};
+use crate::presence::model::rfc3339_millis;
+use crate::presence::{Engine, ResourcePresence, Show, UserJid, UserPresence};
+
+/// `GET /api/v1/last-seen/{jid}` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LastSeen {
+    /// Bare JID.
+    pub jid: String,
+    /// Online now.
+    pub online: bool,
+    /// Since when (online only).
+    #[serde(with = "rfc3339_millis::option")]
+    pub online_since: Option<DateTime<Utc>>,
+    /// When the last resource left (offline only).
+    #[serde(with = "rfc3339_millis::option")]
+    pub last_seen: Option<DateTime<Utc>>,
+    /// Seconds since `last_seen`; 0 while online (XEP-0012 style).
+    pub seconds_ago: i64,
+    /// Current (or last) status text.
+    pub status: Option<String>,
+}
+
+impl LastSeen {
+    fn from_presence(p: &UserPresence, now: DateTime<Utc>) -> LastSeen {
+        LastSeen {
+            jid: p.jid.to_string(),
+            online: p.online,
+            online_since: p.online_since,
+            last_seen: p.last_seen,
+            seconds_ago: seconds_ago(p.online, p.last_seen, now),
+            status: p.status.clone(),
+        }
+    }
+}
+
+fn seconds_ago(online: bool, last_seen: Option<DateTime<Utc>>, now: DateTime<Utc>) -> i64 {
+    if online {
+        0
+    } else {
+        last_seen.map_or(0, |t| (now - t).num_seconds().max(0))
+    }
+}
+
+/// Last-seen of one user: the live map first (exact for this run), else Postgres.
+pub async fn last_seen(
+    engine: &Engine,
+    pool: Option<&Pool>,
+    jid: &UserJid,
+) -> Result<Option<LastSeen>, PgError> {
+    let now = Utc::now();
+    if let Some(p) = engine.get(jid) {
+        return Ok(Some(LastSeen::from_presence(&p, now)));
+    }
+    let Some(pool) = pool else { return Ok(None) };
+    let c = pg::client(pool).await?;
+    let row = c
+        .query_opt(
+            "SELECT online, online_since, last_seen, status FROM presence_last_seen WHERE jid = $1",
+            &[&jid.as_str()],
+        )
+        .await?;
+    Ok(row.map(|r| {
+        let online: bool = r.get(0);
+        let last: Option<DateTime<Utc>> = r.get(2);
+        LastSeen {
+            jid: jid.to_string(),
+            online,
+            online_since: r.get(1),
+            last_seen: last,
+            seconds_ago: seconds_ago(online, last, now),
+            status: r.get(3),
+        }
+    }))
+}
+
+/// Last-seen of many users; returns the known ones (in request order) and the unknown JIDs.
+pub async fn last_seen_many(
+    engine: &Engine,
+    pool: Option<&Pool>,
+    jids: &[UserJid],
+) -> Result<(Vec<LastSeen>, Vec<UserJid>), PgError> {
+    let now = Utc::now();
+    let mut found: HashMap<&UserJid, LastSeen> = HashMap::new();
+    let mut ask: Vec<&str> = Vec::new();
+    for j in jids {
+        match engine.get(j) {
+            Some(p) => {
+                found.insert(j, LastSeen::from_presence(&p, now));
+            }
+            None => ask.push(j.as_str()),
+        }
+    }
+    if let (Some(pool), false) = (pool, ask.is_empty()) {
+        let c = pg::client(pool).await?;
+        let rows = c
+            .query(
+                "SELECT jid, online, online_since, last_seen, status FROM presence_last_seen WHERE jid = ANY($1)",
+                &[&ask],
+            )
+            .await?;
+        let by_jid: HashMap<String, LastSeen> = rows
+            .into_iter()
+            .map(|r| {
+                let jid: String = r.get(0);
+                let online: bool = r.get(1);
+                let last: Option<DateTime<Utc>> = r.get(3);
+                let ls = LastSeen {
+                    jid: jid.clone(),
+                    online,
+                    online_since: r.get(2),
+                    last_seen: last,
+                    seconds_ago: seconds_ago(online, last, now),
+                    status: r.get(4),
+                };
+                (jid, ls)
+            })
+            .collect();
+        for j in jids {
+            if let Some(ls) = by_jid.get(j.as_str()) {
+                found.insert(j, ls.clone());
+            }
+        }
+    }
+    let mut results = Vec::new();
+    let mut unknown = Vec::new();
+    for j in jids {
+        match found.remove(j) {
+            Some(ls) => results.push(ls),
+            None => unknown.push(j.clone()),
+        }
+    }
+    Ok((results, unknown))
+}
+
+/// Sort order of a history page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Oldest first.
+    Asc,
+    /// Newest first (default).
+    Desc,
+}
+
+/// A history query.
+#[derive(Debug, Clone)]
+pub struct HistoryQuery {
+    /// From (inclusive).
+    pub from: Option<DateTime<Utc>>,
+    /// To (exclusive).
+    pub to: Option<DateTime<Utc>>,
+    /// Order.
+    pub order: Order,
+    /// Page size (1..=1000).
+    pub limit: i64,
+    /// Opaque cursor from the previous page.
+    pub cursor: Option<String>,
+}
+
+/// One history entry (contract §4).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HistoryEvent {
+    /// When it happened.
+    #[serde(with = "rfc3339_millis")]
+    pub at: DateTime<Utc>,
+    /// Resource.
+    pub resource: String,
+    /// `available` / `unavailable`.
+    pub kind: String,
+    /// Show (available only).
+    pub show: Option<String>,
+    /// Status text.
+    pub status: Option<String>,
+    /// Priority (available only).
+    pub priority: Option<i16>,
+    /// Why (stanza, probe, resync, shutdown): an extension of the contract's shape.
+    pub cause: String,
+}
+
+/// A page of history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HistoryPage {
+    /// Events in the requested order.
+    pub events: Vec<HistoryEvent>,
+    /// Cursor for the next page, if there is one.
+    pub next_cursor: Option<String>,
+}
+
+/// The cursor is bad (not from us, or tampered).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid cursor")]
+pub struct BadCursor;
+
+/// Cursor = `<microseconds since epoch>.<event uuid>` in hex: opaque to clients, stable.
+fn encode_cursor(at: DateTime<Utc>, id: Uuid) -> String {
+    format!("{:x}.{}", at.timestamp_micros(), id.simple())
+}
+
+fn decode_cursor(s: &str) -> Result<(DateTime<Utc>, Uuid), BadCursor> {
+    let (t, id) = s.split_once('.').ok_or(BadCursor)?;
+    let micros = i64::from_str_radix(t, 16).map_err(|_| BadCursor)?;
+    let at = DateTime::from_timestamp_micros(micros).ok_or(BadCursor)?;
+    let id = Uuid::try_parse(id).map_err(|_| BadCursor)?;
+    Ok((at, id))
+}
+
+/// History of one JID (keyset pagination on `(at, event_id)`).
+pub async fn history(
+    pool: &Pool,
+    jid: &UserJid,
+    q: &HistoryQuery,
+) -> Result<Result<HistoryPage, BadCursor>, PgError> {
+    let cursor = match q.cursor.as_deref().map(decode_cursor).transpose() {
+        Ok(c) => c,
+        Err(e) => return Ok(Err(e)),
+    };
+    let limit = q.limit.clamp(1, 1000);
+    let (from, to) = (q.from, q.to);
+    let (cmp, dir) = match q.order {
+        Order::Asc => (">", "ASC"),
+        Order::Desc => ("<", "DESC"),
+    };
+    let (c_at, c_id) = match cursor {
+        Some((a, i)) => (Some(a), Some(i)),
+        None => (None, None),
+    };
+    let sql = format!(
+        "SELECT at, resource, kind, show, status, priority, cause, event_id FROM presence_events \
+         WHERE jid = $1 AND ($2::timestamptz IS NULL OR at >= $2) AND ($3::timestamptz IS NULL OR at < $3) \
+           AND ($4::timestamptz IS NULL OR (at, event_id) {cmp} ($4, $5::uuid)) \
+         ORDER BY at {dir}, event_id {dir} LIMIT $6"
+    );
+    let c = pg::client(pool).await?;
+    let rows = c
+        .query(
+            &sql,
+            &[&jid.as_str(), &from, &to, &c_at, &c_id, &(limit + 1)],
+        )
+        .await?;
+    let more = rows.len() as i64 > limit;
+    let mut events = Vec::with_capacity(rows.len());
+    let mut last: Option<(DateTime<Utc>, Uuid)> = None;
+    for r in rows.into_iter().take(limit as usize) {
+        let at: DateTime<Utc> = r.get(0);
+        let id: Uuid = r.get(7);
+        last = Some((at, id));
+        events.push(HistoryEvent {
+            at,
+            resource: r.get(1),
+            kind: r.get(2),
+            show: r.get(3),
+            status: r.get(4),
+            priority: r.get(5),
+            cause: r.get(6),
+        });
+    }
+    Ok(Ok(HistoryPage {
+        events,
+        next_cursor: if more {
+            last.map(|(a, i)| encode_cursor(a, i))
+        } else {
+            None
+        },
+    }))
+}
+
+/// Known users at start-up: every last-seen row, with the resources of their open sessions,
+/// so the first resync probes them and confirms (or closes) what was online at the last stop.
+pub async fn load_known(pool: &Pool) -> Result<Vec<UserPresence>, PgError> {
+    let c = pg::client(pool).await?;
+    let users = c
+        .query(
+            "SELECT jid, online, online_since, last_seen, show, status, updated_at FROM presence_last_seen",
+            &[],
+        )
+        .await?;
+    let open = c
+        .query(
+            "SELECT jid, resource, client, started_at FROM presence_sessions WHERE ended_at IS NULL ORDER BY jid, resource",
+            &[],
+        )
+        .await?;
+    let mut resources: HashMap<String, Vec<ResourcePresence>> = HashMap::new();
+    for r in open {
+        let jid: String = r.get(0);
+        resources.entry(jid).or_default().push(ResourcePresence {
+            resource: r.get(1),
+            show: Show::Available,
+            status: None,
+            priority: 0,
+            client: r.get(2),
+            since: r.get(3),
+            idle_since: None,
+            touched: 0,
+        });
+    }
+    let mut out = Vec::with_capacity(users.len());
+    for r in users {
+        let jid: String = r.get(0);
+        let Ok(user) = UserJid::parse(&jid) else {
+            continue;
+        };
+        let online: bool = r.get(1);
+        let show: String = r.get(4);
+        let res = resources.remove(&jid).unwrap_or_default();
+        let online = online && !res.is_empty();
+        let show = if online {
+            parse_show(&show)
+        } else {
+            Show::Offline
+        };
+        let mut res = if online { res } else { Vec::new() };
+        // The aggregate's show/status belong to the best resource; without per-resource detail
+        // in the table, give every resource the aggregate until the probe answers.
+        let status: Option<String> = r.get(5);
+        for x in &mut res {
+            x.show = show;
+            x.status.clone_from(&status);
+        }
+        out.push(UserPresence {
+            jid: user,
+            online,
+            show,
+            status,
+            priority: 0,
+            online_since: if online { r.get(2) } else { None },
+            last_change: r.get(6),
+            last_seen: if online { None } else { r.get(3) },
+            resources: res,
+        });
+    }
+    Ok(out)
+}
+
+fn parse_show(s: &str) -> Show {
+    match s {
+        "chat" => Show::Chat,
+        "away" => Show::Away,
+        "xa" => Show::Xa,
+        "dnd" => Show::Dnd,
+        "offline" => Show::Offline,
+        _ => Show::Available,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_roundtrip_and_rejects_garbage() {
+        let at = DateTime::from_timestamp_micros(1_790_000_000_123_456).unwrap_or_default();
+        let id = Uuid::from_u128(0xdead_beef);
+        let c = encode_cursor(at, id);
+        assert_eq!(decode_cursor(&c), Ok((at, id)));
+        for bad in ["", "x", "zz.00", "1.not-a-uuid", "."] {
+            assert_eq!(decode_cursor(bad), Err(BadCursor), "{bad}");
+        }
+    }
+}

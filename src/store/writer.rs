@@ -1,0 +1,356 @@
+//! The writer task: batches from the sink → Postgres, or → spool; spool replay; retention.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use chrono::{NaiveDate, Utc};
+use deadpool_postgres::{Object, Pool};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::spool::Spool;
+use super::{StoreCounters, StoreHandle, StoreMode, StoreSink, StoreStatus, StoredEvent, pg};
+use crate::config::StoreConfig;
+
+/// Largest transaction used when replaying the spool (catch-up speed).
+const REPLAY_CHUNK: usize = 50_000;
+
+/// Starts the writer for a configured Postgres. The caller has already migrated the schema.
+pub fn start(
+    cfg: &StoreConfig,
+    pool: Pool,
+    sink: StoreSink,
+) -> std::io::Result<(StoreHandle, JoinHandle<()>)> {
+    let spool = Spool::open(&cfg.spool_dir, cfg.spool_segment_bytes)?;
+    let mut spooled = 0u64;
+    for seg in spool.segments()? {
+        if let Ok(r) = Spool::read_segment(&seg) {
+            spooled += r.batches.iter().map(|b| b.len() as u64).sum::<u64>();
+        }
+    }
+    let pending = spool.has_pending();
+    if pending {
+        tracing::warn!(events = spooled, dir = %cfg.spool_dir.display(), "store: spool from a previous run will be replayed before new events");
+    }
+    let (status_tx, status_rx) = watch::channel(StoreStatus {
+        mode: if pending {
+            StoreMode::Spooling
+        } else {
+            StoreMode::Ok
+        },
+        spooled_events: spooled,
+        oldest_spooled_at: pending.then(Utc::now),
+        last_error: None,
+    });
+    let counters = Arc::new(StoreCounters::default());
+    let handle = StoreHandle {
+        status: status_rx,
+        counters: counters.clone(),
+        sink: sink.clone(),
+    };
+    let w = Writer {
+        cfg: cfg.clone(),
+        pool,
+        sink,
+        spool,
+        spool_pending: pending,
+        spooled,
+        next_retry: Instant::now(),
+        partitions: BTreeSet::new(),
+        status: status_tx,
+        counters,
+        last_retention: None,
+        migrated: false,
+        closing_since: None,
+    };
+    Ok((handle, tokio::spawn(w.run())))
+}
+
+struct Writer {
+    cfg: StoreConfig,
+    pool: Pool,
+    sink: StoreSink,
+    spool: Spool,
+    spool_pending: bool,
+    spooled: u64,
+    next_retry: Instant,
+    partitions: BTreeSet<NaiveDate>,
+    status: watch::Sender<StoreStatus>,
+    counters: Arc<StoreCounters>,
+    last_retention: Option<Instant>,
+    /// Migrations confirmed applied by this writer (Postgres may have been down at start-up).
+    migrated: bool,
+    /// When the sink was closed (shutdown): past `flush_timeout_secs`, batches go to the spool.
+    closing_since: Option<Instant>,
+}
+
+#[derive(Debug)]
+enum WriteError {
+    Timeout,
+    Pg(String),
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriteError::Timeout => write!(f, "write took longer than store.write_timeout_secs"),
+            WriteError::Pg(e) => f.write_str(e),
+        }
+    }
+}
+
+impl Writer {
+    async fn run(mut self) {
+        let batch_wait = Duration::from_millis(self.cfg.batch_timeout_ms);
+        let retry = Duration::from_secs_f64(self.cfg.retry_secs);
+        loop {
+            self.maintenance().await;
+            if self.sink.depth() == 0 {
+                if self.sink.is_closed() {
+                    break;
+                }
+                tokio::select! {
+                    _ = self.sink.inner.notify.notified() => {}
+                    _ = tokio::time::sleep(retry) => {}
+                }
+                if self.sink.depth() == 0 {
+                    // Idle wake-up: a chance to replay the spool.
+                    if self.spool_pending && Instant::now() >= self.next_retry {
+                        self.replay().await;
+                    }
+                    continue;
+                }
+            }
+            // Batch window: collect for up to batch_timeout_ms unless a full batch is there.
+            if self.sink.depth() < self.cfg.batch_size as u64 && !self.sink.is_closed() {
+                tokio::time::sleep(batch_wait).await;
+            }
+            let batch = self.sink.take(self.cfg.batch_size);
+            self.handle(batch).await;
+        }
+        // Shutdown: everything is in Postgres or the spool now; remember when we stopped.
+        if !self.spool_pending
+            && let Ok(c) = pg::client(&self.pool).await
+        {
+            let _ = pg::set_state(&c, "stopped_at", &Utc::now().to_rfc3339()).await;
+        }
+        tracing::info!(spooled_events = self.spooled, "store writer stopped");
+    }
+
+    async fn handle(&mut self, batch: Vec<StoredEvent>) {
+        if batch.is_empty() {
+            return;
+        }
+        if self.sink.is_closed() {
+            let since = *self.closing_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs_f64(self.cfg.flush_timeout_secs) {
+                self.to_spool(batch, Some("shutdown flush deadline passed".into()));
+                return;
+            }
+        }
+        if self.spool_pending && Instant::now() >= self.next_retry {
+            self.replay().await;
+        }
+        if self.spool_pending {
+            self.to_spool(batch, None);
+            return;
+        }
+        if self.sink.depth() > self.cfg.queue_capacity as u64 {
+            // The writer is behind by more than the bound: shed to disk, catch up later.
+            self.to_spool(batch, Some("writer queue past store.queue_capacity".into()));
+            return;
+        }
+        if let Err(e) = self.write(&batch, false).await {
+            tracing::warn!(error = %e, events = batch.len(), "store: Postgres write failed; spooling");
+            self.to_spool(batch, Some(e.to_string()));
+        }
+    }
+
+    /// Writes one batch with the deadline; on a unique violation retries idempotently.
+    async fn write(&mut self, batch: &[StoredEvent], idempotent: bool) -> Result<(), WriteError> {
+        let started = Instant::now();
+        let deadline = Duration::from_secs_f64(self.cfg.write_timeout_secs);
+        let mut obj = tokio::time::timeout(deadline, pg::client(&self.pool))
+            .await
+            .map_err(|_| WriteError::Timeout)?
+            .map_err(|e| WriteError::Pg(e.to_string()))?;
+        let days = pg::batch_days(batch);
+        let missing: BTreeSet<NaiveDate> = days.difference(&self.partitions).copied().collect();
+        let pool = self.pool.clone();
+        let migrated = self.migrated;
+        let result = tokio::time::timeout(deadline, async {
+            if !migrated {
+                pg::migrate(&pool).await.map_err(|e| e.to_string())?;
+            }
+            if !missing.is_empty() {
+                pg::ensure_partitions(&obj, &missing)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            let client: &mut tokio_postgres::Client = &mut obj;
+            match pg::write_batch(client, batch, idempotent).await {
+                Ok(()) => Ok(()),
+                Err(e) if !idempotent && pg::is_unique_violation(&e) => {
+                    tracing::debug!("store: duplicate event ids in batch; rewriting idempotently");
+                    pg::write_batch(client, batch, true)
+                        .await
+                        .map_err(|e| pg::PgError::from(e).to_string())
+                }
+                Err(e) => Err(pg::PgError::from(e).to_string()),
+            }
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => {
+                self.migrated = true;
+                self.partitions.extend(missing);
+                let c = &self.counters;
+                c.events_written
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                c.batches_written.fetch_add(1, Ordering::Relaxed);
+                c.write_micros
+                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                drop(Object::take(obj));
+                Err(WriteError::Pg(e))
+            }
+            Err(_) => {
+                // The connection may be mid-COPY: never give it back to the pool.
+                drop(Object::take(obj));
+                Err(WriteError::Timeout)
+            }
+        }
+    }
+
+    fn to_spool(&mut self, batch: Vec<StoredEvent>, why: Option<String>) {
+        match self.spool.append(&batch) {
+            Ok(()) => {
+                let n = batch.len() as u64;
+                self.counters.events_spooled.fetch_add(n, Ordering::Relaxed);
+                self.spooled += n;
+                if !self.spool_pending {
+                    self.next_retry = Instant::now() + Duration::from_secs_f64(self.cfg.retry_secs);
+                }
+                self.spool_pending = true;
+                let spooled = self.spooled;
+                self.status.send_modify(|s| {
+                    s.mode = StoreMode::Spooling;
+                    s.spooled_events = spooled;
+                    s.oldest_spooled_at.get_or_insert_with(Utc::now);
+                    if let Some(w) = why {
+                        s.last_error = Some(w);
+                    }
+                });
+            }
+            Err(e) => {
+                // Neither Postgres nor the disk: keep the batch in memory, at the front.
+                tracing::error!(error = %e, dir = %self.cfg.spool_dir.display(), events = batch.len(), "store: cannot write the spool; keeping events in memory");
+                self.sink.requeue_front(batch);
+                self.next_retry = Instant::now() + Duration::from_secs_f64(self.cfg.retry_secs);
+            }
+        }
+    }
+
+    /// Replays the spool in order; stops at the first failure (retried later).
+    async fn replay(&mut self) {
+        self.spool.seal();
+        let segments = match self.spool.segments() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "store: cannot list the spool");
+                return;
+            }
+        };
+        let started = Instant::now();
+        let mut replayed = 0u64;
+        for seg in segments {
+            let read = match Spool::read_segment(&seg) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, file = %seg.display(), "store: cannot read a spool segment");
+                    self.next_retry = Instant::now() + Duration::from_secs_f64(self.cfg.retry_secs);
+                    return;
+                }
+            };
+            if read.skipped > 0 {
+                self.counters
+                    .spool_records_skipped
+                    .fetch_add(read.skipped as u64, Ordering::Relaxed);
+            }
+            let total: u64 = read.batches.iter().map(|b| b.len() as u64).sum();
+            let events: Vec<StoredEvent> = read.batches.into_iter().flatten().collect();
+            for chunk in events.chunks(REPLAY_CHUNK) {
+                if let Err(e) = self.write(chunk, true).await {
+                    tracing::warn!(error = %e, "store: spool replay failed; retrying later");
+                    self.status
+                        .send_modify(|s| s.last_error = Some(e.to_string()));
+                    self.next_retry = Instant::now() + Duration::from_secs_f64(self.cfg.retry_secs);
+                    return;
+                }
+            }
+            if let Err(e) = self.spool.remove(&seg) {
+                tracing::error!(error = %e, file = %seg.display(), "store: cannot delete a replayed spool segment");
+                return;
+            }
+            replayed += total;
+            self.counters
+                .events_replayed
+                .fetch_add(total, Ordering::Relaxed);
+            self.spooled = self.spooled.saturating_sub(total);
+            let spooled = self.spooled;
+            self.status.send_modify(|s| s.spooled_events = spooled);
+        }
+        self.spool_pending = false;
+        self.spooled = 0;
+        let secs = started.elapsed().as_secs_f64();
+        tracing::info!(
+            events = replayed,
+            secs,
+            rate = (replayed as f64 / secs.max(1e-6)) as u64,
+            "store: spool replayed; writing to Postgres again"
+        );
+        self.status.send_modify(|s| {
+            s.mode = StoreMode::Ok;
+            s.spooled_events = 0;
+            s.oldest_spooled_at = None;
+            s.last_error = None;
+        });
+    }
+
+    /// Hourly: drop partitions past retention.
+    async fn maintenance(&mut self) {
+        if self
+            .last_retention
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(3600))
+            || self.spool_pending
+        {
+            return;
+        }
+        self.last_retention = Some(Instant::now());
+        let Ok(c) = pg::client(&self.pool).await else {
+            return;
+        };
+        match pg::drop_old_partitions(&c, self.cfg.retention_days, Utc::now()).await {
+            Ok(dropped) if !dropped.is_empty() => {
+                tracing::info!(
+                    ?dropped,
+                    "store: dropped history partitions past store.retention_days"
+                );
+                for d in &dropped {
+                    if let Some(day) = d
+                        .strip_prefix("presence_events_")
+                        .and_then(|s| NaiveDate::parse_from_str(s, "%Y%m%d").ok())
+                    {
+                        self.partitions.remove(&day);
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "store: retention failed"),
+        }
+    }
+}

@@ -1,0 +1,540 @@
+//! Persistence against a real Postgres: exactly-once bursts, outage → spool → replay, torn
+//! spool records, retention, bridge restart with history and last-seen intact.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use common::*;
+use presence_bridge::config::{PresenceConfig, StoreConfig};
+use presence_bridge::presence::{
+    Availability, Cause, Engine, EventKind, PresenceEvent, Show, UserJid,
+};
+use presence_bridge::store::spool::Spool;
+use presence_bridge::store::{StoreHandle, StoreMode, StoreSink, pg, reads, writer};
+use tokio::task::JoinHandle;
+
+struct Rig {
+    engine: Engine,
+    store: StoreHandle,
+    task: JoinHandle<()>,
+    pool: deadpool_postgres::Pool,
+    _spool: tempfile::TempDir,
+}
+
+fn store_cfg(spool: &std::path::Path) -> StoreConfig {
+    StoreConfig {
+        spool_dir: spool.to_owned(),
+        write_timeout_secs: 2.0,
+        retry_secs: 0.3,
+        connect_timeout_secs: 1.0,
+        ..StoreConfig::default()
+    }
+}
+
+async fn rig(url: &str, tweak: impl FnOnce(&mut StoreConfig)) -> Rig {
+    let spool = tempfile::tempdir().unwrap();
+    let mut cfg = store_cfg(spool.path());
+    tweak(&mut cfg);
+    let pool = pg::pool(url, 2, Duration::from_secs(2)).unwrap();
+    pg::migrate(&pool).await.unwrap();
+    let seed = reads::load_known(&pool).await.unwrap();
+    let sink = StoreSink::new();
+    let (store, task) = writer::start(&cfg, pool.clone(), sink.clone()).unwrap();
+    let (engine, _t) = Engine::start_with(&PresenceConfig::default(), Some(sink), seed);
+    Rig {
+        engine,
+        store,
+        task,
+        pool,
+        _spool: spool,
+    }
+}
+
+impl Rig {
+    async fn stop(self) {
+        drop(self.engine);
+        self.store.close();
+        tokio::time::timeout(PATIENCE, self.task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
+const T0: i64 = 1_795_000_000_000; // ms
+
+fn at(i: u64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(T0 + i as i64).unwrap()
+}
+
+/// Event `i` of a burst: for each (user, resource) the steps cycle away → dnd → unavailable,
+/// so every event is a real change and produces exactly one stored row with id `i + 1`.
+fn burst_event(i: u64) -> PresenceEvent {
+    let user = i % 50;
+    let res = (i / 50) % 3;
+    let step = (i / 150) % 3;
+    let kind = match step {
+        0 => EventKind::Available(Availability {
+            show: Show::Away,
+            status: Some(format!("s{i}")),
+            priority: 1,
+            client: Some("Gajim".into()),
+            idle_since: None,
+        }),
+        1 => EventKind::Available(Availability {
+            show: Show::Dnd,
+            status: Some(format!("s{i}")),
+            priority: 1,
+            client: Some("Gajim".into()),
+            idle_since: None,
+        }),
+        _ => EventKind::Unavailable {
+            status: Some(format!("bye{i}")),
+        },
+    };
+    PresenceEvent {
+        id: u128::from(i) + 1,
+        jid: UserJid::parse(&format!("burst{user}@localhost")).unwrap(),
+        resource: format!("r{res}"),
+        kind,
+        at: at(i),
+        received_at: at(i),
+        cause: Cause::Stanza,
+    }
+}
+
+async fn feed(engine: &Engine, range: std::ops::Range<u64>) {
+    for i in range {
+        engine.apply(burst_event(i)).await.unwrap();
+    }
+    engine.barrier().await.unwrap();
+}
+
+fn count(pg: &Pg) -> u64 {
+    pg.query("SELECT count(*) FROM presence_events")
+        .parse()
+        .unwrap()
+}
+
+fn assert_exactly_once_in_order(pg: &Pg, n: u64) {
+    assert_eq!(count(pg), n, "rows");
+    let distinct: u64 = pg
+        .query("SELECT count(DISTINCT event_id) FROM presence_events")
+        .parse()
+        .unwrap();
+    assert_eq!(distinct, n, "no duplicates");
+    // Event i has id i+1 and at = T0 + i ms: ordered by time, the ids are 1..=n in order.
+    let misordered: u64 = pg
+        .query(
+            "SELECT count(*) FROM (SELECT event_id, row_number() OVER (ORDER BY at, event_id) AS rn FROM presence_events) x \
+             WHERE x.event_id <> ('00000000-0000-0000-0000-' || lpad(to_hex(x.rn), 12, '0'))::uuid",
+        )
+        .parse()
+        .unwrap();
+    assert_eq!(misordered, 0, "order by time matches the burst order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_lands_exactly_once_with_sessions_and_last_seen() {
+    init_logs();
+    let pg = Pg::shared("burst");
+    let r = rig(&pg.url(), |c| c.batch_size = 700).await;
+    let n = 4500; // 10 full away/dnd/unavailable cycles of 150 (user, resource) pairs
+    feed(&r.engine, 0..n).await;
+    eventually("all events written", || count(&pg) == n).await;
+    assert_exactly_once_in_order(&pg, n);
+    // Sessions: one per "away" step (opened), all closed by the "unavailable" step.
+    let sessions: u64 = pg
+        .query("SELECT count(*) FROM presence_sessions")
+        .parse()
+        .unwrap();
+    assert_eq!(sessions, n / 3);
+    let open: u64 = pg
+        .query("SELECT count(*) FROM presence_sessions WHERE ended_at IS NULL")
+        .parse()
+        .unwrap();
+    assert_eq!(open, 0);
+    let bad: u64 = pg.query("SELECT count(*) FROM presence_sessions WHERE ended_at < started_at OR end_cause <> 'stanza'").parse().unwrap();
+    assert_eq!(bad, 0);
+    // Last-seen: one row per user, offline, last_seen = the time of their last unavailable.
+    assert_eq!(pg.query("SELECT count(*) FROM presence_last_seen"), "50");
+    let last = pg.query("SELECT online, last_seen = to_timestamp(1795000004.499), show, status FROM presence_last_seen WHERE jid = 'burst49@localhost'");
+    assert_eq!(last, "f|t|offline|bye4499");
+    let jid = UserJid::parse("burst49@localhost").unwrap();
+    let page = reads::history(
+        &r.pool,
+        &jid,
+        &reads::HistoryQuery {
+            from: None,
+            to: None,
+            order: reads::Order::Desc,
+            limit: 5,
+            cursor: None,
+        },
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(page.events.len(), 5);
+    assert_eq!(page.events[0].kind, "unavailable");
+    assert_eq!(page.events[0].status.as_deref(), Some("bye4499"));
+    assert!(page.events.windows(2).all(|w| w[0].at >= w[1].at));
+    // Walk the whole history of one user with the cursor, ascending: 90 events, no repeats.
+    let mut cursor = None;
+    let mut seen = Vec::new();
+    loop {
+        let q = reads::HistoryQuery {
+            from: None,
+            to: None,
+            order: reads::Order::Asc,
+            limit: 7,
+            cursor: cursor.clone(),
+        };
+        let p = reads::history(&r.pool, &jid, &q).await.unwrap().unwrap();
+        seen.extend(p.events.iter().map(|e| e.at));
+        match p.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 90);
+    assert!(seen.windows(2).all(|w| w[0] < w[1]));
+    let bad = reads::HistoryQuery {
+        from: None,
+        to: None,
+        order: reads::Order::Asc,
+        limit: 7,
+        cursor: Some("garbage".into()),
+    };
+    assert!(reads::history(&r.pool, &jid, &bad).await.unwrap().is_err());
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outage_spools_then_replays_everything_once() {
+    init_logs();
+    let pg = Pg::private("outage");
+    let r = rig(&pg.url(), |c| c.batch_size = 500).await;
+    feed(&r.engine, 0..1500).await;
+    eventually("first part written", || count(&pg) == 1500).await;
+    assert_eq!(r.store.status().mode, StoreMode::Ok);
+
+    pg.stop();
+    feed(&r.engine, 1500..4500).await;
+    eventually("second part spooled", || {
+        let s = r.store.status();
+        s.mode == StoreMode::Spooling && s.spooled_events == 3000 && r.store.queue_depth() == 0
+    })
+    .await;
+    let st = r.store.status();
+    assert!(
+        st.oldest_spooled_at.is_some() && st.last_error.is_some(),
+        "{st:?}"
+    );
+    assert!(
+        !st.last_error.unwrap_or_default().contains("postgres://"),
+        "no connection string in errors"
+    );
+
+    pg.start();
+    eventually("spool replayed", || r.store.status().mode == StoreMode::Ok).await;
+    eventually("all rows", || count(&pg) == 4500).await;
+    assert_exactly_once_in_order(&pg, 4500);
+    assert_eq!(r.store.status().spooled_events, 0);
+    assert_eq!(
+        pg.query("SELECT count(*) FROM presence_sessions WHERE ended_at IS NULL"),
+        "0"
+    );
+    // New events after the outage go straight to Postgres again.
+    feed(&r.engine, 4500..4650).await;
+    eventually("after recovery", || count(&pg) == 4650).await;
+    r.stop().await;
+}
+
+fn stored(i: u64) -> presence_bridge::store::StoredEvent {
+    presence_bridge::store::StoredEvent {
+        id: u128::from(i) + 1,
+        jid: format!("spool{}@localhost", i % 5),
+        resource: "r".into(),
+        available: true,
+        show: Some(Show::Chat),
+        status: None,
+        priority: Some(0),
+        client: None,
+        idle_since: None,
+        at: at(i),
+        received_at: at(i),
+        cause: Cause::Stanza,
+        opened: false,
+        closed: false,
+        user: presence_bridge::store::UserAfter {
+            online: true,
+            online_since: Some(at(i)),
+            last_seen: None,
+            show: Show::Chat,
+            status: None,
+        },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torn_spool_record_is_skipped_and_the_rest_replayed_idempotently() {
+    init_logs();
+    let pg = Pg::shared("torn");
+    let spool_dir = tempfile::tempdir().unwrap();
+    {
+        let mut s = Spool::open(spool_dir.path(), 1 << 20).unwrap();
+        s.append(&(0..100).map(stored).collect::<Vec<_>>()).unwrap();
+        s.append(&(100..250).map(stored).collect::<Vec<_>>())
+            .unwrap();
+        // The second batch again (a batch written twice must leave one copy).
+        s.append(&(100..250).map(stored).collect::<Vec<_>>())
+            .unwrap();
+        s.append(&(250..300).map(stored).collect::<Vec<_>>())
+            .unwrap();
+    }
+    // Crash mid-write: cut the last record short.
+    let seg = std::fs::read_dir(spool_dir.path())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let len = std::fs::metadata(&seg).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
+
+    let pool = pg::pool(&pg.url(), 2, Duration::from_secs(2)).unwrap();
+    pg::migrate(&pool).await.unwrap();
+    let sink = StoreSink::new();
+    let (store, task) = writer::start(&store_cfg(spool_dir.path()), pool, sink.clone()).unwrap();
+    assert_eq!(
+        store.status().mode,
+        StoreMode::Spooling,
+        "a spool from a previous run is pending"
+    );
+    eventually("replayed", || store.status().mode == StoreMode::Ok).await;
+    assert_eq!(
+        count(&pg),
+        250,
+        "the torn batch is skipped, the duplicate batch is stored once"
+    );
+    assert_eq!(
+        store
+            .counters()
+            .spool_records_skipped
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(
+        std::fs::read_dir(spool_dir.path()).unwrap().count(),
+        0,
+        "replayed segments are deleted"
+    );
+    store.close();
+    tokio::time::timeout(PATIENCE, task).await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_drops_old_partitions_only() {
+    init_logs();
+    let pg = Pg::shared("retention");
+    let pool = pg::pool(&pg.url(), 2, Duration::from_secs(2)).unwrap();
+    pg::migrate(&pool).await.unwrap();
+    let now = Utc::now();
+    let mut old = stored(1);
+    old.at = now - chrono::Duration::days(100);
+    let mut recent = stored(2);
+    recent.at = now - chrono::Duration::days(3);
+    let mut today = stored(3);
+    today.at = now;
+    let batch = vec![old, recent, today];
+    let mut c = pg::client(&pool).await.unwrap();
+    pg::ensure_partitions(&c, &pg::batch_days(&batch))
+        .await
+        .unwrap();
+    pg::write_batch(&mut c, &batch, false).await.unwrap();
+    assert_eq!(count(&pg), 3);
+    let dropped = pg::drop_old_partitions(&c, 30, now).await.unwrap();
+    assert_eq!(dropped.len(), 1, "{dropped:?}");
+    assert_eq!(count(&pg), 2);
+    assert_eq!(
+        pg::drop_old_partitions(&c, 30, now).await.unwrap().len(),
+        0,
+        "idempotent"
+    );
+    // Writing the same batch again through the direct path fails on the unique key; the
+    // idempotent path accepts it and keeps one copy.
+    let again = vec![batch[1].clone(), batch[2].clone()];
+    assert!(pg::write_batch(&mut c, &again, false).await.is_err());
+    pg::write_batch(&mut c, &again, true).await.unwrap();
+    assert_eq!(count(&pg), 2);
+}
+
+#[test]
+fn migrate_twice_is_a_no_op() {
+    let pg = Pg::shared("migrate");
+    let run = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_presence-bridge"))
+            .args(["migrate", "--config", "/dev/null/none.toml"])
+            .env("PRESENCE_BRIDGE__XMPP__PASSWORD", "x")
+            .env("PRESENCE_BRIDGE__STORE__POSTGRES_URL", pg.url())
+            .output()
+            .unwrap()
+    };
+    // A config path that does not exist is bad usage (exit 2): use the environment only.
+    let out = run();
+    assert_eq!(out.status.code(), Some(2));
+    let run = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_presence-bridge"))
+            .current_dir(std::env::temp_dir())
+            .arg("migrate")
+            .env("PRESENCE_BRIDGE__XMPP__PASSWORD", "x")
+            .env("PRESENCE_BRIDGE__STORE__POSTGRES_URL", pg.url())
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    assert_eq!(
+        first.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&first.stdout).contains("applied 1 migration(s): V1__presence")
+    );
+    let second = run();
+    assert_eq!(second.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&second.stdout).contains("schema up to date"));
+    assert_eq!(
+        pg.query("SELECT count(*) FROM refinery_schema_history"),
+        "1"
+    );
+    // Without a database configured, migrate says which key is missing.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_presence-bridge"))
+        .current_dir(std::env::temp_dir())
+        .arg("migrate")
+        .env("PRESENCE_BRIDGE__XMPP__PASSWORD", "x")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("store.postgres_url"));
+}
+
+/// The whole bridge with a store, restarted: history and last-seen survive, the users who were
+/// online at the stop are probed and confirmed without a single change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_restart_keeps_history_and_last_seen_and_probes_known_users() {
+    init_logs();
+    let ej = Ejabberd::shared();
+    let lease = lease_component();
+    let pg = Pg::shared("restart");
+    let stays = ej.user("stays", &lease.domain);
+    let leaves = ej.user("leaves", &lease.domain);
+
+    // Run 1.
+    let r1 = rig(&pg.url(), |_| {}).await;
+    let b1 = Bridge::start_with(r1.engine.clone(), xmpp_cfg(&ej, &lease));
+    b1.connected().await;
+    let mut s = Client::login(ej.c2s, &stays, "desk").await;
+    s.presence(Some("dnd"), Some("focus"), 4, Some("https://gajim.org"))
+        .await;
+    let mut l = Client::login(ej.c2s, &leaves, "phone").await;
+    l.presence(None, Some("hi"), 0, None).await;
+    b1.wait_user(&stays, "online", |p| p.online).await;
+    b1.wait_user(&leaves, "online", |p| p.online).await;
+    l.unavailable(Some("gone home")).await;
+    l.close().await;
+    let left = b1.wait_user(&leaves, "offline", |p| !p.online).await;
+    let engine = b1.stop().await;
+    drop(engine);
+    r1.stop().await;
+    assert_eq!(
+        pg.query("SELECT count(*) FROM presence_sessions WHERE ended_at IS NULL"),
+        "1",
+        "the desk session stays open across the restart"
+    );
+
+    // Run 2: a new process's state, loaded from Postgres.
+    let r2 = rig(&pg.url(), |_| {}).await;
+    let stays_jid = UserJid::parse(&format!("{stays}@localhost")).unwrap();
+    let leaves_jid = UserJid::parse(&format!("{leaves}@localhost")).unwrap();
+    let seeded = r2.engine.get(&stays_jid).expect("known after restart");
+    assert!(seeded.online);
+    assert_eq!(
+        seeded
+            .resources
+            .iter()
+            .map(|r| r.resource.as_str())
+            .collect::<Vec<_>>(),
+        vec!["desk"]
+    );
+    let ls = reads::last_seen(&r2.engine, Some(&r2.pool), &leaves_jid)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!ls.online);
+    assert_eq!(
+        ls.last_seen.map(|t| t.timestamp_millis()),
+        left.last_seen.map(|t| t.timestamp_millis())
+    );
+    assert_eq!(ls.status.as_deref(), Some("gone home"));
+    let b2 = Bridge::start_with(r2.engine.clone(), xmpp_cfg(&ej, &lease));
+    b2.connected().await;
+    b2.wait_status("resync over", |s| !s.resyncing).await;
+    let probes = b2
+        .component
+        .counters()
+        .probes_sent
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(probes >= 2, "both known users probed: {probes}");
+    let p = b2.wait_user(&stays, "still online", |p| p.online).await;
+    assert_eq!(p.resources[0].resource, "desk");
+    // The probe answer carries the real show/status; it refines the seeded aggregate.
+    let p = b2
+        .wait_user(&stays, "probe answer applied", |p| {
+            p.status.as_deref() == Some("focus")
+        })
+        .await;
+    assert_eq!((p.show, p.priority), (Show::Dnd, 4));
+    assert_eq!(
+        pg.query("SELECT count(*) FROM presence_sessions WHERE ended_at IS NULL"),
+        "1",
+        "no session closed or reopened by the restart"
+    );
+
+    // History from run 1 is there.
+    let h = reads::history(
+        &r2.pool,
+        &leaves_jid,
+        &reads::HistoryQuery {
+            from: None,
+            to: None,
+            order: reads::Order::Asc,
+            limit: 100,
+            cursor: None,
+        },
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let kinds: Vec<_> = h.events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, vec!["available", "unavailable"]);
+    s.unavailable(None).await;
+    b2.wait_user(&stays, "offline", |p| !p.online).await;
+    let engine = b2.stop().await;
+    drop(engine);
+    r2.stop().await;
+    assert_eq!(
+        pg.query("SELECT count(*) FROM presence_sessions WHERE ended_at IS NULL"),
+        "0"
+    );
+}
