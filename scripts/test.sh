@@ -3,12 +3,15 @@
 # tests need, then runs formatting and lint checks and the whole suite:
 #   - ejabberd from Debian's packages (if missing), and the shared test node on 127.0.0.1:25xxx
 #     (tests that restart or reconfigure a server start their own private nodes);
+#   - PostgreSQL (installed if missing, started if not running; tests create a fresh database
+#     each, and tests that stop Postgres run their own throwaway clusters);
 # and stops what it started. PB_KEEP_SERVERS=1 leaves the shared ejabberd running for the next
 # run; PB_SKIP_LINT=1 skips fmt/clippy. Extra arguments go to the test runner.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-scripts/install-deps.sh ejabberd
+scripts/install-deps.sh ejabberd postgres
+scripts/start-postgres.sh
 
 cleanup() {
   if [ "${PB_KEEP_SERVERS:-0}" != 1 ]; then

@@ -144,6 +144,10 @@ fn unreachable_server_is_retried_with_backoff_and_sigterm_exits_cleanly() {
         "the connect error names the key:\n{err}"
     );
     assert!(err.contains("shutting down"));
+    assert!(
+        err.contains("store.postgres_url is not set"),
+        "memory-only mode is announced:\n{err}"
+    );
 }
 
 #[test]

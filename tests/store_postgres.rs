@@ -538,3 +538,96 @@ async fn bridge_restart_keeps_history_and_last_seen_and_probes_known_users() {
         "0"
     );
 }
+
+/// Postgres up but stuck (a lock held by another session): writes pass the deadline, batches
+/// go to the spool, `/readyz` would say spooling; once the lock is gone everything lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_postgres_past_the_deadline_spools_then_catches_up() {
+    init_logs();
+    let pg = Pg::shared("slow");
+    let r = rig(&pg.url(), |c| {
+        c.write_timeout_secs = 0.5;
+        c.batch_size = 300;
+    })
+    .await;
+    feed(&r.engine, 0..300).await;
+    eventually("warm-up written", || count(&pg) == 300).await;
+
+    // Another session takes an exclusive lock on last-seen: every batch write blocks.
+    let (locker, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE presence_last_seen IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    feed(&r.engine, 300..1200).await;
+    eventually("spooling while stuck", || {
+        r.store.status().mode == StoreMode::Spooling
+    })
+    .await;
+    eventually("all stuck events accepted (spooled)", || {
+        r.store.status().spooled_events == 900 && r.store.queue_depth() == 0
+    })
+    .await;
+    assert!(
+        r.store
+            .status()
+            .last_error
+            .unwrap_or_default()
+            .contains("store.write_timeout_secs")
+    );
+
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    eventually("caught up", || r.store.status().mode == StoreMode::Ok).await;
+    eventually("all rows", || count(&pg) == 1200).await;
+    assert_exactly_once_in_order(&pg, 1200);
+    r.stop().await;
+}
+
+/// The real binary with a store: SIGTERM flushes and records the stop; the restart reads it.
+#[test]
+fn sigterm_flushes_the_writer_and_records_the_stop() {
+    let pg = Pg::shared("sigterm");
+    let spool = tempfile::tempdir().unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_presence-bridge"))
+        .current_dir(std::env::temp_dir())
+        .arg("run")
+        .env("PRESENCE_BRIDGE__XMPP__PASSWORD", "x")
+        .env(
+            "PRESENCE_BRIDGE__XMPP__SERVER",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env("PRESENCE_BRIDGE__STORE__POSTGRES_URL", pg.url())
+        .env("PRESENCE_BRIDGE__STORE__SPOOL_DIR", spool.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while pg.query("SELECT count(*) FROM pg_tables WHERE tablename = 'presence_last_seen'") != "1" {
+        assert!(std::time::Instant::now() < deadline, "run did not migrate");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("store writer stopped"), "{err}");
+    assert!(
+        !err.contains("postgres://postgres@"),
+        "no connection string in logs: {err}"
+    );
+    let stopped = pg.query("SELECT value FROM bridge_state WHERE key = 'stopped_at'");
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(&stopped).is_ok(),
+        "{stopped:?}"
+    );
+}

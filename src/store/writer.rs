@@ -146,7 +146,7 @@ impl Writer {
         if self.sink.is_closed() {
             let since = *self.closing_since.get_or_insert_with(Instant::now);
             if since.elapsed() > Duration::from_secs_f64(self.cfg.flush_timeout_secs) {
-                self.to_spool(batch, Some("shutdown flush deadline passed".into()));
+                self.spool_batch(batch, Some("shutdown flush deadline passed".into()));
                 return;
             }
         }
@@ -154,17 +154,17 @@ impl Writer {
             self.replay().await;
         }
         if self.spool_pending {
-            self.to_spool(batch, None);
+            self.spool_batch(batch, None);
             return;
         }
         if self.sink.depth() > self.cfg.queue_capacity as u64 {
             // The writer is behind by more than the bound: shed to disk, catch up later.
-            self.to_spool(batch, Some("writer queue past store.queue_capacity".into()));
+            self.spool_batch(batch, Some("writer queue past store.queue_capacity".into()));
             return;
         }
         if let Err(e) = self.write(&batch, false).await {
             tracing::warn!(error = %e, events = batch.len(), "store: Postgres write failed; spooling");
-            self.to_spool(batch, Some(e.to_string()));
+            self.spool_batch(batch, Some(e.to_string()));
         }
     }
 
@@ -226,7 +226,7 @@ impl Writer {
         }
     }
 
-    fn to_spool(&mut self, batch: Vec<StoredEvent>, why: Option<String>) {
+    fn spool_batch(&mut self, batch: Vec<StoredEvent>, why: Option<String>) {
         match self.spool.append(&batch) {
             Ok(()) => {
                 let n = batch.len() as u64;

@@ -1,0 +1,235 @@
+//! Writer throughput against the local Postgres, next to raw binary COPY in the same run.
+//!
+//!   cargo bench --bench writer                 # needs Postgres on 127.0.0.1:5432 (trust)
+//!   PB_BENCH_EVENTS=500000 cargo bench --bench writer
+//!
+//! Creates (and drops) the database `pb_bench`. Prints a markdown table for docs/benchmarks.md.
+//! Three figures: raw COPY of the event rows only; the writer sustained (events pushed as fast
+//! as the sink takes them; each batch = COPY + sessions + last-seen in one transaction); and the
+//! spool catch-up after an outage (replay of spooled batches, idempotent path).
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use presence_bridge::config::StoreConfig;
+use presence_bridge::presence::{Cause, Show};
+use presence_bridge::store::spool::Spool;
+use presence_bridge::store::{StoreMode, StoreSink, StoredEvent, UserAfter, pg, writer};
+
+const ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const URL: &str = "postgres://postgres@127.0.0.1:5432/pb_bench";
+
+fn events(n: u64, id_base: u64) -> Vec<StoredEvent> {
+    let t0 = Utc::now().timestamp_millis();
+    (0..n)
+        .map(|i| {
+            let at = DateTime::from_timestamp_millis(t0 + (i / 50) as i64).unwrap_or_default();
+            let step = (i / 20_000) % 3;
+            let available = step != 2;
+            StoredEvent {
+                id: u128::from(id_base + i) << 16 | 0xbe,
+                jid: format!("user{}@bench.example", i % 20_000),
+                resource: format!("res{}", (i / 20_000) % 2),
+                available,
+                show: available.then_some(if step == 0 { Show::Chat } else { Show::Away }),
+                status: Some(format!("status text {}", i % 97)),
+                priority: available.then_some(5),
+                client: Some("Conversations".into()),
+                idle_since: None,
+                at,
+                received_at: at,
+                cause: Cause::Stanza,
+                opened: step == 0,
+                closed: step == 2,
+                user: UserAfter {
+                    online: available,
+                    online_since: available.then_some(at),
+                    last_seen: (!available).then_some(at),
+                    show: if available { Show::Away } else { Show::Offline },
+                    status: Some("x".into()),
+                },
+            }
+        })
+        .collect()
+}
+
+async fn reset_db() {
+    let (c, conn) = tokio_postgres::connect(ADMIN, tokio_postgres::NoTls)
+        .await
+        .expect("connect admin");
+    tokio::spawn(conn);
+    c.batch_execute("DROP DATABASE IF EXISTS pb_bench WITH (FORCE); CREATE DATABASE pb_bench")
+        .await
+        .expect("create db");
+}
+
+async fn count(pool: &deadpool_postgres::Pool) -> i64 {
+    let c = pg::client(pool).await.expect("client");
+    c.query_one("SELECT count(*) FROM presence_events", &[])
+        .await
+        .expect("count")
+        .get(0)
+}
+
+fn rate(n: u64, d: Duration) -> String {
+    format!("{:.0}", n as f64 / d.as_secs_f64())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let n: u64 = std::env::var("PB_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300_000);
+    let batch = 5000usize;
+    let mut rows = Vec::new();
+
+    // 1. Raw COPY of the event rows (same columns, same batch size), no sessions/last-seen.
+    reset_db().await;
+    let pool = pg::pool(URL, 4, Duration::from_secs(5)).expect("pool");
+    pg::migrate(&pool).await.expect("migrate");
+    let evs = events(n, 0);
+    {
+        let mut c = pg::client(&pool).await.expect("client");
+        pg::ensure_partitions(&c, &pg::batch_days(&evs))
+            .await
+            .expect("partitions");
+        let t = Instant::now();
+        for chunk in evs.chunks(batch) {
+            let tx = c.transaction().await.expect("tx");
+            let sink = tx
+                .copy_in("COPY presence_events (event_id, at, received_at, jid, resource, kind, show, status, priority, client, idle_since, cause) FROM STDIN (FORMAT binary)")
+                .await
+                .expect("copy");
+            use tokio_postgres::types::Type;
+            let w = tokio_postgres::binary_copy::BinaryCopyInWriter::new(
+                sink,
+                &[
+                    Type::UUID,
+                    Type::TIMESTAMPTZ,
+                    Type::TIMESTAMPTZ,
+                    Type::TEXT,
+                    Type::TEXT,
+                    Type::TEXT,
+                    Type::TEXT,
+                    Type::TEXT,
+                    Type::INT2,
+                    Type::TEXT,
+                    Type::TIMESTAMPTZ,
+                    Type::TEXT,
+                ],
+            );
+            futures::pin_mut!(w);
+            for e in chunk {
+                let id = uuid::Uuid::from_u128(e.id);
+                let kind = if e.available {
+                    "available"
+                } else {
+                    "unavailable"
+                };
+                let show = e.show.map(|s| s.as_str());
+                let prio = e.priority.map(i16::from);
+                w.as_mut()
+                    .write(&[
+                        &id,
+                        &e.at,
+                        &e.received_at,
+                        &e.jid,
+                        &e.resource,
+                        &kind,
+                        &show,
+                        &e.status,
+                        &prio,
+                        &e.client,
+                        &e.idle_since,
+                        &"stanza",
+                    ])
+                    .await
+                    .expect("row");
+            }
+            w.finish().await.expect("finish");
+            tx.commit().await.expect("commit");
+        }
+        let d = t.elapsed();
+        assert_eq!(count(&pool).await, n as i64);
+        rows.push((
+            "raw binary COPY, event rows only, 5k rows/transaction",
+            n,
+            d,
+        ));
+    }
+
+    // 2. The writer, sustained: everything pushed into the sink, time until all is in Postgres.
+    reset_db().await;
+    let pool = pg::pool(URL, 4, Duration::from_secs(5)).expect("pool");
+    pg::migrate(&pool).await.expect("migrate");
+    let spool_dir = tempfile::tempdir().expect("tmp");
+    let cfg = StoreConfig {
+        spool_dir: spool_dir.path().to_owned(),
+        queue_capacity: n as usize + 1,
+        ..StoreConfig::default()
+    };
+    {
+        let sink = StoreSink::new();
+        let (h, task) = writer::start(&cfg, pool.clone(), sink.clone()).expect("writer");
+        let evs = events(n, 0);
+        let t = Instant::now();
+        for chunk in evs.chunks(1000) {
+            sink.push(chunk.iter().cloned());
+            tokio::task::yield_now().await;
+        }
+        while h
+            .counters()
+            .events_written
+            .load(std::sync::atomic::Ordering::Relaxed)
+            < n
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let d = t.elapsed();
+        assert_eq!(h.status().mode, StoreMode::Ok, "nothing spooled");
+        assert_eq!(count(&pool).await, n as i64);
+        rows.push((
+            "writer sustained (COPY + sessions + last-seen per 5k batch)",
+            n,
+            d,
+        ));
+        h.close();
+        let _ = task.await;
+    }
+
+    // 3. Catch-up after an outage: n events in the spool, then the writer starts.
+    reset_db().await;
+    let pool = pg::pool(URL, 4, Duration::from_secs(5)).expect("pool");
+    pg::migrate(&pool).await.expect("migrate");
+    let spool_dir = tempfile::tempdir().expect("tmp");
+    {
+        let mut s = Spool::open(spool_dir.path(), 64 << 20).expect("spool");
+        for chunk in events(n, 0).chunks(batch) {
+            s.append(chunk).expect("append");
+        }
+    }
+    let cfg = StoreConfig {
+        spool_dir: spool_dir.path().to_owned(),
+        ..StoreConfig::default()
+    };
+    {
+        let sink = StoreSink::new();
+        let t = Instant::now();
+        let (h, task) = writer::start(&cfg, pool.clone(), sink.clone()).expect("writer");
+        let mut w = h.watch();
+        let _ = w.wait_for(|s| s.mode == StoreMode::Ok).await;
+        let d = t.elapsed();
+        assert_eq!(count(&pool).await, n as i64);
+        rows.push(("spool catch-up after an outage (idempotent replay)", n, d));
+        h.close();
+        let _ = task.await;
+    }
+    reset_db().await;
+
+    println!("| path | events | seconds | events/s |");
+    println!("|---|---|---|---|");
+    for (name, n, d) in rows {
+        println!("| {name} | {n} | {:.2} | {} |", d.as_secs_f64(), rate(n, d));
+    }
+}
