@@ -58,7 +58,10 @@ async fn reset_db() {
         .await
         .expect("connect admin");
     tokio::spawn(conn);
-    c.batch_execute("DROP DATABASE IF EXISTS pb_bench WITH (FORCE); CREATE DATABASE pb_bench")
+    c.batch_execute("DROP DATABASE IF EXISTS pb_bench WITH (FORCE)")
+        .await
+        .expect("drop db");
+    c.batch_execute("CREATE DATABASE pb_bench")
         .await
         .expect("create db");
 }

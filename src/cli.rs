@@ -3,11 +3,15 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use crate::api::auth::{self, Auth};
+use crate::api::metrics::Metrics;
+use crate::api::{self, AppState};
 use crate::config::{Config, LogFormat};
 use crate::presence::Engine;
 use crate::store::{StoreSink, pg, reads, writer};
@@ -43,6 +47,24 @@ enum Command {
     },
     /// Apply the SQL migrations in schema/ to the configured Postgres and exit.
     Migrate {
+        /// Config file (default: config/bridge.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Print a JWT signed with the configured HS256 secret (auth.jwt_secret).
+    Token {
+        /// Subject (who the token is for).
+        #[arg(long)]
+        sub: String,
+        /// Space-separated scopes: presence:read, history:read, admin.
+        #[arg(long, default_value = "presence:read")]
+        scope: String,
+        /// Comma-separated domains the token may see (default: all).
+        #[arg(long)]
+        domains: Option<String>,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
         /// Config file (default: config/bridge.toml).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -84,6 +106,23 @@ pub fn main() -> ExitCode {
             }
         }
         Command::Run { config } => with_config(config, cli.log_format, run),
+        Command::Token {
+            sub,
+            scope,
+            domains,
+            ttl,
+            config,
+        } => {
+            let (path, required) = config_path(config);
+            let cfg = match Config::load(&path, required) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("presence-bridge: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            token(&cfg, &sub, &scope, domains.as_deref(), ttl)
+        }
         Command::Migrate { config } => with_config(config, cli.log_format, migrate),
     }
 }
@@ -116,6 +155,48 @@ where
     let code = rt.block_on(f(cfg));
     rt.shutdown_timeout(Duration::from_secs(1));
     code
+}
+
+/// `presence-bridge token`.
+fn token(cfg: &Config, sub: &str, scope: &str, domains: Option<&str>, ttl: u64) -> ExitCode {
+    if cfg.auth.jwt_secret.is_empty() {
+        eprintln!(
+            "presence-bridge: invalid config: auth.jwt_secret: required by token (tokens for RS256/ES256 keys come from your identity provider)"
+        );
+        return ExitCode::from(2);
+    }
+    if let Some(bad) = scope
+        .split_whitespace()
+        .find(|s| !["presence:read", "history:read", "admin"].contains(s))
+    {
+        eprintln!(
+            "presence-bridge: unknown scope {bad:?} (--scope): use presence:read, history:read, admin"
+        );
+        return ExitCode::from(2);
+    }
+    if sub.trim().is_empty() || ttl == 0 {
+        eprintln!("presence-bridge: --sub must not be empty and --ttl must be positive");
+        return ExitCode::from(2);
+    }
+    let domains = domains.map(|d| {
+        d.split(',')
+            .map(|x| x.trim().to_lowercase())
+            .filter(|x| !x.is_empty())
+            .collect()
+    });
+    match auth::mint(
+        cfg.auth.jwt_secret.expose(),
+        &auth::claims(sub, scope, domains, ttl, &cfg.auth),
+    ) {
+        Ok(t) => {
+            println!("{t}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("presence-bridge: cannot sign the token: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// `presence-bridge migrate`.
@@ -234,10 +315,70 @@ pub async fn run(cfg: Config) -> ExitCode {
         );
     }
 
+    let auth = match Auth::from_config(&cfg.auth) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("presence-bridge: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !auth.configured() {
+        tracing::warn!(
+            "neither auth.jwt_secret nor auth.jwt_public_key_file is set: every authenticated request gets 401"
+        );
+    }
+    let tls = match (&cfg.http.tls_cert, &cfg.http.tls_key) {
+        (Some(c), Some(k)) => match api::tls_config(c, k) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("presence-bridge: invalid config: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
+    let listener = match std::net::TcpListener::bind(&cfg.http.bind) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "presence-bridge: cannot listen on {} (http.bind): {e}",
+                cfg.http.bind
+            );
+            return ExitCode::from(1);
+        }
+    };
+
     let (engine, engine_task) =
         Engine::start_with(&cfg.presence, store.as_ref().map(|s| s.0.clone()), seed);
-    let (_component, mut component_task) =
+    let (component, mut component_task) =
         xmpp::component::spawn_with(cfg.xmpp.clone(), engine.clone(), cancel.clone(), lost_at);
+    let metrics = Arc::new(Metrics::new());
+    if let Some((_, handle, _, _)) = &store {
+        let _ = handle.counters().batch_histograms.set((
+            metrics.store_batch_size.clone(),
+            metrics.store_batch_latency.clone(),
+        ));
+    }
+    let state = Arc::new(AppState {
+        engine: engine.clone(),
+        component: Some(component),
+        store: store.as_ref().map(|s| s.1.clone()),
+        pool: store.as_ref().map(|s| s.3.clone()),
+        metrics,
+        http: cfg.http.clone(),
+        ws_conns: Default::default(),
+        shutdown: cancel.clone(),
+    });
+    let server = match api::serve(listener, state, auth, tls) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("presence-bridge: cannot start the HTTP server: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    tracing::info!(bind = %cfg.http.bind, tls = cfg.http.tls_cert.is_some(), "HTTP API listening");
+    let server_handle = server.handle();
+    let server_task = tokio::spawn(server);
     drop(engine);
 
     let code = tokio::select! {
@@ -259,7 +400,15 @@ pub async fn run(cfg: Config) -> ExitCode {
             ExitCode::SUCCESS
         }
     };
+    // Stop accepting, close WebSockets with 1001 (they watch `cancel`), finish requests.
     cancel.cancel();
+    if tokio::time::timeout(SHUTDOWN_DEADLINE, server_handle.stop(true))
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP server did not stop within the shutdown deadline");
+    }
+    let _ = server_task.await;
     // The sequencer ends once every engine handle is gone; then the writer drains its queue
     // (to Postgres, or the spool past store.flush_timeout_secs).
     let _ = tokio::time::timeout(SHUTDOWN_DEADLINE, engine_task).await;

@@ -249,6 +249,27 @@ pub struct HttpConfig {
     pub bind: String,
     /// WebSocket Origin allow-list; empty means same-origin only.
     pub allowed_origins: Vec<String>,
+    /// PEM certificate chain; with `tls_key`, the server speaks HTTPS/WSS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Largest accepted request body in bytes (413 beyond).
+    pub body_limit_bytes: usize,
+    /// Requests per second allowed per token (or per IP for requests without one) on
+    /// `/api/v1`; 0 disables.
+    pub rate_limit_per_token: u32,
+    /// Requests per second allowed per client IP on `/api/v1`; 0 disables.
+    pub rate_limit_per_ip: u32,
+    /// Burst allowance of the per-token limit (the per-IP burst is twice this).
+    pub rate_limit_burst: u32,
+    /// Concurrent WebSocket connections per token subject.
+    pub ws_max_per_token: usize,
+    /// Seconds between server pings on WebSockets; a peer silent for three intervals is closed.
+    pub ws_ping_secs: f64,
+    /// A WebSocket write that cannot complete within this many seconds closes the session.
+    pub ws_send_timeout_secs: f64,
+    /// HTTP worker threads.
+    pub workers: usize,
 }
 
 impl Default for HttpConfig {
@@ -256,7 +277,28 @@ impl Default for HttpConfig {
         Self {
             bind: "127.0.0.1:8080".into(),
             allowed_origins: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            body_limit_bytes: 256 * 1024,
+            rate_limit_per_token: 2000,
+            rate_limit_per_ip: 5000,
+            rate_limit_burst: 4000,
+            ws_max_per_token: 32,
+            ws_ping_secs: 20.0,
+            ws_send_timeout_secs: 10.0,
+            workers: 2,
         }
+    }
+}
+
+impl HttpConfig {
+    /// Server ping interval.
+    pub fn ws_ping(&self) -> Duration {
+        Duration::from_secs_f64(self.ws_ping_secs)
+    }
+    /// WebSocket write deadline.
+    pub fn ws_send_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.ws_send_timeout_secs)
     }
 }
 
@@ -512,6 +554,40 @@ impl Config {
             return Err(ConfigError::invalid(
                 "http.bind",
                 format!("{:?} is not ip:port", self.http.bind),
+            ));
+        }
+        let h = &self.http;
+        if h.tls_cert.is_some() != h.tls_key.is_some() {
+            return Err(ConfigError::invalid(
+                "http.tls_key",
+                "set both http.tls_cert and http.tls_key, or neither",
+            ));
+        }
+        for (key, v) in [
+            ("http.ws_ping_secs", h.ws_ping_secs),
+            ("http.ws_send_timeout_secs", h.ws_send_timeout_secs),
+        ] {
+            if !(v.is_finite() && v > 0.0 && v < 86_400.0) {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("{v} is not a positive number of seconds below one day"),
+                ));
+            }
+        }
+        if h.body_limit_bytes < 1024 {
+            return Err(ConfigError::invalid(
+                "http.body_limit_bytes",
+                "must be at least 1024",
+            ));
+        }
+        if h.ws_max_per_token == 0 || h.workers == 0 {
+            return Err(ConfigError::invalid(
+                if h.workers == 0 {
+                    "http.workers"
+                } else {
+                    "http.ws_max_per_token"
+                },
+                "must be at least 1",
             ));
         }
         if !self.auth.jwt_secret.is_empty() && self.auth.jwt_public_key_file.is_some() {

@@ -22,10 +22,15 @@
 //!   opened/closed, last-seen upserted once per user per batch) and spools batches to disk
 //!   (checksummed, fsync'd) while Postgres is down or slow, replaying them in order later.
 //!   [`store::reads`] answers last-seen and history and loads known users at start-up.
+//! - [`api`]: one actix-web server: REST (last-seen, presence, history, stats), the WebSocket
+//!   feed (snapshot + batched diffs, resume, filters, lag → resync), JWT auth turned into a
+//!   permissions value that scoped handlers must take, rate limits, Prometheus metrics and an
+//!   OpenAPI document generated from the handlers.
 //! - [`telemetry`]: tracing setup (text or JSON).
 //! - [`shutdown`]: SIGTERM/SIGINT → one `CancellationToken` for every task.
 //! - [`cli`]: the `presence-bridge` subcommands.
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod presence;

@@ -17,6 +17,8 @@ fn bin() -> Command {
             c.env_remove(k);
         }
     }
+    // Every test process gets its own HTTP port.
+    c.env("PRESENCE_BRIDGE__HTTP__BIND", "127.0.0.1:0");
     c
 }
 

@@ -601,6 +601,7 @@ fn sigterm_flushes_the_writer_and_records_the_stop() {
         )
         .env("PRESENCE_BRIDGE__STORE__POSTGRES_URL", pg.url())
         .env("PRESENCE_BRIDGE__STORE__SPOOL_DIR", spool.path())
+        .env("PRESENCE_BRIDGE__HTTP__BIND", "127.0.0.1:0")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();

@@ -375,6 +375,7 @@ impl Sequencer {
             jid: ev.jid.clone(),
             op,
             presence: next,
+            received_at: ev.received_at,
         }));
     }
 }

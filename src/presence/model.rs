@@ -305,6 +305,10 @@ pub struct Change {
     pub op: Op,
     /// The user's complete new state.
     pub presence: Arc<UserPresence>,
+    /// When the bridge read the stanza behind this change (for end-to-end latency; not part
+    /// of the contract).
+    #[serde(skip)]
+    pub received_at: DateTime<Utc>,
 }
 
 #[cfg(test)]

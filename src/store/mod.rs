@@ -115,6 +115,8 @@ pub struct StoreCounters {
     pub spool_records_skipped: AtomicU64,
     /// Sum of batch write latencies in microseconds (with `batches_written`: the mean).
     pub write_micros: AtomicU64,
+    /// Histograms the API's metrics registry installs: (events per batch, seconds per batch).
+    pub batch_histograms: std::sync::OnceLock<(prometheus::Histogram, prometheus::Histogram)>,
 }
 
 /// The sequencer's end of the writer queue. Never blocks, never drops, keeps order.

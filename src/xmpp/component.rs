@@ -224,6 +224,7 @@ impl Supervisor {
             match connected {
                 Ok(Ok(stream)) => {
                     let started = Instant::now();
+                    let probe = self.cfg.probe_on_connect;
                     tracing::info!(server = %self.cfg.server, component = %self.cfg.component, "XMPP component connected");
                     self.status.send_modify(|s| {
                         s.connected = true;
@@ -233,6 +234,9 @@ impl Supervisor {
                         }
                         s.failed_attempts = 0;
                         s.stale = false;
+                        // Set together with `connected` so nobody sees a connected,
+                        // not-yet-resyncing state in between.
+                        s.resyncing = probe;
                         s.privileges.clear();
                     });
                     ever_connected = true;
@@ -389,7 +393,6 @@ impl Supervisor {
             if self.engine.resync_begin(generation).await.is_err() {
                 return SessionEnd::Cancelled;
             }
-            self.status.send_modify(|s| s.resyncing = true);
             tokio::spawn(resync(
                 self.engine.clone(),
                 self.cfg.clone(),

@@ -1,0 +1,391 @@
+//! JWT verification → a permissions value; scoped extractors that handlers must take.
+//!
+//! The algorithm comes from the configuration (HS256 for `auth.jwt_secret`; RS256 or ES256
+//! from the key type of `auth.jwt_public_key_file`), never from the token's header, and `none`
+//! is never accepted. `exp` is required; `iss`/`aud` are checked when configured.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use actix_web::dev::Payload;
+use actix_web::{FromRequest, HttpRequest, web};
+use chrono::Utc;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use crate::config::{AuthConfig, ConfigError};
+use crate::presence::UserJid;
+
+/// Clock skew tolerated on `exp`/`nbf`, in seconds.
+const LEEWAY_SECS: u64 = 30;
+
+/// Token claims (contract §4).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    /// Subject: who the token is for.
+    pub sub: String,
+    /// Expiry (seconds since the epoch).
+    pub exp: u64,
+    /// Issued at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+    /// Space-separated scopes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// The domains this token may see (absent = all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domains: Option<Vec<String>>,
+    /// Issuer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// Audience.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+}
+
+/// A scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// `presence:read`.
+    PresenceRead,
+    /// `history:read`.
+    HistoryRead,
+    /// `admin` (implies every other scope).
+    Admin,
+}
+
+impl Scope {
+    fn word(self) -> &'static str {
+        match self {
+            Scope::PresenceRead => "presence:read",
+            Scope::HistoryRead => "history:read",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
+/// What a verified token allows.
+#[derive(Debug, Clone)]
+pub struct Permissions {
+    /// The token's subject.
+    pub sub: String,
+    scopes: Vec<Scope>,
+    /// Lower-cased domains the token is limited to (`None` = all).
+    domains: Option<Arc<HashSet<String>>>,
+}
+
+impl Permissions {
+    /// True when the token carries `scope` (or `admin`).
+    pub fn has(&self, scope: Scope) -> bool {
+        self.scopes.contains(&Scope::Admin) || self.scopes.contains(&scope)
+    }
+
+    /// True when the token may see this user.
+    pub fn can_see(&self, jid: &UserJid) -> bool {
+        self.domains
+            .as_ref()
+            .is_none_or(|d| d.contains(jid.domain()))
+    }
+
+    /// True when the token may see this domain.
+    pub fn can_see_domain(&self, domain: &str) -> bool {
+        self.domains
+            .as_ref()
+            .is_none_or(|d| d.contains(&domain.to_lowercase()))
+    }
+
+    /// True when the token is limited to some domains.
+    pub fn is_restricted(&self) -> bool {
+        self.domains.is_some()
+    }
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No token at all.
+    #[error("a bearer token is required")]
+    Missing,
+    /// The token does not verify (bad signature, wrong algorithm, expired, malformed...).
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    /// No verification key is configured.
+    #[error(
+        "authentication is not configured on this bridge (auth.jwt_secret or auth.jwt_public_key_file)"
+    )]
+    NotConfigured,
+}
+
+/// The verifier, built once from `[auth]`.
+#[derive(Clone)]
+pub struct Auth {
+    key: Option<DecodingKey>,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("configured", &self.key.is_some())
+            .field("algorithms", &self.validation.algorithms)
+            .finish()
+    }
+}
+
+impl Auth {
+    /// From the config; a key file that cannot be read or parsed names its key.
+    pub fn from_config(cfg: &AuthConfig) -> Result<Auth, ConfigError> {
+        let (key, alg) = if let Some(path) = &cfg.jwt_public_key_file {
+            let pem = std::fs::read(path).map_err(|e| ConfigError::Invalid {
+                key: "auth.jwt_public_key_file".into(),
+                reason: format!("cannot read {}: {}", path.display(), e.kind()),
+            })?;
+            if let Ok(k) = DecodingKey::from_rsa_pem(&pem) {
+                (Some(k), Algorithm::RS256)
+            } else if let Ok(k) = DecodingKey::from_ec_pem(&pem) {
+                (Some(k), Algorithm::ES256)
+            } else {
+                return Err(ConfigError::Invalid {
+                    key: "auth.jwt_public_key_file".into(),
+                    reason: "not an RSA or EC (P-256) public key in PEM form".into(),
+                });
+            }
+        } else if !cfg.jwt_secret.is_empty() {
+            (
+                Some(DecodingKey::from_secret(cfg.jwt_secret.expose().as_bytes())),
+                Algorithm::HS256,
+            )
+        } else {
+            (None, Algorithm::HS256)
+        };
+        let mut validation = Validation::new(alg);
+        validation.leeway = LEEWAY_SECS;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        match &cfg.issuer {
+            Some(iss) => validation.set_issuer(&[iss]),
+            None => validation.iss = None,
+        }
+        match &cfg.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        Ok(Auth { key, validation })
+    }
+
+    /// True when tokens can be verified at all.
+    pub fn configured(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// Verifies a token.
+    pub fn verify(&self, token: &str) -> Result<Permissions, AuthError> {
+        let key = self.key.as_ref().ok_or(AuthError::NotConfigured)?;
+        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
+            .map_err(|e| AuthError::Invalid(describe(&e)))?;
+        let c = data.claims;
+        let scopes = c
+            .scope
+            .as_deref()
+            .unwrap_or("")
+            .split_whitespace()
+            .filter_map(|s| match s {
+                "presence:read" => Some(Scope::PresenceRead),
+                "history:read" => Some(Scope::HistoryRead),
+                "admin" => Some(Scope::Admin),
+                _ => None,
+            })
+            .collect();
+        let domains = c
+            .domains
+            .map(|d| Arc::new(d.into_iter().map(|x| x.to_lowercase()).collect()));
+        Ok(Permissions {
+            sub: c.sub,
+            scopes,
+            domains,
+        })
+    }
+}
+
+/// A short reason without echoing the token.
+fn describe(e: &jsonwebtoken::errors::Error) -> String {
+    use jsonwebtoken::errors::ErrorKind as K;
+    match e.kind() {
+        K::ExpiredSignature => "expired".into(),
+        K::InvalidSignature => "bad signature".into(),
+        K::InvalidAlgorithm => "algorithm not accepted".into(),
+        K::InvalidIssuer => "wrong issuer".into(),
+        K::InvalidAudience => "wrong audience".into(),
+        K::MissingRequiredClaim(c) => format!("missing claim {c}"),
+        K::ImmatureSignature => "not valid yet".into(),
+        _ => "malformed".into(),
+    }
+}
+
+/// Mints an HS256 token (the `token` subcommand, tests, the demo).
+pub fn mint(secret: &str, claims: &Claims) -> Result<String, jsonwebtoken::errors::Error> {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+}
+
+/// Claims for `sub` with `scope`, `domains`, valid for `ttl_secs` from now.
+pub fn claims(
+    sub: &str,
+    scope: &str,
+    domains: Option<Vec<String>>,
+    ttl_secs: u64,
+    cfg: &AuthConfig,
+) -> Claims {
+    let now = Utc::now().timestamp().max(0) as u64;
+    Claims {
+        sub: sub.to_owned(),
+        exp: now + ttl_secs,
+        iat: Some(now),
+        scope: Some(scope.to_owned()),
+        domains,
+        iss: cfg.issuer.clone(),
+        aud: cfg.audience.clone(),
+    }
+}
+
+/// The bearer token of a request: `Authorization: Bearer …`, or `?token=` when `allow_query`.
+pub fn bearer(req: &HttpRequest, allow_query: bool) -> Option<String> {
+    if let Some(h) = req.headers().get(actix_web::http::header::AUTHORIZATION)
+        && let Ok(v) = h.to_str()
+        && let Some(t) = v
+            .strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+    {
+        return Some(t.trim().to_owned());
+    }
+    if allow_query {
+        return web::Query::<TokenQuery>::from_query(req.query_string())
+            .ok()
+            .and_then(|q| q.into_inner().token);
+    }
+    None
+}
+
+#[derive(Debug, Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+/// Authenticates a request: 401 without a valid token.
+pub fn authenticate(req: &HttpRequest, allow_query: bool) -> Result<Permissions, ApiError> {
+    let auth = req
+        .app_data::<web::Data<Auth>>()
+        .ok_or_else(|| ApiError::internal("auth not configured"))?;
+    let token = bearer(req, allow_query).ok_or(ApiError::unauthorized(AuthError::Missing))?;
+    auth.verify(&token).map_err(ApiError::unauthorized)
+}
+
+/// Requires `scope`: 403 without it.
+pub fn require(p: Permissions, scope: Scope) -> Result<Permissions, ApiError> {
+    if p.has(scope) {
+        Ok(p)
+    } else {
+        Err(ApiError::forbidden(format!(
+            "this token lacks the {} scope",
+            scope.word()
+        )))
+    }
+}
+
+macro_rules! scoped_extractor {
+    ($name:ident, $scope:expr, $doc:literal) => {
+        #[doc = $doc]
+        #[derive(Debug, Clone)]
+        pub struct $name(pub Permissions);
+
+        impl FromRequest for $name {
+            type Error = ApiError;
+            type Future = std::future::Ready<Result<Self, ApiError>>;
+            fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+                std::future::ready(
+                    authenticate(req, false)
+                        .and_then(|p| require(p, $scope))
+                        .map($name),
+                )
+            }
+        }
+    };
+}
+
+scoped_extractor!(
+    PresenceRead,
+    Scope::PresenceRead,
+    "A request whose token has `presence:read` (or `admin`)."
+);
+scoped_extractor!(
+    HistoryRead,
+    Scope::HistoryRead,
+    "A request whose token has `history:read` (or `admin`)."
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    fn cfg() -> AuthConfig {
+        AuthConfig {
+            jwt_secret: Secret::new("k"),
+            ..AuthConfig::default()
+        }
+    }
+
+    #[test]
+    fn scopes_domains_and_expiry() {
+        let a = Auth::from_config(&cfg()).unwrap_or_else(|e| panic!("{e}"));
+        let t = mint(
+            "k",
+            &claims(
+                "ops",
+                "presence:read",
+                Some(vec!["Example.com".into()]),
+                60,
+                &cfg(),
+            ),
+        )
+        .unwrap_or_default();
+        let p = a.verify(&t).unwrap_or_else(|e| panic!("{e}"));
+        assert!(p.has(Scope::PresenceRead) && !p.has(Scope::HistoryRead));
+        assert!(p.can_see(&UserJid::parse("a@example.com").unwrap_or_else(|e| panic!("{e}"))));
+        assert!(!p.can_see(&UserJid::parse("a@other.org").unwrap_or_else(|e| panic!("{e}"))));
+        let admin = a
+            .verify(&mint("k", &claims("root", "admin", None, 60, &cfg())).unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(admin.has(Scope::HistoryRead) && !admin.is_restricted());
+
+        let mut old = claims("x", "admin", None, 0, &cfg());
+        old.exp -= 3600;
+        assert_eq!(
+            a.verify(&mint("k", &old).unwrap_or_default()).err(),
+            Some(AuthError::Invalid("expired".into()))
+        );
+        assert_eq!(
+            a.verify(&mint("other", &claims("x", "admin", None, 60, &cfg())).unwrap_or_default())
+                .err(),
+            Some(AuthError::Invalid("bad signature".into()))
+        );
+        assert!(a.verify("garbage").is_err());
+    }
+
+    #[test]
+    fn alg_none_and_unconfigured_are_refused() {
+        let a = Auth::from_config(&cfg()).unwrap_or_else(|e| panic!("{e}"));
+        // {"alg":"none","typ":"JWT"} . {"sub":"x","exp":9999999999,"scope":"admin"} . (empty)
+        let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ4IiwiZXhwIjo5OTk5OTk5OTk5LCJzY29wZSI6ImFkbWluIn0.";
+        assert!(a.verify(none).is_err());
+        let unconfigured =
+            Auth::from_config(&AuthConfig::default()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            unconfigured.verify("x").err(),
+            Some(AuthError::NotConfigured)
+        );
+    }
+}

@@ -1,0 +1,350 @@
+//! The HTTP API: REST (contract §4), the WebSocket feed (§5), metrics, OpenAPI.
+//!
+//! One actix-web server, started from an already-bound listener (tests bind port 0), with TLS
+//! (rustls) when `http.tls_cert`/`http.tls_key` are set. JSON errors everywhere, a request
+//! body limit, rate limits per token and per IP on `/api/v1`, and a graceful stop that closes
+//! WebSockets with 1001.
+
+pub mod auth;
+pub mod error;
+pub mod metrics;
+pub mod rest;
+pub mod ws;
+
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, TcpListener};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_governor::governor::NotUntil;
+use actix_governor::governor::clock::{Clock, DefaultClock, QuantaInstant};
+use actix_governor::{Governor, GovernorConfigBuilder, KeyExtractor, SimpleKeyExtractionError};
+use actix_web::body::MessageBody;
+use actix_web::dev::{Server, ServiceRequest, ServiceResponse};
+use actix_web::http::StatusCode;
+use actix_web::middleware::{Compress, Next, from_fn};
+use actix_web::{App, HttpRequest, HttpResponse, HttpResponseBuilder, HttpServer, web};
+use dashmap::DashMap;
+use deadpool_postgres::Pool;
+use tokio_util::sync::CancellationToken;
+use utoipa::OpenApi;
+
+use self::auth::Auth;
+use self::error::{ApiError, ErrorBody};
+use self::metrics::Metrics;
+use crate::config::HttpConfig;
+use crate::presence::Engine;
+use crate::store::StoreHandle;
+use crate::xmpp::ComponentHandle;
+
+/// Everything the handlers need.
+#[derive(Debug)]
+pub struct AppState {
+    /// The presence engine (map, hub, snapshot).
+    pub engine: Engine,
+    /// The XMPP component (None in demo mode).
+    pub component: Option<ComponentHandle>,
+    /// The store writer (None in memory-only mode).
+    pub store: Option<StoreHandle>,
+    /// Postgres pool for reads (None in memory-only mode).
+    pub pool: Option<Pool>,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// `[http]`.
+    pub http: HttpConfig,
+    /// Open WebSocket connections per token subject.
+    pub ws_conns: DashMap<String, usize>,
+    /// Cancelled on shutdown: WebSocket sessions close with 1001.
+    pub shutdown: CancellationToken,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "presence-bridge", description = "Live XMPP presence: REST and WebSocket (contract v1)"),
+    paths(rest::healthz, rest::readyz, rest::metrics, rest::list, rest::one, rest::last_seen, rest::last_seen_bulk, rest::history, rest::stats),
+    components(schemas(ErrorBody, rest::Ready, rest::PresenceList, rest::BulkBody, rest::StatsBody)),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let c = doc.components.get_or_insert_with(Default::default);
+        c.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The OpenAPI document, generated from the handlers' annotations.
+pub fn openapi_json() -> String {
+    ApiDoc::openapi().to_pretty_json().unwrap_or_default()
+}
+
+async fn openapi_doc() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(openapi_json())
+}
+
+async fn not_found(req: HttpRequest) -> HttpResponse {
+    use actix_web::ResponseError;
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route for {} {}", req.method(), req.path()),
+    )
+    .error_response()
+}
+
+/// Rate-limit key: the bearer token (hashed) when there is one, else the peer address.
+#[derive(Debug, Clone, Copy)]
+struct TokenKey;
+
+/// Rate-limit key: the peer address.
+#[derive(Debug, Clone, Copy)]
+struct IpKey;
+
+fn peer_ip(req: &ServiceRequest) -> Result<IpAddr, SimpleKeyExtractionError<&'static str>> {
+    req.peer_addr()
+        .map(|a| a.ip())
+        .ok_or_else(|| SimpleKeyExtractionError::new("cannot determine the peer address"))
+}
+
+fn limited(negative: &NotUntil<QuantaInstant>, mut response: HttpResponseBuilder) -> HttpResponse {
+    let wait = negative
+        .wait_time_from(DefaultClock::default().now())
+        .as_secs()
+        .max(1);
+    response
+        .insert_header(("Retry-After", wait.to_string()))
+        .json(ErrorBody {
+            error: "rate_limited".into(),
+            message: format!("too many requests; retry in {wait} s"),
+        })
+}
+
+impl KeyExtractor for TokenKey {
+    type Key = (u8, u64);
+    type KeyExtractionError = SimpleKeyExtractionError<&'static str>;
+    fn extract(&self, req: &ServiceRequest) -> Result<Self::Key, Self::KeyExtractionError> {
+        match auth::bearer(req.request(), true) {
+            Some(t) => {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                t.hash(&mut h);
+                Ok((1, h.finish()))
+            }
+            None => {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                peer_ip(req)?.hash(&mut h);
+                Ok((0, h.finish()))
+            }
+        }
+    }
+    fn exceed_rate_limit_response(
+        &self,
+        negative: &NotUntil<QuantaInstant>,
+        response: HttpResponseBuilder,
+    ) -> HttpResponse {
+        limited(negative, response)
+    }
+}
+
+impl KeyExtractor for IpKey {
+    type Key = IpAddr;
+    type KeyExtractionError = SimpleKeyExtractionError<&'static str>;
+    fn extract(&self, req: &ServiceRequest) -> Result<Self::Key, Self::KeyExtractionError> {
+        peer_ip(req)
+    }
+    fn exceed_rate_limit_response(
+        &self,
+        negative: &NotUntil<QuantaInstant>,
+        response: HttpResponseBuilder,
+    ) -> HttpResponse {
+        limited(negative, response)
+    }
+}
+
+/// Counts requests and latency by route pattern (not by raw path: JIDs are unbounded).
+async fn observe(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let started = Instant::now();
+    let metrics = req
+        .app_data::<web::Data<AppState>>()
+        .map(|s| s.metrics.clone());
+    let method = req.method().to_string();
+    let res = next.call(req).await?;
+    if let Some(m) = metrics {
+        let route = res
+            .request()
+            .match_pattern()
+            .unwrap_or_else(|| "unmatched".into());
+        let status = res.status().as_u16().to_string();
+        m.http_requests
+            .with_label_values(&[route.as_str(), method.as_str(), status.as_str()])
+            .inc();
+        m.http_latency
+            .with_label_values(&[route.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+    }
+    Ok(res)
+}
+
+fn json_error(code: &'static str) -> impl Fn(String, StatusCode) -> actix_web::Error + Clone {
+    move |msg, status| ApiError::new(status, code, msg).into()
+}
+
+/// Builds the TLS config from PEM files.
+pub fn tls_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<rustls::ServerConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("http.tls_cert: {}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("http.tls_cert: {}: {e}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("http.tls_key: {}: {e}", key.display()))?;
+    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("http.tls_cert/http.tls_key: {e}"))
+}
+
+/// Starts the server on `listener`. Stop it with the returned handle (graceful) after
+/// cancelling `state.shutdown` (which closes WebSockets with 1001).
+pub fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    auth: Auth,
+    tls: Option<rustls::ServerConfig>,
+) -> std::io::Result<Server> {
+    let http = state.http.clone();
+    let data = web::Data::from(state);
+    let auth = web::Data::new(auth);
+    let per_token = if http.rate_limit_per_token == 0 {
+        None
+    } else {
+        GovernorConfigBuilder::default()
+            .period(Duration::from_secs_f64(
+                1.0 / f64::from(http.rate_limit_per_token),
+            ))
+            .burst_size(http.rate_limit_burst.max(1))
+            .key_extractor(TokenKey)
+            .finish()
+    };
+    let per_ip = if http.rate_limit_per_ip == 0 {
+        None
+    } else {
+        GovernorConfigBuilder::default()
+            .period(Duration::from_secs_f64(
+                1.0 / f64::from(http.rate_limit_per_ip),
+            ))
+            .burst_size(http.rate_limit_burst.saturating_mul(2).max(1))
+            .key_extractor(IpKey)
+            .finish()
+    };
+    let body_limit = http.body_limit_bytes;
+    let server = HttpServer::new(move || {
+        let api = web::scope("/api/v1")
+            .wrap(actix_web::middleware::Condition::new(
+                per_token.is_some(),
+                Governor::new(per_token.as_ref().unwrap_or(&default_governor(TokenKey))),
+            ))
+            .wrap(actix_web::middleware::Condition::new(
+                per_ip.is_some(),
+                Governor::new(per_ip.as_ref().unwrap_or(&default_governor(IpKey))),
+            ))
+            .service(rest::list)
+            .service(rest::one)
+            .service(rest::last_seen)
+            .service(rest::last_seen_bulk)
+            .service(rest::history)
+            .service(rest::stats)
+            .service(ws::ws)
+            .route("/openapi.json", web::get().to(openapi_doc));
+        App::new()
+            .app_data(data.clone())
+            .app_data(auth.clone())
+            .app_data(web::JsonConfig::default().limit(body_limit).error_handler({
+                let f = json_error("invalid_body");
+                move |e, _| {
+                    let status = match &e {
+                        actix_web::error::JsonPayloadError::OverflowKnownLength { .. }
+                        | actix_web::error::JsonPayloadError::Overflow { .. } => {
+                            StatusCode::PAYLOAD_TOO_LARGE
+                        }
+                        actix_web::error::JsonPayloadError::ContentType => {
+                            StatusCode::UNSUPPORTED_MEDIA_TYPE
+                        }
+                        _ => StatusCode::BAD_REQUEST,
+                    };
+                    let code_msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                        format!(
+                            "request body larger than {body_limit} bytes (http.body_limit_bytes)"
+                        )
+                    } else {
+                        e.to_string()
+                    };
+                    f(code_msg, status)
+                }
+            }))
+            .app_data(web::PayloadConfig::default().limit(body_limit))
+            .app_data(web::QueryConfig::default().error_handler({
+                let f = json_error("invalid_parameter");
+                move |e, _| f(e.to_string(), StatusCode::BAD_REQUEST)
+            }))
+            .app_data(web::PathConfig::default().error_handler({
+                let f = json_error("invalid_parameter");
+                move |e, _| f(e.to_string(), StatusCode::BAD_REQUEST)
+            }))
+            .wrap(from_fn(observe))
+            .wrap(Compress::default())
+            .service(rest::healthz)
+            .service(rest::readyz)
+            .service(rest::metrics)
+            .service(api)
+            .default_service(web::to(not_found))
+    })
+    .workers(http.workers.max(1))
+    .disable_signals()
+    .shutdown_timeout(5);
+    let server = match tls {
+        Some(cfg) => server.listen_rustls_0_23(listener, cfg)?,
+        None => server.listen(listener)?,
+    };
+    Ok(server.run())
+}
+
+/// A placeholder config for a disabled limiter (`Condition` needs a value of the same type).
+fn default_governor<K: KeyExtractor>(
+    k: K,
+) -> actix_governor::GovernorConfig<
+    K,
+    actix_governor::governor::middleware::NoOpMiddleware<QuantaInstant>,
+> {
+    GovernorConfigBuilder::default()
+        .key_extractor(k)
+        .finish()
+        .unwrap_or_else(unreachable_config)
+}
+
+#[allow(clippy::panic)]
+fn unreachable_config<T>() -> T {
+    panic!("the default governor configuration is always valid")
+}

@@ -1,0 +1,440 @@
+//! REST endpoints (contract §4). Every handler that shows presence takes a scoped
+//! permissions extractor, and filters by the token's `domains`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, get, post, web};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+use super::auth::{HistoryRead, Permissions, PresenceRead};
+use super::error::ApiError;
+use crate::presence::{Show, UserJid, UserPresence};
+use crate::store::StoreMode;
+use crate::store::reads::{self, HistoryQuery, Order};
+
+type State = web::Data<AppState>;
+
+/// Parses a user JID from a path or body, or answers 400 `invalid_jid`.
+pub fn parse_jid(s: &str) -> Result<UserJid, ApiError> {
+    UserJid::parse(s).map_err(|_| ApiError::invalid_jid(s))
+}
+
+/// `GET /healthz`.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "The process runs")))]
+#[get("/healthz")]
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+/// `/readyz` body.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Ready {
+    /// `connected` / `disconnected` (`simulated` in demo mode).
+    pub xmpp: &'static str,
+    /// `ok` / `spooling` / `memory`.
+    pub store: &'static str,
+    /// Events waiting in the spool.
+    pub spooled_events: u64,
+    /// Presence is not being fed (disconnected after having been connected).
+    pub stale: bool,
+    /// A resync round is running.
+    pub resyncing: bool,
+    /// Successful reconnections.
+    pub reconnects: u64,
+    /// Since when the XMPP state holds.
+    #[serde(with = "crate::presence::model::rfc3339_millis::option")]
+    pub xmpp_since: Option<DateTime<Utc>>,
+    /// XEP-0356 permissions granted, as `access:type`.
+    pub privileges: Vec<String>,
+    /// The engine's epoch and seq.
+    pub epoch: String,
+    /// Last seq.
+    pub seq: u64,
+}
+
+/// `GET /readyz`.
+#[utoipa::path(get, path = "/readyz", responses((status = 200, body = Ready), (status = 503, body = Ready)))]
+#[get("/readyz")]
+pub async fn readyz(st: State) -> HttpResponse {
+    let status = st.component.as_ref().map(|c| c.status());
+    let (xmpp, xmpp_ok) = match &status {
+        Some(s) if s.connected => ("connected", true),
+        Some(_) => ("disconnected", false),
+        None => ("simulated", true),
+    };
+    let store_status = st.store.as_ref().map(|s| s.status());
+    let (store, spooled) = match &store_status {
+        None => ("memory", 0),
+        Some(s) => (
+            if s.mode == StoreMode::Spooling {
+                "spooling"
+            } else {
+                "ok"
+            },
+            s.spooled_events,
+        ),
+    };
+    let body = Ready {
+        xmpp,
+        store,
+        spooled_events: spooled,
+        stale: status.as_ref().is_some_and(|s| s.stale),
+        resyncing: status.as_ref().is_some_and(|s| s.resyncing),
+        reconnects: status.as_ref().map_or(0, |s| s.reconnects),
+        xmpp_since: status.as_ref().and_then(|s| s.since),
+        privileges: status
+            .map(|s| {
+                s.privileges
+                    .iter()
+                    .map(|(a, t)| format!("{a}:{t}"))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        epoch: st.engine.epoch().to_string(),
+        seq: st.engine.seq(),
+    };
+    // Spooling still accepts writes (durably, on disk): the bridge stays ready.
+    let code = if xmpp_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    HttpResponse::build(code).json(body)
+}
+
+/// `GET /metrics`.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
+#[get("/metrics")]
+pub async fn metrics(st: State) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(st.metrics.render(&st))
+}
+
+/// Query of `GET /api/v1/presence`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct ListQuery {
+    /// Only users of this domain.
+    pub domain: Option<String>,
+    /// Only users with this aggregate show.
+    pub show: Option<String>,
+    /// Page size (default 1000, max 10000).
+    pub limit: Option<usize>,
+    /// Cursor from the previous page.
+    pub cursor: Option<String>,
+}
+
+/// Online users page.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PresenceList {
+    /// The epoch of `seq`.
+    pub epoch: String,
+    /// The snapshot's seq.
+    pub seq: u64,
+    /// Online users, sorted by JID.
+    #[schema(value_type = Vec<Object>)]
+    pub users: Vec<Arc<UserPresence>>,
+    /// Cursor for the next page.
+    pub next_cursor: Option<String>,
+}
+
+fn parse_show(s: &str) -> Result<Show, ApiError> {
+    Show::ALL
+        .into_iter()
+        .find(|x| x.as_str() == s)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_parameter",
+                format!("show must be one of chat, available, away, xa, dnd, offline; got {s:?}"),
+            )
+        })
+}
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<String> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+/// `GET /api/v1/presence`.
+#[utoipa::path(get, path = "/api/v1/presence", params(ListQuery), responses((status = 200, body = PresenceList), (status = 401, body = super::error::ErrorBody), (status = 403, body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[get("/presence")]
+pub async fn list(
+    st: State,
+    PresenceRead(p): PresenceRead,
+    q: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let show = q.show.as_deref().map(parse_show).transpose()?;
+    let limit = q.limit.unwrap_or(1000);
+    if limit == 0 || limit > 10_000 {
+        return Err(ApiError::bad_request(
+            "invalid_parameter",
+            "limit must be 1..=10000",
+        ));
+    }
+    let after = match q.cursor.as_deref() {
+        Some(c) => Some(unhex(c).ok_or_else(|| {
+            ApiError::bad_request("invalid_cursor", "cursor is not one this bridge issued")
+        })?),
+        None => None,
+    };
+    let domain = q.domain.as_deref().map(str::to_lowercase);
+    let snap = st.engine.snapshot().await.map_err(ApiError::internal)?;
+    let mut users: Vec<Arc<UserPresence>> = snap
+        .users
+        .into_iter()
+        .filter(|u| p.can_see(&u.jid))
+        .filter(|u| domain.as_deref().is_none_or(|d| u.jid.domain() == d))
+        .filter(|u| show.is_none_or(|s| u.show == s))
+        .filter(|u| after.as_deref().is_none_or(|a| u.jid.as_str() > a))
+        .take(limit + 1)
+        .collect();
+    let next_cursor = if users.len() > limit {
+        users.truncate(limit);
+        users.last().map(|u| hex(u.jid.as_str()))
+    } else {
+        None
+    };
+    Ok(HttpResponse::Ok().json(PresenceList {
+        epoch: snap.epoch.to_string(),
+        seq: snap.seq,
+        users,
+        next_cursor,
+    }))
+}
+
+fn visible(p: &Permissions, jid: &UserJid) -> Result<(), ApiError> {
+    // A JID outside the token's domains is indistinguishable from an unknown one.
+    if p.can_see(jid) {
+        Ok(())
+    } else {
+        Err(ApiError::unknown_jid(jid.as_str()))
+    }
+}
+
+/// `GET /api/v1/presence/{jid}`.
+#[utoipa::path(get, path = "/api/v1/presence/{jid}", params(("jid" = String, Path, description = "Bare JID")), responses((status = 200, description = "UserPresence"), (status = 400, body = super::error::ErrorBody), (status = 404, body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[get("/presence/{jid}")]
+pub async fn one(
+    st: State,
+    PresenceRead(p): PresenceRead,
+    jid: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let jid = parse_jid(&jid)?;
+    visible(&p, &jid)?;
+    let u = st
+        .engine
+        .get(&jid)
+        .ok_or_else(|| ApiError::unknown_jid(jid.as_str()))?;
+    Ok(HttpResponse::Ok().json(u))
+}
+
+/// `GET /api/v1/last-seen/{jid}`.
+#[utoipa::path(get, path = "/api/v1/last-seen/{jid}", params(("jid" = String, Path, description = "Bare JID")), responses((status = 200, description = "LastSeen"), (status = 400, body = super::error::ErrorBody), (status = 404, body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[get("/last-seen/{jid}")]
+pub async fn last_seen(
+    st: State,
+    PresenceRead(p): PresenceRead,
+    jid: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let jid = parse_jid(&jid)?;
+    visible(&p, &jid)?;
+    match reads::last_seen(&st.engine, st.pool.as_ref(), &jid).await {
+        Ok(Some(ls)) => Ok(HttpResponse::Ok().json(ls)),
+        Ok(None) => Err(ApiError::unknown_jid(jid.as_str())),
+        Err(e) => Err(ApiError::store(e)),
+    }
+}
+
+/// Body of `POST /api/v1/last-seen`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BulkBody {
+    /// Up to 1000 bare JIDs.
+    pub jids: Vec<String>,
+}
+
+/// Most JIDs per bulk request.
+pub const BULK_MAX: usize = 1000;
+
+/// `POST /api/v1/last-seen`.
+#[utoipa::path(post, path = "/api/v1/last-seen", request_body = BulkBody, responses((status = 200, description = "{results, unknown}"), (status = 400, body = super::error::ErrorBody), (status = 413, body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[post("/last-seen")]
+pub async fn last_seen_bulk(
+    st: State,
+    PresenceRead(p): PresenceRead,
+    body: web::Json<BulkBody>,
+) -> Result<HttpResponse, ApiError> {
+    if body.jids.len() > BULK_MAX {
+        return Err(ApiError::bad_request(
+            "too_many_jids",
+            format!(
+                "at most {BULK_MAX} JIDs per request; got {}",
+                body.jids.len()
+            ),
+        ));
+    }
+    let mut jids = Vec::with_capacity(body.jids.len());
+    let mut hidden = Vec::new();
+    for s in &body.jids {
+        let j = parse_jid(s)?;
+        if p.can_see(&j) {
+            jids.push(j)
+        } else {
+            hidden.push(j)
+        }
+    }
+    let (results, mut unknown) = reads::last_seen_many(&st.engine, st.pool.as_ref(), &jids)
+        .await
+        .map_err(ApiError::store)?;
+    unknown.extend(hidden);
+    Ok(HttpResponse::Ok().json(serde_json::json!({"results": results, "unknown": unknown})))
+}
+
+/// Query of `GET /api/v1/history/{jid}`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct HistoryParams {
+    /// From (RFC 3339, inclusive).
+    pub from: Option<String>,
+    /// To (RFC 3339, exclusive).
+    pub to: Option<String>,
+    /// Page size (default 100, max 1000).
+    pub limit: Option<i64>,
+    /// `asc` or `desc` (default).
+    pub order: Option<String>,
+    /// Cursor from the previous page.
+    pub cursor: Option<String>,
+}
+
+fn parse_time(name: &str, v: &Option<String>) -> Result<Option<DateTime<Utc>>, ApiError> {
+    v.as_deref()
+        .map(|s| {
+            DateTime::parse_from_rfc3339(s)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|_| {
+                    ApiError::bad_request(
+                        "invalid_parameter",
+                        format!("{name} must be an RFC 3339 time, e.g. 2026-11-22T10:00:00Z"),
+                    )
+                })
+        })
+        .transpose()
+}
+
+/// `GET /api/v1/history/{jid}`.
+#[utoipa::path(get, path = "/api/v1/history/{jid}", params(("jid" = String, Path, description = "Bare JID"), HistoryParams), responses((status = 200, description = "{events, next_cursor}"), (status = 400, body = super::error::ErrorBody), (status = 501, body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[get("/history/{jid}")]
+pub async fn history(
+    st: State,
+    HistoryRead(p): HistoryRead,
+    jid: web::Path<String>,
+    q: web::Query<HistoryParams>,
+) -> Result<HttpResponse, ApiError> {
+    let jid = parse_jid(&jid)?;
+    visible(&p, &jid)?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_parameter",
+            "limit must be 1..=1000",
+        ));
+    }
+    let order = match q.order.as_deref() {
+        None | Some("desc") => Order::Desc,
+        Some("asc") => Order::Asc,
+        Some(o) => {
+            return Err(ApiError::bad_request(
+                "invalid_parameter",
+                format!("order must be asc or desc; got {o:?}"),
+            ));
+        }
+    };
+    let query = HistoryQuery {
+        from: parse_time("from", &q.from)?,
+        to: parse_time("to", &q.to)?,
+        order,
+        limit,
+        cursor: q.cursor.clone(),
+    };
+    let Some(pool) = &st.pool else {
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "history_disabled",
+            "this bridge runs without Postgres (store.postgres_url): no history is kept",
+        ));
+    };
+    match reads::history(pool, &jid, &query).await {
+        Ok(Ok(page)) => Ok(HttpResponse::Ok().json(page)),
+        Ok(Err(_)) => Err(ApiError::bad_request(
+            "invalid_cursor",
+            "cursor is not one this bridge issued",
+        )),
+        Err(e) => Err(ApiError::store(e)),
+    }
+}
+
+/// `GET /api/v1/stats` body.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StatsBody {
+    /// Seq the counts include.
+    pub seq: u64,
+    /// Online users.
+    pub online_users: u64,
+    /// Online resources.
+    pub online_resources: u64,
+    /// By aggregate show.
+    pub by_show: BTreeMap<String, u64>,
+    /// By domain.
+    pub by_domain: BTreeMap<String, u64>,
+}
+
+/// `GET /api/v1/stats`.
+#[utoipa::path(get, path = "/api/v1/stats", responses((status = 200, body = StatsBody)), security(("bearer" = [])))]
+#[get("/stats")]
+pub async fn stats(st: State, PresenceRead(p): PresenceRead) -> Result<HttpResponse, ApiError> {
+    let body = if p.is_restricted() {
+        // Counted from a snapshot, so that a narrowed token sees only its domains.
+        let snap = st.engine.snapshot().await.map_err(ApiError::internal)?;
+        let mut b = StatsBody {
+            seq: snap.seq,
+            online_users: 0,
+            online_resources: 0,
+            by_show: BTreeMap::new(),
+            by_domain: BTreeMap::new(),
+        };
+        for u in snap.users.iter().filter(|u| p.can_see(&u.jid)) {
+            b.online_users += 1;
+            b.online_resources += u.resources.len() as u64;
+            *b.by_show.entry(u.show.as_str().to_owned()).or_default() += 1;
+            *b.by_domain.entry(u.jid.domain().to_owned()).or_default() += 1;
+        }
+        b
+    } else {
+        let s = st.engine.stats();
+        StatsBody {
+            seq: s.seq,
+            online_users: s.online_users,
+            online_resources: s.online_resources,
+            by_show: s
+                .by_show
+                .into_iter()
+                .map(|(k, v)| (k.as_str().to_owned(), v))
+                .collect(),
+            by_domain: s.by_domain,
+        }
+    };
+    Ok(HttpResponse::Ok().json(body))
+}

@@ -1,0 +1,420 @@
+//! `GET /api/v1/ws` (contract §5): snapshot, then batched diffs; resume with `since`+`epoch`;
+//! `jids`/`domains` filters and the `subscribe` message; lag → `resync` + snapshot for that
+//! client only; server pings; per-token connection cap.
+//!
+//! One task per session, one `select!` over the socket, the change feed, the ping timer and
+//! shutdown. Every write has a deadline: a client that stops reading is closed, and because
+//! each session reads the hub at its own pace nothing on the change path ever waits for it.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::{HttpRequest, HttpResponse, get, web};
+use actix_ws::{AggregatedMessage, CloseCode, CloseReason, Session};
+use chrono::Utc;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+use super::auth::{Permissions, Scope, authenticate, require};
+use super::error::ApiError;
+use crate::presence::{Change, Resume, UserJid, UserPresence};
+
+#[derive(Debug, Deserialize)]
+struct WsQuery {
+    since: Option<u64>,
+    epoch: Option<String>,
+    jids: Option<String>,
+    domains: Option<String>,
+}
+
+/// What a session shows: the token's domains always, narrowed by the client's filter.
+#[derive(Debug, Clone, Default)]
+struct Filter {
+    jids: Option<HashSet<UserJid>>,
+    domains: Option<HashSet<String>>,
+}
+
+impl Filter {
+    fn new(jids: Option<Vec<String>>, domains: Option<Vec<String>>) -> Result<Filter, String> {
+        let jids = jids
+            .filter(|v| !v.is_empty())
+            .map(|v| {
+                v.iter()
+                    .map(|s| UserJid::parse(s.trim()).map_err(|_| s.clone()))
+                    .collect::<Result<HashSet<_>, _>>()
+            })
+            .transpose()?;
+        let domains = domains
+            .filter(|v| !v.is_empty())
+            .map(|v| v.iter().map(|d| d.trim().to_lowercase()).collect());
+        Ok(Filter { jids, domains })
+    }
+
+    fn passes(&self, p: &Permissions, jid: &UserJid) -> bool {
+        if !p.can_see(jid) {
+            return false;
+        }
+        match (&self.jids, &self.domains) {
+            (None, None) => true,
+            (j, d) => {
+                j.as_ref().is_some_and(|j| j.contains(jid))
+                    || d.as_ref().is_some_and(|d| d.contains(jid.domain()))
+            }
+        }
+    }
+}
+
+fn split(s: &Option<String>) -> Option<Vec<String>> {
+    s.as_ref().map(|s| {
+        s.split(',')
+            .filter(|x| !x.trim().is_empty())
+            .map(str::to_owned)
+            .collect()
+    })
+}
+
+/// Origin check: requests without Origin (non-browser clients) pass; browsers must be
+/// same-origin or in `http.allowed_origins` (`*` allows any).
+fn origin_ok(req: &HttpRequest, allowed: &[String]) -> bool {
+    let Some(origin) = req
+        .headers()
+        .get(actix_web::http::header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return true;
+    };
+    if allowed
+        .iter()
+        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+    {
+        return true;
+    }
+    let host = req.connection_info().host().to_owned();
+    origin
+        .split_once("://")
+        .is_some_and(|(_, rest)| rest.trim_end_matches('/').eq_ignore_ascii_case(&host))
+}
+
+/// Holds one of a token's connection slots; released on drop.
+struct Slot {
+    st: web::Data<AppState>,
+    sub: String,
+}
+
+impl Slot {
+    fn acquire(st: &web::Data<AppState>, sub: &str) -> Option<Slot> {
+        let mut n = st.ws_conns.entry(sub.to_owned()).or_insert(0);
+        if *n >= st.http.ws_max_per_token {
+            return None;
+        }
+        *n += 1;
+        Some(Slot {
+            st: st.clone(),
+            sub: sub.to_owned(),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let gone = match self.st.ws_conns.get_mut(&self.sub) {
+            Some(mut n) => {
+                *n = n.saturating_sub(1);
+                *n == 0
+            }
+            None => false,
+        };
+        if gone {
+            self.st.ws_conns.remove_if(&self.sub, |_, n| *n == 0);
+        }
+    }
+}
+
+/// `GET /api/v1/ws`.
+#[get("/ws")]
+pub async fn ws(
+    req: HttpRequest,
+    body: web::Payload,
+    st: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let perms = require(authenticate(&req, true)?, Scope::PresenceRead)?;
+    if !origin_ok(&req, &st.http.allowed_origins) {
+        return Err(
+            ApiError::forbidden("this Origin is not allowed (http.allowed_origins)")
+                .with_code("forbidden_origin"),
+        );
+    }
+    let q = web::Query::<WsQuery>::from_query(req.query_string())
+        .map_err(|e| ApiError::bad_request("invalid_parameter", e.to_string()))?
+        .into_inner();
+    let filter =
+        Filter::new(split(&q.jids), split(&q.domains)).map_err(|j| ApiError::invalid_jid(&j))?;
+    let slot = Slot::acquire(&st, &perms.sub).ok_or_else(|| {
+        ApiError::new(
+            actix_web::http::StatusCode::TOO_MANY_REQUESTS,
+            "too_many_connections",
+            format!(
+                "at most {} WebSocket connections per token",
+                st.http.ws_max_per_token
+            ),
+        )
+    })?;
+    let (resp, session, stream) = actix_ws::handle(&req, body)
+        .map_err(|e| ApiError::bad_request("not_websocket", e.to_string()))?;
+    let stream = stream
+        .max_frame_size(64 << 10)
+        .aggregate_continuations()
+        .max_continuation_size(256 << 10);
+    let resume = match (q.since, q.epoch) {
+        (Some(s), Some(e)) => Some((s, e)),
+        _ => None,
+    };
+    actix_web::rt::spawn(run(
+        st.into_inner(),
+        perms,
+        filter,
+        resume,
+        session,
+        stream,
+        slot,
+    ));
+    Ok(resp)
+}
+
+#[derive(Serialize)]
+struct SnapshotFrame<'a> {
+    r#type: &'static str,
+    epoch: &'a str,
+    seq: u64,
+    users: Vec<&'a Arc<UserPresence>>,
+}
+
+#[derive(Serialize)]
+struct DiffFrame<'a> {
+    r#type: &'static str,
+    changes: &'a [Arc<Change>],
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum ClientMsg {
+    Subscribe {
+        #[serde(default)]
+        jids: Option<Vec<String>>,
+        #[serde(default)]
+        domains: Option<Vec<String>>,
+    },
+    Ping,
+}
+
+enum End {
+    Closed,
+    Slow,
+}
+
+struct Conn {
+    st: Arc<AppState>,
+    session: Session,
+    send_timeout: Duration,
+}
+
+impl Conn {
+    async fn send(&mut self, text: String) -> Result<(), End> {
+        let n = text.len() as u64;
+        match tokio::time::timeout(self.send_timeout, self.session.text(text)).await {
+            Ok(Ok(())) => {
+                self.st.metrics.ws_frames.inc();
+                self.st.metrics.ws_bytes.inc_by(n);
+                Ok(())
+            }
+            Ok(Err(_)) => Err(End::Closed),
+            Err(_) => Err(End::Slow),
+        }
+    }
+
+    async fn error(&mut self, code: &str, message: &str) -> Result<(), End> {
+        self.send(
+            serde_json::json!({"type": "error", "error": code, "message": message}).to_string(),
+        )
+        .await
+    }
+
+    /// Sends a snapshot consistent with its seq and makes `sub` skip what it covers.
+    async fn snapshot(
+        &mut self,
+        sub: &mut crate::presence::Subscription,
+        p: &Permissions,
+        f: &Filter,
+    ) -> Result<(), End> {
+        let snap = self.st.engine.snapshot().await.map_err(|_| End::Closed)?;
+        sub.skip_through(snap.seq);
+        let frame = SnapshotFrame {
+            r#type: "snapshot",
+            epoch: &snap.epoch,
+            seq: snap.seq,
+            users: snap.users.iter().filter(|u| f.passes(p, &u.jid)).collect(),
+        };
+        self.send(serde_json::to_string(&frame).unwrap_or_default())
+            .await
+    }
+
+    async fn diff(
+        &mut self,
+        changes: &[Arc<Change>],
+        p: &Permissions,
+        f: &Filter,
+    ) -> Result<(), End> {
+        let visible: Vec<Arc<Change>> = changes
+            .iter()
+            .filter(|c| f.passes(p, &c.jid))
+            .cloned()
+            .collect();
+        if visible.is_empty() {
+            return Ok(());
+        }
+        let text = serde_json::to_string(&DiffFrame {
+            r#type: "diff",
+            changes: &visible,
+        })
+        .unwrap_or_default();
+        self.send(text).await?;
+        let now = Utc::now();
+        for c in &visible {
+            let secs = (now - c.received_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+            self.st.metrics.e2e_latency.observe(secs.max(0.0));
+        }
+        Ok(())
+    }
+}
+
+async fn run(
+    st: Arc<AppState>,
+    perms: Permissions,
+    mut filter: Filter,
+    resume: Option<(u64, String)>,
+    session: Session,
+    mut stream: actix_ws::AggregatedMessageStream,
+    _slot: Slot,
+) {
+    st.metrics.ws_sessions.inc();
+    let mut conn = Conn {
+        st: st.clone(),
+        session: session.clone(),
+        send_timeout: st.http.ws_send_timeout(),
+    };
+    let end = session_loop(&st, &perms, &mut filter, resume, &mut conn, &mut stream).await;
+    let reason = match end {
+        Err(End::Slow) => {
+            st.metrics.ws_closed.with_label_values(&["slow"]).inc();
+            Some(CloseReason {
+                code: CloseCode::Policy,
+                description: Some("client too slow".into()),
+            })
+        }
+        Ok(Some(r)) => Some(r),
+        _ => None,
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), session.close(reason)).await;
+    st.metrics.ws_sessions.dec();
+}
+
+async fn session_loop(
+    st: &Arc<AppState>,
+    perms: &Permissions,
+    filter: &mut Filter,
+    resume: Option<(u64, String)>,
+    conn: &mut Conn,
+    stream: &mut actix_ws::AggregatedMessageStream,
+) -> Result<Option<CloseReason>, End> {
+    let hub = st.engine.hub();
+    let mut sub = hub.subscribe();
+    let mut resumed = false;
+    if let Some((since, epoch)) = resume
+        && epoch == **st.engine.epoch()
+        && let Resume::Changes(missed) = hub.since(since, st.engine.seq())
+    {
+        sub.skip_through(missed.last().map_or(since, |c| c.seq));
+        conn.diff(&missed, perms, filter).await?;
+        resumed = true;
+    }
+    if !resumed {
+        conn.snapshot(&mut sub, perms, filter).await?;
+    }
+    let ping_every = st.http.ws_ping();
+    let mut ping = tokio::time::interval(ping_every);
+    ping.tick().await;
+    let mut last_heard = Instant::now();
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            _ = st.shutdown.cancelled() => {
+                return Ok(Some(CloseReason { code: CloseCode::Away, description: Some("server shutting down".into()) }));
+            }
+            msg = stream.next() => {
+                last_heard = Instant::now();
+                match msg {
+                    Some(Ok(AggregatedMessage::Text(t))) => match serde_json::from_str::<ClientMsg>(&t) {
+                        Ok(ClientMsg::Ping) => conn.send(r#"{"type":"pong"}"#.to_owned()).await?,
+                        Ok(ClientMsg::Subscribe { jids, domains }) => match Filter::new(jids, domains) {
+                            Ok(f) => {
+                                *filter = f;
+                                conn.snapshot(&mut sub, perms, filter).await?;
+                            }
+                            Err(bad) => conn.error("invalid_jid", &format!("{bad:?} is not a valid user JID; filter unchanged")).await?,
+                        },
+                        Err(e) => conn.error("bad_message", &format!("expected {{\"type\":\"subscribe\"|\"ping\",...}}: {e}")).await?,
+                    },
+                    Some(Ok(AggregatedMessage::Binary(_))) => conn.error("bad_message", "binary frames are not supported").await?,
+                    Some(Ok(AggregatedMessage::Ping(b))) => {
+                        let _ = conn.session.pong(&b).await;
+                    }
+                    Some(Ok(AggregatedMessage::Pong(_))) => {}
+                    Some(Ok(AggregatedMessage::Close(_))) | None => return Ok(None),
+                    Some(Err(e)) => {
+                        st.metrics.ws_closed.with_label_values(&["protocol"]).inc();
+                        return Ok(Some(CloseReason { code: CloseCode::Protocol, description: Some(e.to_string()) }));
+                    }
+                }
+            }
+            next = sub.recv() => match next {
+                Ok(Some(c)) => {
+                    batch.clear();
+                    batch.push(c);
+                    // Everything already waiting goes into the same frame.
+                    match sub.drain_ready(&mut batch, 10_000) {
+                        Ok(()) => conn.diff(&batch, perms, filter).await?,
+                        Err(_) => resync(st, conn, &mut sub, perms, filter).await?,
+                    }
+                }
+                Ok(None) => return Ok(Some(CloseReason { code: CloseCode::Away, description: None })),
+                Err(_) => resync(st, conn, &mut sub, perms, filter).await?,
+            },
+            _ = ping.tick() => {
+                if last_heard.elapsed() > ping_every * 3 {
+                    st.metrics.ws_closed.with_label_values(&["dead_peer"]).inc();
+                    return Ok(Some(CloseReason { code: CloseCode::Policy, description: Some("no answer to pings".into()) }));
+                }
+                if conn.session.ping(b"pb").await.is_err() {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+/// The client fell behind the feed: tell it, then give it a fresh snapshot.
+async fn resync(
+    st: &Arc<AppState>,
+    conn: &mut Conn,
+    sub: &mut crate::presence::Subscription,
+    perms: &Permissions,
+    filter: &Filter,
+) -> Result<(), End> {
+    st.metrics.ws_resyncs.with_label_values(&["lagged"]).inc();
+    *sub = st.engine.hub().subscribe();
+    conn.send(r#"{"type":"resync","reason":"lagged"}"#.to_owned())
+        .await?;
+    conn.snapshot(sub, perms, filter).await
+}
