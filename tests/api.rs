@@ -1,0 +1,985 @@
+//! The HTTP API and the WebSocket feed, served for real on 127.0.0.1:0 and driven by real
+//! HTTP and WebSocket clients (and, for the live flow, a real ejabberd and Postgres).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use common::*;
+use futures::{SinkExt, StreamExt};
+use presence_bridge::api::auth::{self, Auth};
+use presence_bridge::api::metrics::Metrics;
+use presence_bridge::api::{self, AppState};
+use presence_bridge::config::{AuthConfig, HttpConfig, PresenceConfig, Secret};
+use presence_bridge::presence::{
+    Availability, Cause, Engine, EventKind, PresenceEvent, Show, UserJid,
+};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_util::sync::CancellationToken;
+
+const SECRET_KEY: &str = "api-test-secret";
+
+struct Api {
+    port: u16,
+    state: Arc<AppState>,
+    handle: actix_web::dev::ServerHandle,
+}
+
+impl Api {
+    fn start(engine: Engine, http: HttpConfig) -> Api {
+        Self::start_full(engine, None, None, None, http)
+    }
+
+    fn start_full(
+        engine: Engine,
+        component: Option<presence_bridge::xmpp::ComponentHandle>,
+        store: Option<presence_bridge::store::StoreHandle>,
+        pool: Option<deadpool_postgres::Pool>,
+        http: HttpConfig,
+    ) -> Api {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(AppState {
+            engine: engine.clone(),
+            component,
+            store,
+            pool,
+            metrics: Arc::new(Metrics::new()),
+            http,
+            ws_conns: Default::default(),
+            shutdown: CancellationToken::new(),
+        });
+        let auth = Auth::from_config(&auth_cfg()).unwrap();
+        let server = api::serve(listener, state.clone(), auth, None).unwrap();
+        let handle = server.handle();
+        tokio::spawn(server);
+        Api {
+            port,
+            state,
+            handle,
+        }
+    }
+
+    async fn stop(&self) {
+        self.state.shutdown.cancel();
+        self.handle.stop(true).await;
+    }
+
+    fn get(&self, path: &str, token: Option<&str>) -> (u16, Value, String) {
+        http_req(self.port, "GET", path, token, None)
+    }
+
+    fn post(&self, path: &str, token: Option<&str>, body: &str) -> (u16, Value, String) {
+        http_req(self.port, "POST", path, token, Some(body))
+    }
+
+    async fn ws(&self, query: &str, origin: Option<&str>) -> Ws {
+        ws_connect(self.port, query, origin)
+            .await
+            .unwrap_or_else(|e| panic!("ws connect {query}: {e}"))
+    }
+}
+
+fn auth_cfg() -> AuthConfig {
+    AuthConfig {
+        jwt_secret: Secret::new(SECRET_KEY),
+        ..AuthConfig::default()
+    }
+}
+
+fn token(scope: &str, domains: Option<Vec<&str>>) -> String {
+    let c = auth::claims(
+        "tester",
+        scope,
+        domains.map(|d| d.into_iter().map(String::from).collect()),
+        300,
+        &auth_cfg(),
+    );
+    auth::mint(SECRET_KEY, &c).unwrap()
+}
+
+fn open_http() -> HttpConfig {
+    HttpConfig {
+        rate_limit_per_token: 0,
+        rate_limit_per_ip: 0,
+        ..HttpConfig::default()
+    }
+}
+
+/// One HTTP/1.1 request; returns (status, JSON body or Null, raw head).
+fn http_req(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, Value, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    if let Some(b) = body {
+        let _ = s.write_all(b.as_bytes());
+    }
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(Value::Null),
+        head.to_string(),
+    )
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn ws_connect(port: u16, query: &str, origin: Option<&str>) -> Result<Ws, String> {
+    let mut req = format!("ws://127.0.0.1:{port}/api/v1/ws?{query}")
+        .into_client_request()
+        .map_err(|e| e.to_string())?;
+    if let Some(o) = origin {
+        req.headers_mut().insert("Origin", o.parse().unwrap());
+    }
+    tokio_tungstenite::connect_async(req)
+        .await
+        .map(|(ws, _)| ws)
+        .map_err(|e| e.to_string())
+}
+
+/// The next JSON text frame (pings and pongs skipped).
+async fn next_frame(ws: &mut Ws) -> Value {
+    let r = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => return serde_json::from_str::<Value>(&t).unwrap(),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("unexpected frame: {other:?}"),
+            }
+        }
+    })
+    .await;
+    r.unwrap_or_else(|_| panic!("no frame within {PATIENCE:?}"))
+}
+
+fn ev(i: u64, user: &str, res: &str, show: Option<Show>, status: &str) -> PresenceEvent {
+    let now = Utc::now();
+    PresenceEvent {
+        id: u128::from(i) + (1 << 100),
+        jid: UserJid::parse(user).unwrap(),
+        resource: res.into(),
+        kind: match show {
+            Some(s) => EventKind::Available(Availability {
+                show: s,
+                status: Some(status.into()),
+                priority: 0,
+                client: None,
+                idle_since: None,
+            }),
+            None => EventKind::Unavailable {
+                status: Some(status.into()),
+            },
+        },
+        at: now,
+        received_at: now,
+        cause: Cause::Stanza,
+    }
+}
+
+/// A change for `user` with a fresh status text each time.
+async fn change(engine: &Engine, i: u64, user: &str) {
+    engine
+        .apply(ev(i, user, "r", Some(Show::Chat), &format!("s{i}")))
+        .await
+        .unwrap();
+}
+
+fn diff_seqs(frame: &Value) -> Vec<u64> {
+    assert_eq!(frame["type"], "diff", "{frame}");
+    frame["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["seq"].as_u64().unwrap())
+        .collect()
+}
+
+/// The next change (reading frames as needed), checking the seq is the next one.
+async fn next_change(
+    ws: &mut Ws,
+    pending: &mut std::collections::VecDeque<Value>,
+    got: &mut Vec<Value>,
+    seq: &mut u64,
+    jid: &str,
+) {
+    while pending.is_empty() {
+        let f = next_frame(ws).await;
+        assert_eq!(f["type"], "diff", "{f}");
+        pending.extend(f["changes"].as_array().unwrap().iter().cloned());
+    }
+    let c = pending.pop_front().unwrap();
+    *seq += 1;
+    assert_eq!(c["seq"].as_u64(), Some(*seq), "gap-free seq");
+    assert_eq!(c["jid"], jid);
+    got.push(c);
+}
+
+/// Reads diff frames until `last` seq has been seen; returns all seqs in order.
+async fn collect_until(ws: &mut Ws, last: u64) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    while seqs.last().is_none_or(|s| *s < last) {
+        seqs.extend(diff_seqs(&next_frame(ws).await));
+    }
+    seqs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_flow_real_ejabberd_ws_diffs_and_rest_agree() {
+    init_logs();
+    let ej = Ejabberd::shared();
+    let lease = lease_component();
+    let pg = Pg::shared("apilive");
+    let user = ej.user("live", &lease.domain);
+    let jid = format!("{user}@localhost");
+
+    let spool = tempfile::tempdir().unwrap();
+    let pool = presence_bridge::store::pg::pool(&pg.url(), 2, Duration::from_secs(2)).unwrap();
+    presence_bridge::store::pg::migrate(&pool).await.unwrap();
+    let sink = presence_bridge::store::StoreSink::new();
+    let cfg = presence_bridge::config::StoreConfig {
+        spool_dir: spool.path().to_owned(),
+        ..Default::default()
+    };
+    let (store, _writer) =
+        presence_bridge::store::writer::start(&cfg, pool.clone(), sink.clone()).unwrap();
+    let (engine, _t) = Engine::start_with(&PresenceConfig::default(), Some(sink), Vec::new());
+    let bridge = Bridge::start_with(engine.clone(), xmpp_cfg(&ej, &lease));
+    bridge.connected().await;
+    let api = Api::start_full(
+        engine.clone(),
+        Some(bridge.component.clone()),
+        Some(store),
+        Some(pool),
+        open_http(),
+    );
+
+    let (code, ready, _) = api.get("/readyz", None);
+    assert_eq!(
+        (code, ready["xmpp"].as_str(), ready["store"].as_str()),
+        (200, Some("connected"), Some("ok"))
+    );
+
+    let t = token("presence:read history:read", None);
+    let mut ws = api.ws(&format!("token={t}"), None).await;
+    let snap = next_frame(&mut ws).await;
+    assert_eq!(snap["type"], "snapshot");
+    assert_eq!(snap["epoch"].as_str(), Some(&**engine.epoch()));
+    let mut expected_seq = snap["seq"].as_u64().unwrap();
+
+    // Each step waits for its diff: ejabberd does not order stanzas across two sessions.
+    let mut got: Vec<Value> = Vec::new();
+    let mut pending: std::collections::VecDeque<Value> = Default::default();
+    let mut phone = Client::login(ej.c2s, &user, "phone").await;
+    phone
+        .presence(
+            Some("chat"),
+            Some("on my phone"),
+            5,
+            Some("http://conversations.im"),
+        )
+        .await;
+    next_change(&mut ws, &mut pending, &mut got, &mut expected_seq, &jid).await;
+    let mut laptop = Client::login(ej.c2s, &user, "laptop").await;
+    laptop
+        .presence(Some("dnd"), Some("in a meeting"), 10, None)
+        .await;
+    next_change(&mut ws, &mut pending, &mut got, &mut expected_seq, &jid).await;
+    phone
+        .presence(
+            Some("away"),
+            Some("walking"),
+            5,
+            Some("http://conversations.im"),
+        )
+        .await;
+    next_change(&mut ws, &mut pending, &mut got, &mut expected_seq, &jid).await;
+    phone.unavailable(None).await;
+    next_change(&mut ws, &mut pending, &mut got, &mut expected_seq, &jid).await;
+    laptop.close().await;
+    next_change(&mut ws, &mut pending, &mut got, &mut expected_seq, &jid).await;
+    // Expected aggregates, step by step: (op, show, status, priority, resources).
+    let steps = [
+        ("online", "chat", Some("on my phone"), 5, vec!["phone"]),
+        (
+            "update",
+            "dnd",
+            Some("in a meeting"),
+            10,
+            vec!["laptop", "phone"],
+        ),
+        (
+            "update",
+            "dnd",
+            Some("in a meeting"),
+            10,
+            vec!["laptop", "phone"],
+        ),
+        ("update", "dnd", Some("in a meeting"), 10, vec!["laptop"]),
+        ("offline", "offline", None, 0, vec![]),
+    ];
+    for (c, (op, show, status, prio, res)) in got.iter().zip(steps.iter()) {
+        let p = &c["presence"];
+        assert_eq!(c["op"], *op, "{c}");
+        assert_eq!(
+            (
+                p["show"].as_str(),
+                p["status"].as_str(),
+                p["priority"].as_i64()
+            ),
+            (Some(*show), *status, Some(*prio)),
+            "{c}"
+        );
+        let names: Vec<_> = p["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["resource"].as_str().unwrap())
+            .collect();
+        assert_eq!(&names, res, "{c}");
+    }
+    let last = &got[4]["presence"];
+    assert!(last["last_seen"].is_string());
+
+    // REST agrees with the last diff.
+    let (code, p, _) = api.get(&format!("/api/v1/presence/{jid}"), Some(&t));
+    assert_eq!(code, 200);
+    assert_eq!(&p, last);
+    let (code, ls, _) = api.get(&format!("/api/v1/last-seen/{jid}"), Some(&t));
+    assert_eq!(code, 200);
+    assert_eq!(
+        (ls["online"].as_bool(), ls["last_seen"].as_str()),
+        (Some(false), last["last_seen"].as_str())
+    );
+    assert!(ls["seconds_ago"].as_i64().unwrap() >= 0);
+    // History: 5 events (2 available phone, 1 available laptop... as stored), newest first.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let hist = loop {
+        let (code, h, _) = api.get(&format!("/api/v1/history/{jid}?order=asc"), Some(&t));
+        assert_eq!(code, 200, "{h}");
+        if h["events"].as_array().unwrap().len() >= 5 || std::time::Instant::now() > deadline {
+            break h;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let kinds: Vec<_> = hist["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["resource"].as_str().unwrap().to_string(),
+                e["kind"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("phone".into(), "available".into()),
+            ("laptop".into(), "available".into()),
+            ("phone".into(), "available".into()),
+            ("phone".into(), "unavailable".into()),
+            ("laptop".into(), "unavailable".into())
+        ]
+    );
+    let m = metrics_text(api.port);
+    assert!(
+        metric(&m, "presence_bridge_stanza_to_ws_seconds_count") >= 5,
+        "end-to-end latency recorded"
+    );
+    assert!(metric(&m, "presence_bridge_stanzas_in_total{type=\"presence\"}") >= 5);
+    assert_eq!(metric(&m, "presence_bridge_xmpp_connected"), 1);
+    api.stop().await;
+    drop(ws);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_with_since_gets_exactly_the_missed_changes() {
+    init_logs();
+    let (engine, _t) = Engine::start(&PresenceConfig {
+        ring_size: 64,
+        queue_size: 1024,
+    });
+    let api = Api::start(engine.clone(), open_http());
+    let t = token("presence:read", None);
+    let mut ws = api.ws(&format!("token={t}"), None).await;
+    let snap = next_frame(&mut ws).await;
+    assert_eq!(
+        (snap["type"].as_str(), snap["seq"].as_u64()),
+        (Some("snapshot"), Some(0))
+    );
+    for i in 0..5 {
+        change(&engine, i, "a@x.test").await;
+    }
+    assert_eq!(collect_until(&mut ws, 5).await, vec![1, 2, 3, 4, 5]);
+    drop(ws);
+
+    for i in 5..12 {
+        change(&engine, i, "b@x.test").await;
+    }
+    let epoch = engine.epoch().to_string();
+    let mut ws = api
+        .ws(&format!("token={t}&since=5&epoch={epoch}"), None)
+        .await;
+    let first = next_frame(&mut ws).await;
+    assert_eq!(
+        first["type"], "diff",
+        "a resumable since gets diffs, not a snapshot: {first}"
+    );
+    let mut seqs = diff_seqs(&first);
+    if seqs.last() != Some(&12) {
+        seqs.extend(collect_until(&mut ws, 12).await);
+    }
+    assert_eq!(
+        seqs,
+        (6..=12).collect::<Vec<_>>(),
+        "exactly the missed changes, in order"
+    );
+    change(&engine, 99, "c@x.test").await;
+    assert_eq!(
+        collect_until(&mut ws, 13).await,
+        vec![13],
+        "then live, gap-free"
+    );
+
+    // Another epoch: never replayed.
+    let mut ws = api
+        .ws(&format!("token={t}&since=5&epoch=not-this-one"), None)
+        .await;
+    let f = next_frame(&mut ws).await;
+    assert_eq!(
+        (f["type"].as_str(), f["seq"].as_u64()),
+        (Some("snapshot"), Some(13))
+    );
+    assert_eq!(f["users"].as_array().unwrap().len(), 3);
+    // Too old for the ring (64): snapshot.
+    for i in 100..200 {
+        change(&engine, i, "d@x.test").await;
+    }
+    let mut ws = api
+        .ws(&format!("token={t}&since=2&epoch={epoch}"), None)
+        .await;
+    assert_eq!(next_frame(&mut ws).await["type"], "snapshot");
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_matrix_rest_and_ws() {
+    init_logs();
+    let (engine, _t) = Engine::start(&PresenceConfig::default());
+    engine
+        .apply(ev(1, "a@a.test", "r", Some(Show::Away), "in a"))
+        .await
+        .unwrap();
+    engine
+        .apply(ev(2, "b@b.test", "r", Some(Show::Dnd), "in b"))
+        .await
+        .unwrap();
+    engine.barrier().await.unwrap();
+    let api = Api::start(engine.clone(), open_http());
+    let read = token("presence:read", None);
+
+    // 401: none, garbage, wrong key, expired, alg none.
+    let wrong_key = auth::mint(
+        "another-secret",
+        &auth::claims("x", "admin", None, 300, &auth_cfg()),
+    )
+    .unwrap();
+    let mut old = auth::claims("x", "admin", None, 1, &auth_cfg());
+    old.exp -= 3600;
+    let expired = auth::mint(SECRET_KEY, &old).unwrap();
+    let alg_none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ4IiwiZXhwIjo5OTk5OTk5OTk5LCJzY29wZSI6ImFkbWluIn0.";
+    for (what, tok) in [
+        ("none", None),
+        ("garbage", Some("garbage")),
+        ("wrong key", Some(wrong_key.as_str())),
+        ("expired", Some(expired.as_str())),
+        ("alg none", Some(alg_none)),
+    ] {
+        let (code, body, _) = api.get("/api/v1/presence", tok);
+        assert_eq!(code, 401, "{what}: {body}");
+        assert_eq!(body["error"], "unauthorized", "{what}");
+        assert!(!body["message"].as_str().unwrap().contains(SECRET_KEY));
+    }
+    // 403: valid token without the scope.
+    let (code, body, _) = api.get("/api/v1/history/a@a.test", Some(&read));
+    assert_eq!((code, body["error"].as_str()), (403, Some("forbidden")));
+    let (code, _, _) = api.get("/api/v1/presence", Some(&token("history:read", None)));
+    assert_eq!(code, 403);
+    // admin implies everything.
+    let (code, _, _) = api.get("/api/v1/presence", Some(&token("admin", None)));
+    assert_eq!(code, 200);
+
+    // domains narrow every answer.
+    let narrow = token("presence:read", Some(vec!["a.test"]));
+    let (_, list, _) = api.get("/api/v1/presence", Some(&narrow));
+    let jids: Vec<_> = list["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["jid"].as_str().unwrap())
+        .collect();
+    assert_eq!(jids, vec!["a@a.test"]);
+    let (_, list, _) = api.get("/api/v1/presence", Some(&read));
+    assert_eq!(list["users"].as_array().unwrap().len(), 2);
+    assert_eq!(api.get("/api/v1/presence/b@b.test", Some(&narrow)).0, 404);
+    assert_eq!(api.get("/api/v1/last-seen/b@b.test", Some(&narrow)).0, 404);
+    let (_, stats, _) = api.get("/api/v1/stats", Some(&narrow));
+    assert_eq!(
+        (
+            stats["online_users"].as_u64(),
+            stats["by_domain"].as_object().unwrap().len()
+        ),
+        (Some(1), 1)
+    );
+    let (_, bulk, _) = api.post(
+        "/api/v1/last-seen",
+        Some(&narrow),
+        r#"{"jids":["a@a.test","b@b.test"]}"#,
+    );
+    assert_eq!(bulk["results"].as_array().unwrap().len(), 1);
+    assert_eq!(bulk["unknown"], json!(["b@b.test"]));
+
+    // WebSocket: no token → 401, bad origin → 403, query token works, domains narrow.
+    let e = ws_connect(api.port, "", None)
+        .await
+        .err()
+        .unwrap_or_default();
+    assert!(e.contains("401"), "{e}");
+    let e = ws_connect(
+        api.port,
+        &format!("token={read}"),
+        Some("https://evil.example"),
+    )
+    .await
+    .err()
+    .unwrap_or_default();
+    assert!(e.contains("403"), "{e}");
+    let mut same = api
+        .ws(
+            &format!("token={read}"),
+            Some(&format!("http://127.0.0.1:{}", api.port)),
+        )
+        .await;
+    assert_eq!(
+        next_frame(&mut same).await["users"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2,
+        "same origin is allowed"
+    );
+    let mut ws = api
+        .ws(&format!("token={narrow}&domains=b.test,a.test"), None)
+        .await;
+    let snap = next_frame(&mut ws).await;
+    let users: Vec<_> = snap["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["jid"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        users,
+        vec!["a@a.test"],
+        "the token's domains win over the filter"
+    );
+    engine
+        .apply(ev(3, "b@b.test", "r", Some(Show::Chat), "b changes"))
+        .await
+        .unwrap();
+    engine
+        .apply(ev(4, "a@a.test", "r", Some(Show::Chat), "a changes"))
+        .await
+        .unwrap();
+    let f = next_frame(&mut ws).await;
+    let jids: Vec<_> = f["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["jid"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        jids,
+        vec!["a@a.test"],
+        "b's change is never sent to this token"
+    );
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_contract_errors_and_the_service_stays_up() {
+    init_logs();
+    let (engine, _t) = Engine::start(&PresenceConfig::default());
+    engine
+        .apply(ev(1, "a@x.test", "r", Some(Show::Away), "hi"))
+        .await
+        .unwrap();
+    let api = Api::start(
+        engine.clone(),
+        HttpConfig {
+            body_limit_bytes: 64 * 1024,
+            ..open_http()
+        },
+    );
+    let t = token("presence:read history:read", None);
+    for bad in ["nodomain", "a@b@c", "@x.test", "x.test"] {
+        let (code, body, _) = api.get(&format!("/api/v1/presence/{bad}"), Some(&t));
+        assert_eq!(
+            (code, body["error"].as_str()),
+            (400, Some("invalid_jid")),
+            "{bad}"
+        );
+    }
+    let (code, body, _) = api.get("/api/v1/last-seen/never@x.test", Some(&t));
+    assert_eq!((code, body["error"].as_str()), (404, Some("unknown_jid")));
+    let many: Vec<String> = (0..1001).map(|i| format!("u{i}@x.test")).collect();
+    let (code, body, _) = api.post(
+        "/api/v1/last-seen",
+        Some(&t),
+        &json!({"jids": many}).to_string(),
+    );
+    assert_eq!((code, body["error"].as_str()), (400, Some("too_many_jids")));
+    let ok: Vec<String> = (0..1000).map(|i| format!("u{i}@x.test")).collect();
+    let (code, body, _) = api.post(
+        "/api/v1/last-seen",
+        Some(&t),
+        &json!({"jids": ok}).to_string(),
+    );
+    assert_eq!(
+        (code, body["unknown"].as_array().map(|a| a.len())),
+        (200, Some(1000))
+    );
+    let (code, body, _) = api.post(
+        "/api/v1/last-seen",
+        Some(&t),
+        r#"{"jids":["a@x.test","bad@@jid"]}"#,
+    );
+    assert_eq!((code, body["error"].as_str()), (400, Some("invalid_jid")));
+    let huge = format!(r#"{{"jids":["{}"]}}"#, "x".repeat(100 * 1024));
+    let (code, body, _) = api.post("/api/v1/last-seen", Some(&t), &huge);
+    assert_eq!(code, 413, "{body}");
+    assert_eq!(body["error"], "invalid_body");
+    let (code, body, _) = api.post("/api/v1/last-seen", Some(&t), "{not json");
+    assert_eq!((code, body["error"].as_str()), (400, Some("invalid_body")));
+    let (code, body, _) = api.get("/api/v1/presence?show=sleeping", Some(&t));
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (400, Some("invalid_parameter"))
+    );
+    let (code, body, _) = api.get("/api/v1/history/a@x.test?limit=5000", Some(&t));
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (400, Some("invalid_parameter"))
+    );
+    let (code, body, _) = api.get("/api/v1/history/a@x.test", Some(&t));
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (501, Some("history_disabled")),
+        "memory-only mode says so"
+    );
+    let (code, _, _) = api.get("/api/v1/nothing-here", Some(&t));
+    assert_eq!(code, 404);
+
+    // Garbage on the WebSocket: error frames, the session survives.
+    let mut ws = api.ws(&format!("token={t}"), None).await;
+    assert_eq!(next_frame(&mut ws).await["type"], "snapshot");
+    ws.send(Message::Text("{not json".into())).await.unwrap();
+    assert_eq!(next_frame(&mut ws).await["error"], "bad_message");
+    ws.send(Message::Binary(vec![0, 159, 146, 150].into()))
+        .await
+        .unwrap();
+    assert_eq!(next_frame(&mut ws).await["error"], "bad_message");
+    ws.send(Message::Text(
+        r#"{"type":"subscribe","jids":["bad@@jid"]}"#.into(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(next_frame(&mut ws).await["error"], "invalid_jid");
+    ws.send(Message::Text(r#"{"type":"ping"}"#.into()))
+        .await
+        .unwrap();
+    assert_eq!(next_frame(&mut ws).await["type"], "pong");
+    ws.send(Message::Text(
+        r#"{"type":"subscribe","jids":["a@x.test"]}"#.into(),
+    ))
+    .await
+    .unwrap();
+    let snap = next_frame(&mut ws).await;
+    assert_eq!(
+        (
+            snap["type"].as_str(),
+            snap["users"].as_array().map(|u| u.len())
+        ),
+        (Some("snapshot"), Some(1))
+    );
+    let (code, body, _) = api.get("/healthz", None);
+    assert_eq!((code, body["status"].as_str()), (200, Some("ok")));
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_subscriber_does_not_delay_another_and_is_resynced_or_closed() {
+    init_logs();
+    let (engine, _t) = Engine::start(&PresenceConfig {
+        ring_size: 1024,
+        queue_size: 4096,
+    });
+    let api = Api::start(
+        engine.clone(),
+        HttpConfig {
+            ws_send_timeout_secs: 2.0,
+            ..open_http()
+        },
+    );
+    let t = token("presence:read", None);
+    let rss_before = rss_kib();
+
+    // The slow one: handshakes, then never reads another byte.
+    let mut slow = api.ws(&format!("token={t}"), None).await;
+    assert_eq!(next_frame(&mut slow).await["type"], "snapshot");
+    let mut fast = api.ws(&format!("token={t}"), None).await;
+    assert_eq!(next_frame(&mut fast).await["type"], "snapshot");
+
+    let n = 6000u64;
+    let big = "x".repeat(2000);
+    let producer = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            for i in 0..n {
+                engine
+                    .apply(ev(
+                        i,
+                        &format!("u{}@x.test", i % 100),
+                        "r",
+                        Some(Show::Chat),
+                        &format!("{i}{big}"),
+                    ))
+                    .await
+                    .unwrap();
+                if i % 200 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    };
+    // The fast subscriber reaches the final seq (through diffs, or a resync + snapshot).
+    let mut reached = 0;
+    while reached < n {
+        let f = next_frame(&mut fast).await;
+        match f["type"].as_str() {
+            Some("diff") => reached = *diff_seqs(&f).last().unwrap(),
+            Some("snapshot") => reached = f["seq"].as_u64().unwrap(),
+            Some("resync") => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    producer.await.unwrap();
+    // The slow one was resynced (it lagged) or closed (its writes timed out).
+    let body = metrics_text(api.port);
+    let closed_slow = metric(&body, "presence_bridge_ws_closed_total{reason=\"slow\"}");
+    let resyncs = metric(&body, "presence_bridge_ws_resyncs_total{reason=\"lagged\"}");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let mut ok = closed_slow + resyncs > 0;
+    while !ok && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let b = metrics_text(api.port);
+        ok = metric(&b, "presence_bridge_ws_closed_total{reason=\"slow\"}")
+            + metric(&b, "presence_bridge_ws_resyncs_total{reason=\"lagged\"}")
+            > 0;
+    }
+    assert!(
+        ok,
+        "the slow subscriber was neither resynced nor closed:\n{body}"
+    );
+    let grown = rss_kib().saturating_sub(rss_before);
+    assert!(
+        grown < 400 * 1024,
+        "memory grew by {grown} KiB for 12 MB of changes: not bounded"
+    );
+    drop(slow);
+    api.stop().await;
+}
+
+fn metrics_text(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_answers_429_with_retry_after_and_shutdown_closes_ws_with_1001() {
+    init_logs();
+    let (engine, _t) = Engine::start(&PresenceConfig::default());
+    let api = Api::start(
+        engine.clone(),
+        HttpConfig {
+            rate_limit_per_token: 2,
+            rate_limit_burst: 3,
+            ..open_http()
+        },
+    );
+    let t = token("presence:read", None);
+    let codes: Vec<(u16, Value, String)> = (0..10)
+        .map(|_| api.get("/api/v1/stats", Some(&t)))
+        .collect();
+    let limited: Vec<_> = codes.iter().filter(|(c, _, _)| *c == 429).collect();
+    assert!(
+        !limited.is_empty(),
+        "{:?}",
+        codes.iter().map(|c| c.0).collect::<Vec<_>>()
+    );
+    let (_, body, head) = limited[0];
+    assert_eq!(body["error"], "rate_limited");
+    assert!(head.to_lowercase().contains("retry-after:"), "{head}");
+    // Health is never rate limited.
+    assert!((0..10).all(|_| api.get("/healthz", None).0 == 200));
+
+    let api2 = Api::start(engine.clone(), open_http());
+    let mut ws = api2.ws(&format!("token={t}"), None).await;
+    assert_eq!(next_frame(&mut ws).await["type"], "snapshot");
+    api2.state.shutdown.cancel();
+    let close = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(f)))) => return Some(u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(close, Some(1001));
+    api2.stop().await;
+    api.stop().await;
+}
+
+#[test]
+fn token_subcommand_mints_tokens_the_api_accepts() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_presence-bridge"))
+        .current_dir(std::env::temp_dir())
+        .args([
+            "token",
+            "--sub",
+            "dashboard",
+            "--scope",
+            "presence:read history:read",
+            "--domains",
+            "A.test,b.test",
+            "--ttl",
+            "120",
+        ])
+        .env("PRESENCE_BRIDGE__XMPP__PASSWORD", "x")
+        .env("PRESENCE_BRIDGE__AUTH__JWT_SECRET", SECRET_KEY)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tok = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let p = Auth::from_config(&auth_cfg())
+        .unwrap()
+        .verify(&tok)
+        .unwrap();
+    assert_eq!(p.sub, "dashboard");
+    assert!(p.has(auth::Scope::HistoryRead) && !p.has(auth::Scope::Admin));
+    assert!(p.can_see_domain("a.test") && !p.can_see_domain("c.test"));
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_presence-bridge"))
+        .current_dir(std::env::temp_dir())
+        .args(["token", "--sub", "x", "--scope", "root"])
+        .env("PRESENCE_BRIDGE__XMPP__PASSWORD", "x")
+        .env("PRESENCE_BRIDGE__AUTH__JWT_SECRET", SECRET_KEY)
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let none = std::process::Command::new(env!("CARGO_BIN_EXE_presence-bridge"))
+        .current_dir(std::env::temp_dir())
+        .args(["token", "--sub", "x"])
+        .env("PRESENCE_BRIDGE__XMPP__PASSWORD", "x")
+        .output()
+        .unwrap();
+    assert_eq!(none.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&none.stderr).contains("auth.jwt_secret"));
+}
+
+#[test]
+fn openapi_document_lists_the_contract_routes() {
+    let doc: Value = serde_json::from_str(&api::openapi_json()).unwrap();
+    for p in [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/api/v1/presence",
+        "/api/v1/presence/{jid}",
+        "/api/v1/last-seen/{jid}",
+        "/api/v1/last-seen",
+        "/api/v1/history/{jid}",
+        "/api/v1/stats",
+    ] {
+        assert!(doc["paths"].get(p).is_some(), "missing {p}");
+    }
+}
