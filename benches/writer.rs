@@ -19,17 +19,33 @@ use presence_bridge::store::{StoreMode, StoreSink, StoredEvent, UserAfter, pg, w
 const ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 const URL: &str = "postgres://postgres@127.0.0.1:5432/pb_bench";
 
-fn events(n: u64, id_base: u64) -> Vec<StoredEvent> {
+/// `churn`: every event opens or closes a session or changes show (worst case: 2/3 of the
+/// events are log-ins or log-outs). Otherwise a realistic mix: 1 in 10 events is a log-in, 1 in
+/// 10 a log-out, the rest show/status changes of online resources.
+fn events(n: u64, id_base: u64, churn: bool) -> Vec<StoredEvent> {
     let t0 = Utc::now().timestamp_millis();
     (0..n)
         .map(|i| {
             let at = DateTime::from_timestamp_millis(t0 + (i / 50) as i64).unwrap_or_default();
-            let step = (i / 20_000) % 3;
+            let round = i / 20_000;
+            let step = if churn {
+                round % 3
+            } else {
+                match round % 10 {
+                    0 => 0,
+                    9 => 2,
+                    _ => 1,
+                }
+            };
             let available = step != 2;
             StoredEvent {
                 id: u128::from(id_base + i) << 16 | 0xbe,
                 jid: format!("user{}@bench.example", i % 20_000),
-                resource: format!("res{}", (i / 20_000) % 2),
+                resource: if churn {
+                    format!("res{}", (i / 20_000) % 2)
+                } else {
+                    format!("res{}", (i / 200_000) % 2)
+                },
                 available,
                 show: available.then_some(if step == 0 { Show::Chat } else { Show::Away }),
                 status: Some(format!("status text {}", i % 97)),
@@ -91,7 +107,7 @@ async fn main() {
     reset_db().await;
     let pool = pg::pool(URL, 4, Duration::from_secs(5)).expect("pool");
     pg::migrate(&pool).await.expect("migrate");
-    let evs = events(n, 0);
+    let evs = events(n, 0, true);
     {
         let mut c = pg::client(&pool).await.expect("client");
         pg::ensure_partitions(&c, &pg::batch_days(&evs))
@@ -156,77 +172,78 @@ async fn main() {
         let d = t.elapsed();
         assert_eq!(count(&pool).await, n as i64);
         rows.push((
-            "raw binary COPY, event rows only, 5k rows/transaction",
+            "raw binary COPY, event rows only, 5k rows/transaction".to_string(),
             n,
             d,
         ));
     }
 
-    // 2. The writer, sustained: everything pushed into the sink, time until all is in Postgres.
-    reset_db().await;
-    let pool = pg::pool(URL, 4, Duration::from_secs(5)).expect("pool");
-    pg::migrate(&pool).await.expect("migrate");
-    let spool_dir = tempfile::tempdir().expect("tmp");
-    let cfg = StoreConfig {
-        spool_dir: spool_dir.path().to_owned(),
-        queue_capacity: n as usize + 1,
-        ..StoreConfig::default()
-    };
-    {
-        let sink = StoreSink::new();
-        let (h, task) = writer::start(&cfg, pool.clone(), sink.clone()).expect("writer");
-        let evs = events(n, 0);
-        let t = Instant::now();
-        for chunk in evs.chunks(1000) {
-            sink.push(chunk.iter().cloned());
-            tokio::task::yield_now().await;
-        }
-        while h
-            .counters()
-            .events_written
-            .load(std::sync::atomic::Ordering::Relaxed)
-            < n
+    for (mix, churn) in [
+        ("realistic mix: 10% log-ins, 10% log-outs", false),
+        ("churn worst case: 2/3 log-ins/outs", true),
+    ] {
+        // 2. The writer, sustained: everything pushed into the sink, time until all is in Postgres.
+        reset_db().await;
+        let pool = pg::pool(URL, 8, Duration::from_secs(5)).expect("pool");
+        pg::migrate(&pool).await.expect("migrate");
+        let spool_dir = tempfile::tempdir().expect("tmp");
+        let cfg = StoreConfig {
+            spool_dir: spool_dir.path().to_owned(),
+            queue_capacity: n as usize + 1,
+            ..StoreConfig::default()
+        };
         {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            let sink = StoreSink::new();
+            let (h, task) = writer::start(&cfg, pool.clone(), sink.clone()).expect("writer");
+            let evs = events(n, 0, churn);
+            let t = Instant::now();
+            for chunk in evs.chunks(1000) {
+                sink.push(chunk.iter().cloned());
+                tokio::task::yield_now().await;
+            }
+            while h
+                .counters()
+                .events_written
+                .load(std::sync::atomic::Ordering::Relaxed)
+                < n
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let d = t.elapsed();
+            assert_eq!(h.status().mode, StoreMode::Ok, "nothing spooled");
+            assert_eq!(count(&pool).await, n as i64);
+            rows.push((format!("writer sustained, {mix}"), n, d));
+            h.close();
+            let _ = task.await;
         }
-        let d = t.elapsed();
-        assert_eq!(h.status().mode, StoreMode::Ok, "nothing spooled");
-        assert_eq!(count(&pool).await, n as i64);
-        rows.push((
-            "writer sustained (COPY + sessions + last-seen per 5k batch)",
-            n,
-            d,
-        ));
-        h.close();
-        let _ = task.await;
-    }
 
-    // 3. Catch-up after an outage: n events in the spool, then the writer starts.
-    reset_db().await;
-    let pool = pg::pool(URL, 4, Duration::from_secs(5)).expect("pool");
-    pg::migrate(&pool).await.expect("migrate");
-    let spool_dir = tempfile::tempdir().expect("tmp");
-    {
-        let mut s = Spool::open(spool_dir.path(), 64 << 20).expect("spool");
-        for chunk in events(n, 0).chunks(batch) {
-            s.append(chunk).expect("append");
+        // 3. Catch-up after an outage: n events in the spool, then the writer starts.
+        reset_db().await;
+        let pool = pg::pool(URL, 8, Duration::from_secs(5)).expect("pool");
+        pg::migrate(&pool).await.expect("migrate");
+        let spool_dir = tempfile::tempdir().expect("tmp");
+        {
+            let mut s = Spool::open(spool_dir.path(), 16 << 20).expect("spool");
+            for chunk in events(n, 0, churn).chunks(batch) {
+                s.append(chunk).expect("append");
+            }
         }
-    }
-    let cfg = StoreConfig {
-        spool_dir: spool_dir.path().to_owned(),
-        ..StoreConfig::default()
-    };
-    {
-        let sink = StoreSink::new();
-        let t = Instant::now();
-        let (h, task) = writer::start(&cfg, pool.clone(), sink.clone()).expect("writer");
-        let mut w = h.watch();
-        let _ = w.wait_for(|s| s.mode == StoreMode::Ok).await;
-        let d = t.elapsed();
-        assert_eq!(count(&pool).await, n as i64);
-        rows.push(("spool catch-up after an outage (idempotent replay)", n, d));
-        h.close();
-        let _ = task.await;
+        let cfg = StoreConfig {
+            spool_dir: spool_dir.path().to_owned(),
+            ..StoreConfig::default()
+        };
+        {
+            let sink = StoreSink::new();
+            let t = Instant::now();
+            let (h, task) = writer::start(&cfg, pool.clone(), sink.clone()).expect("writer");
+            let mut w = h.watch();
+            let _ = w.wait_for(|s| s.mode == StoreMode::Ok).await;
+            let d = t.elapsed();
+            assert_eq!(count(&pool).await, n as i64);
+            rows.push((format!("spool catch-up after an outage, {mix}"), n, d));
+            h.close();
+            let _ = task.await;
+        }
     }
     reset_db().await;
 

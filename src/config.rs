@@ -340,7 +340,7 @@ pub struct StoreConfig {
     pub retry_secs: f64,
     /// Days of history kept; older daily partitions are dropped.
     pub retention_days: u32,
-    /// Postgres connections in the pool.
+    /// Postgres connections in the pool (the writer uses three at a time; reads share the rest).
     pub pool_size: usize,
     /// Seconds allowed to connect to Postgres.
     pub connect_timeout_secs: f64,
@@ -362,9 +362,9 @@ impl Default for StoreConfig {
             write_timeout_secs: 5.0,
             retry_secs: 1.0,
             retention_days: 30,
-            pool_size: 4,
+            pool_size: 8,
             connect_timeout_secs: 5.0,
-            spool_segment_bytes: 64 << 20,
+            spool_segment_bytes: 16 << 20,
             flush_timeout_secs: 10.0,
         }
     }

@@ -266,7 +266,7 @@ async fn live_flow_real_ejabberd_ws_diffs_and_rest_agree() {
     let jid = format!("{user}@localhost");
 
     let spool = tempfile::tempdir().unwrap();
-    let pool = presence_bridge::store::pg::pool(&pg.url(), 2, Duration::from_secs(2)).unwrap();
+    let pool = presence_bridge::store::pg::pool(&pg.url(), 4, Duration::from_secs(2)).unwrap();
     presence_bridge::store::pg::migrate(&pool).await.unwrap();
     let sink = presence_bridge::store::StoreSink::new();
     let cfg = presence_bridge::config::StoreConfig {

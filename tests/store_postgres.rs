@@ -38,7 +38,7 @@ async fn rig(url: &str, tweak: impl FnOnce(&mut StoreConfig)) -> Rig {
     let spool = tempfile::tempdir().unwrap();
     let mut cfg = store_cfg(spool.path());
     tweak(&mut cfg);
-    let pool = pg::pool(url, 2, Duration::from_secs(2)).unwrap();
+    let pool = pg::pool(url, 4, Duration::from_secs(2)).unwrap();
     pg::migrate(&pool).await.unwrap();
     let seed = reads::load_known(&pool).await.unwrap();
     let sink = StoreSink::new();
@@ -311,7 +311,7 @@ async fn torn_spool_record_is_skipped_and_the_rest_replayed_idempotently() {
         .set_len(len - 10)
         .unwrap();
 
-    let pool = pg::pool(&pg.url(), 2, Duration::from_secs(2)).unwrap();
+    let pool = pg::pool(&pg.url(), 4, Duration::from_secs(2)).unwrap();
     pg::migrate(&pool).await.unwrap();
     let sink = StoreSink::new();
     let (store, task) = writer::start(&store_cfg(spool_dir.path()), pool, sink.clone()).unwrap();
@@ -346,7 +346,7 @@ async fn torn_spool_record_is_skipped_and_the_rest_replayed_idempotently() {
 async fn retention_drops_old_partitions_only() {
     init_logs();
     let pg = Pg::shared("retention");
-    let pool = pg::pool(&pg.url(), 2, Duration::from_secs(2)).unwrap();
+    let pool = pg::pool(&pg.url(), 4, Duration::from_secs(2)).unwrap();
     pg::migrate(&pool).await.unwrap();
     let now = Utc::now();
     let mut old = stored(1);
@@ -409,14 +409,14 @@ fn migrate_twice_is_a_no_op() {
         String::from_utf8_lossy(&first.stderr)
     );
     assert!(
-        String::from_utf8_lossy(&first.stdout).contains("applied 1 migration(s): V1__presence")
+        String::from_utf8_lossy(&first.stdout).contains("applied 2 migration(s): V1__presence, V2__hot_updates")
     );
     let second = run();
     assert_eq!(second.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&second.stdout).contains("schema up to date"));
     assert_eq!(
         pg.query("SELECT count(*) FROM refinery_schema_history"),
-        "1"
+        "2"
     );
     // Without a database configured, migrate says which key is missing.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_presence-bridge"))

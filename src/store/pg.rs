@@ -267,6 +267,56 @@ pub async fn write_batch(
     tx.commit().await
 }
 
+/// Writes one batch as three concurrent transactions on three connections: events (COPY),
+/// sessions, last-seen. They touch disjoint tables and each part is idempotent on replay
+/// (events by id, sessions by opening event id, last-seen guarded by `updated_at`), so when
+/// any part fails the caller spools the whole batch and the replay completes the rest. Batches
+/// are still written one after the other, so a session's close never overtakes its open.
+pub async fn write_batch_parallel(
+    clients: [&mut tokio_postgres::Client; 3],
+    batch: &[StoredEvent],
+    idempotent: bool,
+) -> Result<(), tokio_postgres::Error> {
+    let [a, b, c] = clients;
+    let events = async {
+        let tx = a.transaction().await?;
+        if idempotent {
+            stage_and_insert(&tx, batch).await?;
+        } else {
+            copy_events(&tx, "presence_events", batch).await?;
+        }
+        tx.commit().await
+    };
+    let sessions = async {
+        let tx = b.transaction().await?;
+        write_sessions(&tx, batch).await?;
+        tx.commit().await
+    };
+    let last_seen = async {
+        let tx = c.transaction().await?;
+        write_last_seen(&tx, batch).await?;
+        tx.commit().await
+    };
+    futures::try_join!(events, sessions, last_seen).map(|_| ())
+}
+
+async fn stage_and_insert(
+    tx: &tokio_postgres::Transaction<'_>,
+    batch: &[StoredEvent],
+) -> Result<(), tokio_postgres::Error> {
+    tx.batch_execute(
+        "CREATE TEMP TABLE IF NOT EXISTS stage_events (LIKE presence_events) ON COMMIT DELETE ROWS",
+    )
+    .await?;
+    copy_events(tx, "stage_events", batch).await?;
+    tx.execute(
+        &format!("INSERT INTO presence_events ({EVENT_COLUMNS}) SELECT {EVENT_COLUMNS} FROM stage_events ON CONFLICT DO NOTHING"),
+        &[],
+    )
+    .await?;
+    Ok(())
+}
+
 struct SessionRow {
     id: Uuid,
     jid: String,

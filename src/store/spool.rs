@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! u32 LE  payload length
-//! u32 LE  CRC-32 (IEEE) of the payload
+//! u32 LE  CRC-32 (IEEE) of the event count and the payload
+//! u32 LE  event count (lets the spool be counted without decoding it)
 //! bytes   payload: one batch, JSON array of StoredEvent
 //! ```
 //!
@@ -23,6 +24,8 @@ use super::StoredEvent;
 
 /// Upper bound of one record's payload; a longer length field means corruption.
 const MAX_RECORD: u32 = 256 << 20;
+/// Record header: length, checksum, event count.
+const HEADER: usize = 12;
 
 /// The spool directory and the segment currently appended to.
 #[derive(Debug)]
@@ -78,9 +81,14 @@ impl Spool {
     /// Appends one batch durably (write + fdatasync).
     pub fn append(&mut self, batch: &[StoredEvent]) -> io::Result<()> {
         let payload = serde_json::to_vec(batch).map_err(io::Error::other)?;
-        let mut record = Vec::with_capacity(payload.len() + 8);
+        let count = (batch.len() as u32).to_le_bytes();
+        let mut h = crc32fast::Hasher::new();
+        h.update(&count);
+        h.update(&payload);
+        let mut record = Vec::with_capacity(payload.len() + HEADER);
         record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        record.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        record.extend_from_slice(&h.finalize().to_le_bytes());
+        record.extend_from_slice(&count);
         record.extend_from_slice(&payload);
         let rotate = match &self.current {
             Some((_, _, size)) => *size + record.len() as u64 > self.segment_bytes,
@@ -118,6 +126,22 @@ impl Spool {
         Ok(decode(&data, path))
     }
 
+    /// Events in a segment, from the record headers (no decoding; torn tails ignored).
+    pub fn count_events(path: &Path) -> io::Result<u64> {
+        let data = fs::read(path)?;
+        let mut pos = 0usize;
+        let mut n = 0u64;
+        while let Some(h) = data.get(pos..pos + HEADER) {
+            let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+            if len as u32 > MAX_RECORD || data.len() < pos + HEADER + len {
+                break;
+            }
+            n += u64::from(u32::from_le_bytes([h[8], h[9], h[10], h[11]]));
+            pos += HEADER + len;
+        }
+        Ok(n)
+    }
+
     /// Deletes a fully replayed segment.
     pub fn remove(&mut self, path: &Path) -> io::Result<()> {
         if self.current.as_ref().is_some_and(|(p, _, _)| p == path) {
@@ -139,8 +163,7 @@ fn decode(data: &[u8], path: &Path) -> SegmentRead {
     let mut out = SegmentRead::default();
     let mut pos = 0usize;
     while pos < data.len() {
-        let header = data.get(pos..pos + 8);
-        let Some(header) = header else {
+        let Some(header) = data.get(pos..pos + HEADER) else {
             tracing::warn!(file = %path.display(), offset = pos, "spool: torn record header at end of segment, skipped");
             out.skipped += 1;
             break;
@@ -152,15 +175,19 @@ fn decode(data: &[u8], path: &Path) -> SegmentRead {
             out.skipped += 1;
             break;
         }
-        let start = pos + 8;
+        let start = pos + HEADER;
         let Some(payload) = data.get(start..start + len as usize) else {
             tracing::warn!(file = %path.display(), offset = pos, "spool: torn record at end of segment (crash mid-write?), skipped");
             out.skipped += 1;
             break;
         };
+        let mut h = crc32fast::Hasher::new();
+        h.update(&header[8..12]);
+        h.update(payload);
+        let at = pos;
         pos = start + len as usize;
-        if crc32fast::hash(payload) != crc {
-            tracing::warn!(file = %path.display(), offset = start - 8, "spool: record checksum mismatch, skipped");
+        if h.finalize() != crc {
+            tracing::warn!(file = %path.display(), offset = at, "spool: record checksum mismatch, skipped");
             out.skipped += 1;
             continue;
         }
@@ -212,6 +239,15 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         let r = Spool::read_segment(&last).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(r.skipped, 1);
+        let counted: u64 = segs
+            .iter()
+            .map(|p| Spool::count_events(p).unwrap_or(0))
+            .sum();
+        assert_eq!(
+            counted,
+            3 + 40 + 3 - 3,
+            "headers count the intact records (the torn one not)"
+        );
 
         // Corrupt a byte in the middle of the first segment's first payload.
         let first = segs[0].clone();
@@ -233,7 +269,7 @@ mod tests {
             vec![1, 2, 3],
             vec![255; 8],
             vec![0; 64],
-            b"\x05\0\0\0\0\0\0\0hello".to_vec(),
+            b"\x05\0\0\0\0\0\0\0\x01\0\0\0hello".to_vec(),
         ] {
             let _ = decode(&data, Path::new("x"));
         }

@@ -15,7 +15,7 @@ use super::{StoreCounters, StoreHandle, StoreMode, StoreSink, StoreStatus, Store
 use crate::config::StoreConfig;
 
 /// Largest transaction used when replaying the spool (catch-up speed).
-const REPLAY_CHUNK: usize = 50_000;
+const REPLAY_CHUNK: usize = 20_000;
 
 /// Starts the writer for a configured Postgres. The caller has already migrated the schema.
 pub fn start(
@@ -26,9 +26,7 @@ pub fn start(
     let spool = Spool::open(&cfg.spool_dir, cfg.spool_segment_bytes)?;
     let mut spooled = 0u64;
     for seg in spool.segments()? {
-        if let Ok(r) = Spool::read_segment(&seg) {
-            spooled += r.batches.iter().map(|b| b.len() as u64).sum::<u64>();
-        }
+        spooled += Spool::count_events(&seg).unwrap_or(0);
     }
     let pending = spool.has_pending();
     if pending {
@@ -127,7 +125,13 @@ impl Writer {
             if self.sink.depth() < self.cfg.batch_size as u64 && !self.sink.is_closed() {
                 tokio::time::sleep(batch_wait).await;
             }
-            let batch = self.sink.take(self.cfg.batch_size);
+            // Under a backlog, larger transactions amortise the per-batch round trips.
+            let take = if self.sink.depth() >= 4 * self.cfg.batch_size as u64 {
+                4 * self.cfg.batch_size
+            } else {
+                self.cfg.batch_size
+            };
+            let batch = self.sink.take(take);
             self.handle(batch).await;
         }
         // Shutdown: everything is in Postgres or the spool now; remember when we stopped.
@@ -172,7 +176,13 @@ impl Writer {
     async fn write(&mut self, batch: &[StoredEvent], idempotent: bool) -> Result<(), WriteError> {
         let started = Instant::now();
         let deadline = Duration::from_secs_f64(self.cfg.write_timeout_secs);
-        let mut obj = tokio::time::timeout(deadline, pg::client(&self.pool))
+        let get3 = async {
+            let a = pg::client(&self.pool).await?;
+            let b = pg::client(&self.pool).await?;
+            let c = pg::client(&self.pool).await?;
+            Ok::<_, pg::PgError>([a, b, c])
+        };
+        let [mut o1, mut o2, mut o3] = tokio::time::timeout(deadline, get3)
             .await
             .map_err(|_| WriteError::Timeout)?
             .map_err(|e| WriteError::Pg(e.to_string()))?;
@@ -185,16 +195,25 @@ impl Writer {
                 pg::migrate(&pool).await.map_err(|e| e.to_string())?;
             }
             if !missing.is_empty() {
-                pg::ensure_partitions(&obj, &missing)
+                pg::ensure_partitions(&o1, &missing)
                     .await
                     .map_err(|e| e.to_string())?;
             }
-            let client: &mut tokio_postgres::Client = &mut obj;
-            match pg::write_batch(client, batch, idempotent).await {
+            let (c1, c2, c3): (
+                &mut tokio_postgres::Client,
+                &mut tokio_postgres::Client,
+                &mut tokio_postgres::Client,
+            ) = (&mut o1, &mut o2, &mut o3);
+            match pg::write_batch_parallel([c1, c2, c3], batch, idempotent).await {
                 Ok(()) => Ok(()),
                 Err(e) if !idempotent && pg::is_unique_violation(&e) => {
                     tracing::debug!("store: duplicate event ids in batch; rewriting idempotently");
-                    pg::write_batch(client, batch, true)
+                    let (c1, c2, c3): (
+                        &mut tokio_postgres::Client,
+                        &mut tokio_postgres::Client,
+                        &mut tokio_postgres::Client,
+                    ) = (&mut o1, &mut o2, &mut o3);
+                    pg::write_batch_parallel([c1, c2, c3], batch, true)
                         .await
                         .map_err(|e| pg::PgError::from(e).to_string())
                 }
@@ -215,12 +234,16 @@ impl Writer {
                 Ok(())
             }
             Ok(Err(e)) => {
-                drop(Object::take(obj));
+                for o in [o1, o2, o3] {
+                    drop(Object::take(o));
+                }
                 Err(WriteError::Pg(e))
             }
             Err(_) => {
-                // The connection may be mid-COPY: never give it back to the pool.
-                drop(Object::take(obj));
+                // The connections may be mid-COPY: never give them back to the pool.
+                for o in [o1, o2, o3] {
+                    drop(Object::take(o));
+                }
                 Err(WriteError::Timeout)
             }
         }
@@ -267,8 +290,19 @@ impl Writer {
         };
         let started = Instant::now();
         let mut replayed = 0u64;
-        for seg in segments {
-            let read = match Spool::read_segment(&seg) {
+        // Decode the next segment on a blocking thread while the current one is written.
+        let read = |p: std::path::PathBuf| {
+            tokio::task::spawn_blocking(move || (Spool::read_segment(&p), p))
+        };
+        let mut queue = segments.into_iter();
+        let mut next = queue.next().map(read);
+        while let Some(job) = next.take() {
+            let Ok((read_result, seg)) = job.await else {
+                self.next_retry = Instant::now() + Duration::from_secs_f64(self.cfg.retry_secs);
+                return;
+            };
+            next = queue.next().map(read);
+            let read = match read_result {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(error = %e, file = %seg.display(), "store: cannot read a spool segment");
@@ -284,7 +318,9 @@ impl Writer {
             let total: u64 = read.batches.iter().map(|b| b.len() as u64).sum();
             let events: Vec<StoredEvent> = read.batches.into_iter().flatten().collect();
             for chunk in events.chunks(REPLAY_CHUNK) {
-                if let Err(e) = self.write(chunk, true).await {
+                // The fast path first: most spooled batches never reached Postgres. A batch
+                // that partly did fails on the unique key and is rewritten idempotently.
+                if let Err(e) = self.write(chunk, false).await {
                     tracing::warn!(error = %e, "store: spool replay failed; retrying later");
                     self.status
                         .send_modify(|s| s.last_error = Some(e.to_string()));
