@@ -409,7 +409,8 @@ fn migrate_twice_is_a_no_op() {
         String::from_utf8_lossy(&first.stderr)
     );
     assert!(
-        String::from_utf8_lossy(&first.stdout).contains("applied 2 migration(s): V1__presence, V2__hot_updates")
+        String::from_utf8_lossy(&first.stdout)
+            .contains("applied 2 migration(s): V1__presence, V2__hot_updates")
     );
     let second = run();
     assert_eq!(second.status.code(), Some(0));
