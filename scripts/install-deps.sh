@@ -1,6 +1,6 @@
 #!/bin/bash
 # Installs what the test suite needs from Debian's packages, only what is missing.
-#   scripts/install-deps.sh [ejabberd] [postgres] [wrk] ...   (no argument: ejabberd postgres)
+#   scripts/install-deps.sh [ejabberd] [postgres] [chromium] [node] [wrk] ...   (no argument: ejabberd postgres)
 set -euo pipefail
 want=("$@"); [ ${#want[@]} -gt 0 ] || want=(ejabberd postgres)
 pkgs=()
@@ -8,6 +8,8 @@ for w in "${want[@]}"; do
   case "$w" in
     ejabberd) command -v ejabberdctl >/dev/null || pkgs+=(ejabberd) ;;
     wrk) command -v wrk >/dev/null || pkgs+=(wrk) ;;
+    chromium) [ -x /usr/bin/chromium ] || pkgs+=(chromium) ;;
+    node) command -v npm >/dev/null || pkgs+=(nodejs npm) ;;
     postgres) { command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; } || pkgs+=(postgresql) ;;
     *) echo "install-deps: unknown component $w" >&2; exit 2 ;;
   esac

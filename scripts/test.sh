@@ -5,13 +5,20 @@
 #     (tests that restart or reconfigure a server start their own private nodes);
 #   - PostgreSQL (installed if missing, started if not running; tests create a fresh database
 #     each, and tests that stop Postgres run their own throwaway clusters);
+#   - Debian's Chromium and the pinned playwright-core npm package for the dashboard test
+#     (screenshots in target/test-artifacts/);
 # and stops what it started. PB_KEEP_SERVERS=1 leaves the shared ejabberd running for the next
 # run; PB_SKIP_LINT=1 skips fmt/clippy. Extra arguments go to the test runner.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-scripts/install-deps.sh ejabberd postgres
+scripts/install-deps.sh ejabberd postgres chromium node
 scripts/start-postgres.sh
+# playwright-core (pinned in tests/browser/package-lock.json) drives Debian's Chromium; it
+# never downloads a browser of its own.
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+  (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+fi
 
 cleanup() {
   if [ "${PB_KEEP_SERVERS:-0}" != 1 ]; then

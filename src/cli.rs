@@ -51,6 +51,16 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Self-contained demo: simulated presence, in-memory store, dashboard. Needs no XMPP server
+    /// and no database.
+    Demo {
+        /// Simulated users.
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        users: u32,
+        /// Dashboard and API address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        bind: String,
+    },
     /// Print a JWT signed with the configured HS256 secret (auth.jwt_secret).
     Token {
         /// Subject (who the token is for).
@@ -106,6 +116,23 @@ pub fn main() -> ExitCode {
             }
         }
         Command::Run { config } => with_config(config, cli.log_format, run),
+        Command::Demo { users, bind } => {
+            telemetry::init(cli.log_format.unwrap_or_default(), "info");
+            match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => {
+                    let code = rt.block_on(demo(users as usize, bind));
+                    rt.shutdown_timeout(Duration::from_secs(1));
+                    code
+                }
+                Err(e) => {
+                    eprintln!("presence-bridge: cannot start the runtime: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Token {
             sub,
             scope,
@@ -155,6 +182,88 @@ where
     let code = rt.block_on(f(cfg));
     rt.shutdown_timeout(Duration::from_secs(1));
     code
+}
+
+/// `presence-bridge demo`.
+pub async fn demo(users: usize, bind: String) -> ExitCode {
+    let listener = match std::net::TcpListener::bind(&bind) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("presence-bridge: cannot listen on {bind} (--bind): {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or(bind);
+    // A fresh secret per run: the printed token is the only way in.
+    let secret: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    let auth_cfg = crate::config::AuthConfig {
+        jwt_secret: crate::config::Secret::new(secret.clone()),
+        ..Default::default()
+    };
+    let auth = match Auth::from_config(&auth_cfg) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("presence-bridge: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let token = match auth::mint(
+        &secret,
+        &auth::claims("demo-admin", "admin", None, 24 * 3600, &auth_cfg),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("presence-bridge: cannot sign the demo token: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let cancel = CancellationToken::new();
+    shutdown::on_signals(cancel.clone());
+    let (engine, engine_task) = Engine::start(&crate::config::PresenceConfig::default());
+    let sim = crate::demo::Simulator::new(users, rand::random());
+    let sim_task = tokio::spawn(sim.run(engine.clone(), cancel.clone()));
+    let http = crate::config::HttpConfig {
+        bind: addr.clone(),
+        ..Default::default()
+    };
+    let state = Arc::new(AppState::new(
+        engine.clone(),
+        None,
+        None,
+        None,
+        Arc::new(Metrics::new()),
+        http,
+        cancel.clone(),
+    ));
+    api::spawn_sampler(state.clone());
+    let server = match api::serve(listener, state, auth, None) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("presence-bridge: cannot start the HTTP server: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let handle = server.handle();
+    let server_task = tokio::spawn(server);
+    drop(engine);
+    println!(
+        "presence-bridge demo: {users} simulated users, in-memory store (no XMPP server, no database)"
+    );
+    println!();
+    println!("  Dashboard:  http://{addr}/#token={token}");
+    println!("  API token:  {token}");
+    println!("              (admin scope, valid 24 h, only for this run)");
+    println!();
+    println!("  Try:  curl -H \"Authorization: Bearer $TOKEN\" http://{addr}/api/v1/stats");
+    println!("Ctrl-C stops the demo.");
+    cancel.cancelled().await;
+    let _ = tokio::time::timeout(SHUTDOWN_DEADLINE, handle.stop(true)).await;
+    let _ = server_task.await;
+    let _ = sim_task.await;
+    let _ = tokio::time::timeout(SHUTDOWN_DEADLINE, engine_task).await;
+    ExitCode::SUCCESS
 }
 
 /// `presence-bridge token`.
@@ -368,7 +477,9 @@ pub async fn run(cfg: Config) -> ExitCode {
         http: cfg.http.clone(),
         ws_conns: Default::default(),
         shutdown: cancel.clone(),
+        samples: Default::default(),
     });
+    api::spawn_sampler(state.clone());
     let server = match api::serve(listener, state, auth, tls) {
         Ok(s) => s,
         Err(e) => {

@@ -26,6 +26,9 @@
 //!   feed (snapshot + batched diffs, resume, filters, lag → resync), JWT auth turned into a
 //!   permissions value that scoped handlers must take, rate limits, Prometheus metrics and an
 //!   OpenAPI document generated from the handlers.
+//! - [`demo`]: `presence-bridge demo`: a simulator that builds real presence stanzas and feeds
+//!   them through the translator into the engine, with the API and the dashboard (embedded
+//!   static assets served at `/`) and no XMPP server or database.
 //! - [`telemetry`]: tracing setup (text or JSON).
 //! - [`shutdown`]: SIGTERM/SIGINT → one `CancellationToken` for every task.
 //! - [`cli`]: the `presence-bridge` subcommands.
@@ -33,6 +36,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod presence;
 pub mod shutdown;
 pub mod store;

@@ -53,6 +53,7 @@ impl Api {
             http,
             ws_conns: Default::default(),
             shutdown: CancellationToken::new(),
+            samples: Default::default(),
         });
         let auth = Auth::from_config(&auth_cfg()).unwrap();
         let server = api::serve(listener, state.clone(), auth, None).unwrap();

@@ -56,13 +56,111 @@ pub struct AppState {
     pub ws_conns: DashMap<String, usize>,
     /// Cancelled on shutdown: WebSocket sessions close with 1001.
     pub shutdown: CancellationToken,
+    /// Online counts sampled every [`SAMPLE_EVERY`] over the last hour (dashboard sparkline).
+    pub samples: std::sync::Mutex<std::collections::VecDeque<Sample>>,
+}
+
+/// How often the concurrency is sampled.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(10);
+/// Samples kept (one hour).
+const SAMPLES_KEPT: usize = 360;
+
+/// One concurrency sample.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct Sample {
+    /// When.
+    #[serde(with = "crate::presence::model::rfc3339_millis")]
+    pub at: chrono::DateTime<chrono::Utc>,
+    /// Online users then.
+    pub online_users: u64,
+    /// Online resources then.
+    pub online_resources: u64,
+}
+
+impl AppState {
+    /// A state with no samples yet.
+    pub fn new(
+        engine: Engine,
+        component: Option<ComponentHandle>,
+        store: Option<StoreHandle>,
+        pool: Option<Pool>,
+        metrics: Arc<Metrics>,
+        http: HttpConfig,
+        shutdown: CancellationToken,
+    ) -> AppState {
+        AppState {
+            engine,
+            component,
+            store,
+            pool,
+            metrics,
+            http,
+            ws_conns: DashMap::new(),
+            shutdown,
+            samples: Default::default(),
+        }
+    }
+
+    fn sample(&self) {
+        let s = self.engine.stats();
+        let mut v = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        if v.len() == SAMPLES_KEPT {
+            v.pop_front();
+        }
+        v.push_back(Sample {
+            at: chrono::Utc::now(),
+            online_users: s.online_users,
+            online_resources: s.online_resources,
+        });
+    }
+}
+
+/// Samples the online counts every [`SAMPLE_EVERY`] until shutdown.
+pub fn spawn_sampler(state: Arc<AppState>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SAMPLE_EVERY);
+        loop {
+            tokio::select! {
+                _ = state.shutdown.cancelled() => return,
+                _ = tick.tick() => state.sample(),
+            }
+        }
+    });
+}
+
+const INDEX_HTML: &str = include_str!("dashboard/index.html");
+const APP_JS: &str = include_str!("dashboard/app.js");
+const STYLE_CSS: &str = include_str!("dashboard/style.css");
+/// Everything the dashboard loads comes from the bridge itself.
+const CSP: &str = "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+fn asset(body: &'static str, content_type: &'static str) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type(content_type)
+        .insert_header(("Content-Security-Policy", CSP))
+        .insert_header(("X-Content-Type-Options", "nosniff"))
+        .insert_header(("Referrer-Policy", "no-referrer"))
+        .insert_header(("Cache-Control", "no-cache"))
+        .body(body)
+}
+
+async fn index() -> HttpResponse {
+    asset(INDEX_HTML, "text/html; charset=utf-8")
+}
+
+async fn app_js() -> HttpResponse {
+    asset(APP_JS, "text/javascript; charset=utf-8")
+}
+
+async fn style_css() -> HttpResponse {
+    asset(STYLE_CSS, "text/css; charset=utf-8")
 }
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "presence-bridge", description = "Live XMPP presence: REST and WebSocket (contract v1)"),
-    paths(rest::healthz, rest::readyz, rest::metrics, rest::list, rest::one, rest::last_seen, rest::last_seen_bulk, rest::history, rest::stats),
-    components(schemas(ErrorBody, rest::Ready, rest::PresenceList, rest::BulkBody, rest::StatsBody)),
+    paths(rest::healthz, rest::readyz, rest::metrics, rest::list, rest::one, rest::last_seen, rest::last_seen_bulk, rest::history, rest::stats, rest::concurrency),
+    components(schemas(ErrorBody, rest::Ready, rest::PresenceList, rest::BulkBody, rest::StatsBody, Sample)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -275,6 +373,7 @@ pub fn serve(
             .service(rest::last_seen)
             .service(rest::last_seen_bulk)
             .service(rest::history)
+            .service(rest::concurrency)
             .service(rest::stats)
             .service(ws::ws)
             .route("/openapi.json", web::get().to(openapi_doc));
@@ -315,6 +414,9 @@ pub fn serve(
             }))
             .wrap(from_fn(observe))
             .wrap(Compress::default())
+            .route("/", web::get().to(index))
+            .route("/app.js", web::get().to(app_js))
+            .route("/style.css", web::get().to(style_css))
             .service(rest::healthz)
             .service(rest::readyz)
             .service(rest::metrics)

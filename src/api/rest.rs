@@ -438,3 +438,23 @@ pub async fn stats(st: State, PresenceRead(p): PresenceRead) -> Result<HttpRespo
     };
     Ok(HttpResponse::Ok().json(body))
 }
+
+/// `GET /api/v1/stats/concurrency`: online counts over the last hour (every 10 s), for the
+/// dashboard's sparkline. Totals only: a token limited to some domains gets no samples.
+#[utoipa::path(get, path = "/api/v1/stats/concurrency", responses((status = 200, description = "{interval_secs, samples}")), security(("bearer" = [])))]
+#[get("/stats/concurrency")]
+pub async fn concurrency(st: State, PresenceRead(p): PresenceRead) -> HttpResponse {
+    let samples: Vec<super::Sample> = if p.is_restricted() {
+        Vec::new()
+    } else {
+        st.samples
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    };
+    HttpResponse::Ok().json(
+        serde_json::json!({"interval_secs": super::SAMPLE_EVERY.as_secs(), "samples": samples}),
+    )
+}

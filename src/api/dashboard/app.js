@@ -1,0 +1,498 @@
+// presence-bridge dashboard: applies the WebSocket snapshot + diffs exactly as contract §5 says
+// (replace a user's entry per change; resume with since+epoch after a drop; resync on
+// "resync"), renders only the visible rows, and talks to the REST API for details.
+'use strict';
+
+const $ = (id) => document.getElementById(id);
+const SHOW_ORDER = { chat: 0, available: 1, away: 2, xa: 3, dnd: 4, offline: 5 };
+const SHOW_WORD = { chat: 'chat', available: 'available', away: 'away', xa: 'extended away', dnd: 'busy', offline: 'offline' };
+const TOKEN_KEY = 'presence-bridge-token';
+
+const st = {
+  token: null,
+  users: new Map(),      // jid -> UserPresence (online only)
+  epoch: null,
+  seq: 0,
+  ws: null,
+  retry: 0,
+  phase: 'starting',
+  view: [],              // filtered + sorted JIDs
+  dirty: true,           // the view needs recomputing
+  flash: new Map(),      // jid -> time of last change (highlight)
+  spark: [],
+  scopes: [],
+};
+
+// ---------- token ----------
+function readToken() {
+  const m = location.hash.match(/(?:^#|&)token=([^&]+)/);
+  if (m) {
+    sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(m[1]));
+    history.replaceState(null, '', location.pathname + location.search);
+  }
+  st.token = sessionStorage.getItem(TOKEN_KEY);
+  st.scopes = claims(st.token).scope ? claims(st.token).scope.split(/\s+/) : [];
+}
+
+function claims(token) {
+  try {
+    const part = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+    return JSON.parse(atob(part + '='.repeat((4 - part.length % 4) % 4)));
+  } catch (_) {
+    return {};
+  }
+}
+
+function showLogin(message) {
+  if (st.ws) { const ws = st.ws; st.ws = null; ws.close(); }
+  $('app').hidden = true;
+  $('forget').hidden = true;
+  $('login').hidden = false;
+  $('login-msg').textContent = message || '';
+  $('login-msg').hidden = !message;
+  setPhase('error', message ? 'not connected' : 'no token');
+  $('token-input').focus();
+}
+
+$('login-form').addEventListener('submit', (e) => {
+  e.preventDefault();
+  const t = $('token-input').value.trim();
+  if (!t) return;
+  sessionStorage.setItem(TOKEN_KEY, t);
+  $('token-input').value = '';
+  start();
+});
+
+$('forget').addEventListener('click', () => {
+  sessionStorage.removeItem(TOKEN_KEY);
+  st.token = null;
+  showLogin('');
+});
+
+// ---------- REST ----------
+class ApiError extends Error {
+  constructor(status, code, message) { super(message); this.status = status; this.code = code; }
+}
+
+async function api(path, options = {}) {
+  const r = await fetch(path, {
+    ...options,
+    headers: { ...(options.headers || {}), Authorization: 'Bearer ' + st.token, 'Content-Type': 'application/json' },
+  });
+  let body = null;
+  try { body = await r.json(); } catch (_) { /* not JSON */ }
+  if (!r.ok) throw new ApiError(r.status, body && body.error, (body && body.message) || r.statusText);
+  return body;
+}
+
+function authMessage(e) {
+  if (e.status === 401) return 'The bridge refused this token (401 unauthorized: ' + e.message + '). Paste a valid token.';
+  if (e.status === 403) return 'This token is not allowed to read presence (403 forbidden: ' + e.message + ').';
+  return null;
+}
+
+// ---------- connection ----------
+function setPhase(phase, text) {
+  st.phase = phase;
+  $('conn-dot').className = 'dot ' + phase;
+  const words = { live: 'live', connecting: 'connecting…', reconnecting: 'reconnecting…', resyncing: 'resyncing…', error: 'not connected', starting: 'starting…' };
+  $('conn-text').textContent = text || words[phase] || phase;
+}
+
+function connect() {
+  setPhase(st.epoch ? 'reconnecting' : 'connecting');
+  const proto = location.protocol === 'https:' ? 'wss://' : 'ws://';
+  let url = proto + location.host + '/api/v1/ws?token=' + encodeURIComponent(st.token);
+  if (st.epoch) url += '&since=' + st.seq + '&epoch=' + encodeURIComponent(st.epoch);
+  const ws = new WebSocket(url);
+  st.ws = ws;
+  ws.onopen = () => { st.retry = 0; };
+  ws.onmessage = (ev) => {
+    let f;
+    try { f = JSON.parse(ev.data); } catch (_) { return; }
+    onFrame(f);
+  };
+  ws.onclose = () => {
+    if (st.ws !== ws) return; // replaced or logged out
+    setPhase('reconnecting');
+    const delay = Math.min(30000, 500 * 2 ** st.retry++) * (0.5 + Math.random() / 2);
+    setTimeout(async () => {
+      if (st.ws !== ws) return;
+      try {
+        await api('/api/v1/stats');
+      } catch (e) {
+        const m = authMessage(e);
+        if (m) return showLogin(m);
+      }
+      connect();
+    }, delay);
+  };
+}
+
+function onFrame(f) {
+  if (f.type === 'snapshot') {
+    st.users.clear();
+    for (const u of f.users) st.users.set(u.jid, u);
+    st.epoch = f.epoch;
+    st.seq = f.seq;
+    setPhase('live');
+  } else if (f.type === 'diff') {
+    for (const c of f.changes) {
+      if (c.seq <= st.seq) continue; // already applied (resume overlap)
+      if (c.presence.online) st.users.set(c.jid, c.presence);
+      else st.users.delete(c.jid);
+      st.seq = c.seq;
+      st.flash.set(c.jid, Date.now());
+      if (detailJid === c.jid) renderDetail(c.presence);
+    }
+    if (st.phase !== 'live') setPhase('live');
+  } else if (f.type === 'resync') {
+    setPhase('resyncing'); // a fresh snapshot follows
+  } else if (f.type === 'error') {
+    console.warn('bridge:', f.error, f.message);
+  }
+  st.dirty = true;
+  schedule();
+}
+
+// ---------- view ----------
+let frame = 0;
+function schedule() {
+  if (!frame) frame = requestAnimationFrame(() => { frame = 0; render(); });
+}
+
+function relative(iso) {
+  if (!iso) return '';
+  const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+  if (s < 60) return Math.floor(s) + ' s';
+  if (s < 3600) return Math.floor(s / 60) + ' min';
+  if (s < 86400) return Math.floor(s / 3600) + ' h ' + Math.floor((s % 3600) / 60) + ' min';
+  return Math.floor(s / 86400) + ' d';
+}
+
+function initials(client, resource) {
+  const name = client || resource || '?';
+  const words = name.replace(/[^A-Za-z0-9+ ]/g, ' ').trim().split(/\s+/);
+  return (words.length > 1 ? words[0][0] + words[1][0] : name.slice(0, 2)).toUpperCase();
+}
+
+function recompute() {
+  const q = $('q').value.trim().toLowerCase();
+  const dom = $('f-domain').value;
+  const show = $('f-show').value;
+  const sort = $('sort').value;
+  const out = [];
+  for (const [jid, u] of st.users) {
+    if (q && !jid.includes(q)) continue;
+    if (dom && jid.slice(jid.indexOf('@') + 1) !== dom) continue;
+    if (show && u.show !== show) continue;
+    out.push(u);
+  }
+  const byJid = (a, b) => (a.jid < b.jid ? -1 : a.jid > b.jid ? 1 : 0);
+  if (sort === 'since') out.sort((a, b) => (a.online_since || '').localeCompare(b.online_since || '') || byJid(a, b));
+  else if (sort === 'show') out.sort((a, b) => SHOW_ORDER[a.show] - SHOW_ORDER[b.show] || byJid(a, b));
+  else if (sort === 'change') out.sort((a, b) => (b.last_change || '').localeCompare(a.last_change || '') || byJid(a, b));
+  else out.sort(byJid);
+  st.view = out.map((u) => u.jid);
+  st.dirty = false;
+}
+
+function counters() {
+  let res = 0;
+  const byShow = {};
+  const byDomain = {};
+  for (const [jid, u] of st.users) {
+    res += u.resources.length;
+    byShow[u.show] = (byShow[u.show] || 0) + 1;
+    const d = jid.slice(jid.indexOf('@') + 1);
+    byDomain[d] = (byDomain[d] || 0) + 1;
+  }
+  $('c-users').textContent = st.users.size;
+  $('c-res').textContent = res;
+  fillChips($('c-show'), Object.entries(byShow).sort((a, b) => SHOW_ORDER[a[0]] - SHOW_ORDER[b[0]]), true);
+  fillChips($('c-domain'), Object.entries(byDomain).sort((a, b) => b[1] - a[1]), false);
+  // Domain filter options follow what is online.
+  const sel = $('f-domain');
+  const have = new Set([...sel.options].map((o) => o.value));
+  for (const d of Object.keys(byDomain).sort()) {
+    if (!have.has(d)) { const o = document.createElement('option'); o.value = d; o.textContent = d; sel.appendChild(o); }
+  }
+}
+
+function fillChips(ul, entries, isShow) {
+  ul.replaceChildren(...entries.map(([k, v]) => {
+    const li = document.createElement('li');
+    if (isShow) { li.className = 'show show-' + k; li.textContent = SHOW_WORD[k] + ' ' + v; }
+    else li.textContent = k + ' ' + v;
+    return li;
+  }));
+}
+
+const ROW = 56;
+function renderRows() {
+  const vp = $('viewport');
+  const n = st.view.length;
+  $('spacer').style.height = n * ROW + 'px';
+  $('empty').hidden = n > 0;
+  $('count-visible').textContent = n === st.users.size ? n + ' shown' : n + ' of ' + st.users.size + ' shown';
+  const first = Math.max(0, Math.floor(vp.scrollTop / ROW) - 5);
+  const last = Math.min(n, Math.ceil((vp.scrollTop + vp.clientHeight) / ROW) + 5);
+  const rows = $('rows');
+  rows.style.transform = 'translateY(' + first * ROW + 'px)';
+  const focused = document.activeElement && document.activeElement.dataset ? document.activeElement.dataset.jid : null;
+  const items = [];
+  const now = Date.now();
+  for (let i = first; i < last; i++) {
+    const u = st.users.get(st.view[i]);
+    if (!u) continue;
+    const li = document.createElement('li');
+    const b = document.createElement('button');
+    b.type = 'button';
+    b.className = 'user row';
+    b.dataset.jid = u.jid;
+    const since = u.online_since ? 'online for ' + relative(u.online_since) : '';
+    b.setAttribute('aria-label', u.jid + ', ' + SHOW_WORD[u.show] + (u.status ? ', ' + u.status : '') + ', ' + u.resources.length + ' device(s), ' + since);
+    if (now - (st.flash.get(u.jid) || 0) < 1200) b.classList.add('flash');
+    const show = cell('c-show', 'show show-' + u.show, SHOW_WORD[u.show]);
+    const idle = u.resources.filter((r) => r.idle_since).map((r) => r.idle_since).sort()[0];
+    const jid = cell('c-jid', 'jid', u.jid);
+    if (idle && u.resources.every((r) => r.idle_since)) {
+      const s = document.createElement('span');
+      s.className = 'idle';
+      s.textContent = '· idle ' + relative(idle);
+      jid.appendChild(s);
+    }
+    const status = cell('c-status', 'status', u.status || '');
+    const dev = cell('c-dev', 'devices', '');
+    for (const r of u.resources) {
+      const d = document.createElement('span');
+      d.className = 'dev show-' + r.show;
+      d.textContent = initials(r.client, r.resource);
+      d.title = (r.client || 'unknown client') + ' — ' + r.resource + ' (' + SHOW_WORD[r.show] + ', priority ' + r.priority + ')';
+      dev.appendChild(d);
+    }
+    const sinceCell = cell('c-since', 'muted', relative(u.online_since));
+    b.append(show, jid, status, dev, sinceCell);
+    li.appendChild(b);
+    items.push(li);
+  }
+  rows.replaceChildren(...items);
+  if (focused) {
+    const again = rows.querySelector('[data-jid="' + CSS.escape(focused) + '"]');
+    if (again) again.focus({ preventScroll: true });
+  }
+}
+
+function cell(area, cls, text) {
+  const s = document.createElement('span');
+  s.className = 'cell ' + area + ' ' + cls;
+  s.textContent = text;
+  return s;
+}
+
+function render() {
+  if (st.dirty) recompute();
+  counters();
+  renderRows();
+  drawSpark();
+}
+
+for (const id of ['q', 'f-domain', 'f-show', 'sort']) {
+  $(id).addEventListener('input', () => { st.dirty = true; $('viewport').scrollTop = 0; schedule(); });
+}
+$('viewport').addEventListener('scroll', () => schedule(), { passive: true });
+$('rows').addEventListener('click', (e) => {
+  const b = e.target.closest('button[data-jid]');
+  if (b) openDetail(b.dataset.jid);
+});
+// Arrow keys move between rows.
+$('rows').addEventListener('keydown', (e) => {
+  if (e.key !== 'ArrowDown' && e.key !== 'ArrowUp') return;
+  const b = e.target.closest('button[data-jid]');
+  if (!b) return;
+  e.preventDefault();
+  const i = st.view.indexOf(b.dataset.jid) + (e.key === 'ArrowDown' ? 1 : -1);
+  if (i < 0 || i >= st.view.length) return;
+  const vp = $('viewport');
+  if (i * ROW < vp.scrollTop) vp.scrollTop = i * ROW;
+  if ((i + 1) * ROW > vp.scrollTop + vp.clientHeight) vp.scrollTop = (i + 1) * ROW - vp.clientHeight;
+  render();
+  const next = $('rows').querySelector('[data-jid="' + CSS.escape(st.view[i]) + '"]');
+  if (next) next.focus();
+});
+setInterval(schedule, 15000); // relative times
+
+// ---------- sparkline ----------
+async function loadSpark() {
+  try {
+    const r = await api('/api/v1/stats/concurrency');
+    st.spark = r.samples.map((s) => s.online_users);
+    const mins = Math.round((r.samples.length * r.interval_secs) / 60);
+    $('spark-range').textContent = r.samples.length ? '(' + (mins < 1 ? 'under a minute' : mins + ' min') + ' of samples)' : '';
+    schedule();
+  } catch (_) { /* the next poll retries */ }
+}
+
+function drawSpark() {
+  const pts = st.spark.concat([st.users.size]);
+  if (pts.length < 2) { $('spark-line').setAttribute('points', ''); return; }
+  const max = Math.max(...pts, 1);
+  const min = Math.min(...pts);
+  const span = Math.max(1, max - min);
+  const step = 300 / (pts.length - 1);
+  $('spark-line').setAttribute('points', pts.map((v, i) => (i * step).toFixed(1) + ',' + (56 - ((v - min) / span) * 52).toFixed(1)).join(' '));
+}
+
+// ---------- readiness ----------
+async function pollReady() {
+  try {
+    const r = await fetch('/readyz');
+    const b = await r.json();
+    const x = b.xmpp === 'simulated' ? 'XMPP: simulated (demo)' : 'XMPP: ' + b.xmpp + (b.stale ? ' (stale)' : '') + (b.resyncing ? ', resyncing' : '');
+    $('xmpp-state').textContent = x + ' · store: ' + b.store + (b.spooled_events ? ' (' + b.spooled_events + ' spooled)' : '');
+  } catch (_) {
+    $('xmpp-state').textContent = 'bridge unreachable';
+  }
+}
+
+// ---------- detail ----------
+let detailJid = null;
+function openDetail(jid) {
+  detailJid = jid;
+  const u = st.users.get(jid);
+  $('d-title').textContent = jid;
+  renderDetail(u || null);
+  const dlg = $('detail');
+  if (!dlg.open) dlg.showModal();
+  loadDetailExtras(jid);
+}
+
+$('d-close').addEventListener('click', () => $('detail').close());
+$('detail').addEventListener('close', () => { detailJid = null; });
+
+function renderDetail(u) {
+  const body = $('d-body');
+  const facts = document.createElement('dl');
+  facts.className = 'facts';
+  const add = (k, v) => { const dt = document.createElement('dt'); dt.textContent = k; const dd = document.createElement('dd'); if (v instanceof Node) dd.appendChild(v); else dd.textContent = v; facts.append(dt, dd); };
+  if (u) {
+    const s = document.createElement('span');
+    s.className = 'show show-' + u.show;
+    s.textContent = SHOW_WORD[u.show];
+    add('show', s);
+    add('status', u.status || '—');
+    add('priority', String(u.priority));
+    add('online since', u.online_since ? new Date(u.online_since).toLocaleString() + ' (' + relative(u.online_since) + ')' : '—');
+    add('last change', u.last_change ? new Date(u.last_change).toLocaleString() : '—');
+    add('last seen', u.online ? 'online now' : (u.last_seen ? new Date(u.last_seen).toLocaleString() : '—'));
+  } else {
+    add('show', 'offline');
+  }
+  const table = document.createElement('table');
+  table.innerHTML = '<caption class="muted">Resources</caption><thead><tr><th scope="col">resource</th><th scope="col">client</th><th scope="col">show</th><th scope="col">status</th><th scope="col">priority</th><th scope="col">since</th><th scope="col">idle</th></tr></thead>';
+  const tb = document.createElement('tbody');
+  for (const r of (u ? u.resources : [])) {
+    const tr = document.createElement('tr');
+    for (const v of [r.resource, r.client || '—', SHOW_WORD[r.show], r.status || '—', String(r.priority), relative(r.since), r.idle_since ? relative(r.idle_since) : '—']) {
+      const td = document.createElement('td');
+      td.textContent = v;
+      tr.appendChild(td);
+    }
+    tb.appendChild(tr);
+  }
+  table.appendChild(tb);
+  const extras = document.createElement('div');
+  extras.id = 'd-extras';
+  const old = $('d-extras');
+  if (old) extras.replaceChildren(...old.childNodes);
+  body.replaceChildren(facts, table, extras);
+}
+
+async function loadDetailExtras(jid) {
+  const box = $('d-extras');
+  const h = document.createElement('h3');
+  h.textContent = 'Recent history';
+  const out = document.createElement('div');
+  box.replaceChildren(h, out);
+  if (!st.scopes.includes('history:read') && !st.scopes.includes('admin')) {
+    out.textContent = 'This token has no history:read scope.';
+    return;
+  }
+  try {
+    const r = await api('/api/v1/history/' + encodeURIComponent(jid) + '?limit=20');
+    if (!r.events.length) { out.textContent = 'No history yet.'; return; }
+    const ul = document.createElement('ul');
+    ul.className = 'timeline';
+    for (const e of r.events) {
+      const li = document.createElement('li');
+      li.textContent = new Date(e.at).toLocaleString() + ' — ' + e.resource + ': ' + (e.kind === 'available' ? (SHOW_WORD[e.show] || 'available') : 'went offline') + (e.status ? ' “' + e.status + '”' : '');
+      ul.appendChild(li);
+    }
+    out.replaceChildren(ul);
+  } catch (e) {
+    out.textContent = e.code === 'history_disabled' ? 'History needs Postgres; this bridge keeps presence in memory only.' : (authMessage(e) || 'History unavailable: ' + e.message);
+  }
+}
+
+// ---------- last-seen lookup ----------
+$('lookup-form').addEventListener('submit', async (e) => {
+  e.preventDefault();
+  const jids = $('lookup-input').value.split(/[\s,;]+/).map((s) => s.trim()).filter(Boolean);
+  const out = $('lookup-out');
+  if (!jids.length) return;
+  out.textContent = 'Looking up…';
+  try {
+    const r = await api('/api/v1/last-seen', { method: 'POST', body: JSON.stringify({ jids }) });
+    const table = document.createElement('table');
+    table.innerHTML = '<thead><tr><th scope="col">JID</th><th scope="col">online</th><th scope="col">last seen</th><th scope="col">status</th></tr></thead>';
+    const tb = document.createElement('tbody');
+    for (const x of r.results) {
+      const tr = document.createElement('tr');
+      const seen = x.online ? 'online now (since ' + relative(x.online_since) + ')' : (x.last_seen ? new Date(x.last_seen).toLocaleString() + ' (' + relative(x.last_seen) + ' ago)' : '—');
+      for (const v of [x.jid, x.online ? 'yes' : 'no', seen, x.status || '—']) {
+        const td = document.createElement('td');
+        td.textContent = v;
+        tr.appendChild(td);
+      }
+      tb.appendChild(tr);
+    }
+    for (const j of r.unknown) {
+      const tr = document.createElement('tr');
+      const td = document.createElement('td');
+      td.textContent = j;
+      const td2 = document.createElement('td');
+      td2.colSpan = 3;
+      td2.textContent = 'never seen';
+      tr.append(td, td2);
+      tb.appendChild(tr);
+    }
+    table.appendChild(tb);
+    out.replaceChildren(table);
+  } catch (err) {
+    out.textContent = authMessage(err) || (err.code === 'invalid_jid' ? err.message : 'Lookup failed: ' + err.message);
+  }
+});
+
+// ---------- start ----------
+async function start() {
+  readToken();
+  if (!st.token) return showLogin('');
+  $('login').hidden = true;
+  setPhase('connecting');
+  try {
+    await api('/api/v1/stats');
+  } catch (e) {
+    return showLogin(authMessage(e) || 'The bridge is unreachable: ' + e.message);
+  }
+  $('app').hidden = false;
+  $('forget').hidden = false;
+  $('banner').hidden = true;
+  st.epoch = null;
+  connect();
+  pollReady();
+  loadSpark();
+}
+
+setInterval(() => { if (st.token && !$('app').hidden) pollReady(); }, 5000);
+setInterval(() => { if (st.token && !$('app').hidden) loadSpark(); }, 10000);
+start();
