@@ -984,3 +984,253 @@ fn openapi_document_lists_the_contract_routes() {
         assert!(doc["paths"].get(p).is_some(), "missing {p}");
     }
 }
+
+fn openssl(args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rs256_and_es256_keys_pin_the_algorithm() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+        &p("rsa.key"),
+    ]);
+    openssl(&[
+        "pkey",
+        "-in",
+        &p("rsa.key"),
+        "-pubout",
+        "-out",
+        &p("rsa.pub"),
+    ]);
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        &p("ec.key"),
+    ]);
+    openssl(&["pkey", "-in", &p("ec.key"), "-pubout", "-out", &p("ec.pub")]);
+    let claims = auth::claims("svc", "presence:read", None, 300, &AuthConfig::default());
+    for (key, public, alg) in [
+        ("rsa.key", "rsa.pub", jsonwebtoken::Algorithm::RS256),
+        ("ec.key", "ec.pub", jsonwebtoken::Algorithm::ES256),
+    ] {
+        let pem = std::fs::read(p(key)).unwrap();
+        let enc = match alg {
+            jsonwebtoken::Algorithm::RS256 => {
+                jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap()
+            }
+            _ => jsonwebtoken::EncodingKey::from_ec_pem(&pem).unwrap(),
+        };
+        let good = jsonwebtoken::encode(&jsonwebtoken::Header::new(alg), &claims, &enc).unwrap();
+        let cfg = AuthConfig {
+            jwt_public_key_file: Some(p(public).into()),
+            ..AuthConfig::default()
+        };
+        let a = Auth::from_config(&cfg).unwrap();
+        assert!(a.verify(&good).is_ok(), "{alg:?}");
+        // An HS256 token "signed" with the public key text (the classic confusion attack).
+        let public_pem = std::fs::read(p(public)).unwrap();
+        let forged = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(&public_pem),
+        )
+        .unwrap();
+        assert!(
+            a.verify(&forged).is_err(),
+            "{alg:?}: the token's alg header must not choose the algorithm"
+        );
+    }
+    let bad = AuthConfig {
+        jwt_public_key_file: Some(p("rsa.key").replace("rsa.key", "missing.pem").into()),
+        ..AuthConfig::default()
+    };
+    assert!(
+        Auth::from_config(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("auth.jwt_public_key_file")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_https_and_wss() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1",
+        "-keyout",
+        &p("key.pem"),
+        "-out",
+        &p("cert.pem"),
+    ]);
+    let tls = api::tls_config(
+        std::path::Path::new(&p("cert.pem")),
+        std::path::Path::new(&p("key.pem")),
+    )
+    .unwrap();
+    let (engine, _t) = Engine::start(&PresenceConfig::default());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let state = Arc::new(AppState::new(
+        engine,
+        None,
+        None,
+        None,
+        Arc::new(Metrics::new()),
+        open_http(),
+        CancellationToken::new(),
+    ));
+    let server = api::serve(
+        listener,
+        state.clone(),
+        Auth::from_config(&auth_cfg()).unwrap(),
+        Some(tls),
+    )
+    .unwrap();
+    let handle = server.handle();
+    tokio::spawn(server);
+    let cert = p("cert.pem");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args([
+                "-s",
+                "--cacert",
+                &cert,
+                &format!("https://127.0.0.1:{port}/healthz"),
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        r#"{"status":"ok"}"#,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Plain HTTP on the TLS port gets nothing useful.
+    let (code, _, _) = http_req(port, "GET", "/healthz", None, None);
+    assert_ne!(code, 200);
+    assert!(
+        api::tls_config(
+            std::path::Path::new("/nonexistent.pem"),
+            std::path::Path::new("/nonexistent.key")
+        )
+        .unwrap_err()
+        .contains("http.tls_cert")
+    );
+    state.shutdown.cancel();
+    handle.stop(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_connection_cap_dead_peers_and_readyz_in_memory_mode() {
+    init_logs();
+    let (engine, _t) = Engine::start(&PresenceConfig::default());
+    let api = Api::start(
+        engine.clone(),
+        HttpConfig {
+            ws_max_per_token: 2,
+            ws_ping_secs: 0.3,
+            ..open_http()
+        },
+    );
+    let (code, ready, _) = api.get("/readyz", None);
+    assert_eq!(
+        (
+            code,
+            ready["xmpp"].as_str(),
+            ready["store"].as_str(),
+            ready["spooled_events"].as_u64()
+        ),
+        (200, Some("simulated"), Some("memory"), Some(0))
+    );
+    let t = token("presence:read", None);
+    let mut a = api.ws(&format!("token={t}"), None).await;
+    let mut b = api.ws(&format!("token={t}"), None).await;
+    assert_eq!(next_frame(&mut a).await["type"], "snapshot");
+    assert_eq!(next_frame(&mut b).await["type"], "snapshot");
+    let e = ws_connect(api.port, &format!("token={t}"), None)
+        .await
+        .err()
+        .unwrap_or_default();
+    assert!(
+        e.contains("429"),
+        "a third connection for the same token is refused: {e}"
+    );
+    // Another subject has its own slots.
+    let other = auth::mint(
+        SECRET_KEY,
+        &auth::claims("someone-else", "presence:read", None, 300, &auth_cfg()),
+    )
+    .unwrap();
+    let mut c = api.ws(&format!("token={other}"), None).await;
+    assert_eq!(next_frame(&mut c).await["type"], "snapshot");
+    // `a` stops answering (never reads, so never pongs): the server closes it as dead.
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    // The client library may surface the close as an error (its queued pong cannot be
+    // written any more); either way the stream ends, and the server says why.
+    let ended = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match a.next().await {
+                Some(Ok(Message::Close(f))) => {
+                    return format!("close {:?}", f.map(|f| u16::from(f.code)));
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return format!("error {e}"),
+                None => return "end".to_string(),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        ended == "close Some(1008)" || ended.starts_with("error") || ended == "end",
+        "{ended}"
+    );
+    assert!(
+        metric(
+            &metrics_text(api.port),
+            "presence_bridge_ws_closed_total{reason=\"dead_peer\"}"
+        ) >= 1
+    );
+    // Both slots are free again.
+    let mut d = api.ws(&format!("token={t}"), None).await;
+    assert_eq!(next_frame(&mut d).await["type"], "snapshot");
+    api.stop().await;
+}
