@@ -518,3 +518,59 @@ async fn privilege_advertisement_and_duplicate_routes() {
     bridge.wait_user(&user, "offline", |p| !p.online).await;
     assert_eq!(bridge.engine.barrier().await.unwrap(), 3);
 }
+
+/// The other way in: no server-side provisioning, the user subscribes to the component. The
+/// bridge approves, subscribes back; once the user approves, their presence flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_subscribing_to_the_component_gets_approved_and_tracked() {
+    init_logs();
+    let ej = Ejabberd::shared();
+    let lease = lease_component();
+    let user = unique_user("sub");
+    ej.register(&user);
+    let bridge = Bridge::start(xmpp_cfg(&ej, &lease));
+    bridge.connected().await;
+    let mut c = Client::login(ej.c2s, &user, "web").await;
+    let domain = lease.domain.clone();
+    // A real client is available before it manages subscriptions (the server holds presence
+    // stanzas for resources that are not).
+    c.presence(None, None, 0, None).await;
+    c.send(&format!("<presence type='subscribe' to='{domain}'/>"))
+        .await;
+    // The bridge answers `subscribed` and asks back with `subscribe`.
+    let got = c.expect(&["subscribed", "type='subscribe'"]).await;
+    assert!(got.contains(&domain), "{got}");
+    c.send(&format!("<presence type='subscribed' to='{domain}'/>"))
+        .await;
+    c.presence(
+        Some("chat"),
+        Some("hello bridge"),
+        2,
+        Some("https://conversejs.org"),
+    )
+    .await;
+    let p = bridge
+        .wait_user(&user, "tracked after subscribing", |p| {
+            p.status.as_deref() == Some("hello bridge")
+        })
+        .await;
+    assert_eq!(
+        (p.show, p.priority, p.resources[0].client.as_deref()),
+        (Show::Chat, 2, Some("Converse.js"))
+    );
+    // The roster item now exists server-side, both ways.
+    let roster = ej.api(
+        "get_roster",
+        serde_json::json!({"user": user, "host": "localhost"}),
+    );
+    let item = roster
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["jid"] == domain.as_str())
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(item["subscription"], "both", "{roster}");
+    c.unavailable(None).await;
+    bridge.wait_user(&user, "offline", |p| !p.online).await;
+}

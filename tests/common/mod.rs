@@ -379,6 +379,22 @@ impl Client {
         drop(self.stream);
     }
 
+    /// Reads until the server has sent something containing every one of `pats`.
+    pub async fn expect(&mut self, pats: &[&str]) -> String {
+        let mut acc = String::new();
+        let mut buf = [0u8; 8192];
+        let r = tokio::time::timeout(PATIENCE, async {
+            while !pats.iter().all(|p| acc.contains(p)) {
+                let n = self.stream.read(&mut buf).await.expect("client read");
+                assert!(n > 0, "server closed the stream; got so far: {acc}");
+                acc.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+        .await;
+        assert!(r.is_ok(), "timeout waiting for {pats:?}; got: {acc}");
+        acc
+    }
+
     async fn read_until(&mut self, pat: &str) -> String {
         self.read_until_any(&[pat]).await
     }
