@@ -116,57 +116,9 @@ async fn main() {
         let t = Instant::now();
         for chunk in evs.chunks(batch) {
             let tx = c.transaction().await.expect("tx");
-            let sink = tx
-                .copy_in("COPY presence_events (event_id, at, received_at, jid, resource, kind, show, status, priority, client, idle_since, cause) FROM STDIN (FORMAT binary)")
+            pg::copy_events(&tx, "presence_events", chunk)
                 .await
                 .expect("copy");
-            use tokio_postgres::types::Type;
-            let w = tokio_postgres::binary_copy::BinaryCopyInWriter::new(
-                sink,
-                &[
-                    Type::UUID,
-                    Type::TIMESTAMPTZ,
-                    Type::TIMESTAMPTZ,
-                    Type::TEXT,
-                    Type::TEXT,
-                    Type::TEXT,
-                    Type::TEXT,
-                    Type::TEXT,
-                    Type::INT2,
-                    Type::TEXT,
-                    Type::TIMESTAMPTZ,
-                    Type::TEXT,
-                ],
-            );
-            futures::pin_mut!(w);
-            for e in chunk {
-                let id = uuid::Uuid::from_u128(e.id);
-                let kind = if e.available {
-                    "available"
-                } else {
-                    "unavailable"
-                };
-                let show = e.show.map(|s| s.as_str());
-                let prio = e.priority.map(i16::from);
-                w.as_mut()
-                    .write(&[
-                        &id,
-                        &e.at,
-                        &e.received_at,
-                        &e.jid,
-                        &e.resource,
-                        &kind,
-                        &show,
-                        &e.status,
-                        &prio,
-                        &e.client,
-                        &e.idle_since,
-                        &"stanza",
-                    ])
-                    .await
-                    .expect("row");
-            }
-            w.finish().await.expect("finish");
             tx.commit().await.expect("commit");
         }
         let d = t.elapsed();

@@ -139,19 +139,21 @@ pub fn main() -> ExitCode {
             domains,
             ttl,
             config,
-        } => {
-            let (path, required) = config_path(config);
-            let cfg = match Config::load(&path, required) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("presence-bridge: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            token(&cfg, &sub, &scope, domains.as_deref(), ttl)
-        }
+        } => match load(config) {
+            Ok(cfg) => token(&cfg, &sub, &scope, domains.as_deref(), ttl),
+            Err(code) => code,
+        },
         Command::Migrate { config } => with_config(config, cli.log_format, migrate),
     }
+}
+
+/// Loads and validates the config, or says why on one line and gives exit code 2.
+fn load(config: Option<PathBuf>) -> Result<Config, ExitCode> {
+    let (path, required) = config_path(config);
+    Config::load(&path, required).map_err(|e| {
+        eprintln!("presence-bridge: {e}");
+        ExitCode::from(2)
+    })
 }
 
 /// Loads the config (exit 2 if invalid), sets up logging and a runtime, runs `f`.
@@ -160,13 +162,9 @@ where
     F: FnOnce(Config) -> Fut,
     Fut: std::future::Future<Output = ExitCode>,
 {
-    let (path, required) = config_path(config);
-    let cfg = match Config::load(&path, required) {
+    let cfg = match load(config) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("presence-bridge: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     telemetry::init(log_format.unwrap_or(cfg.log.format), &cfg.log.level);
     let rt = match tokio::runtime::Builder::new_multi_thread()

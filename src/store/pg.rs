@@ -194,7 +194,9 @@ const EVENT_TYPES: [Type; 12] = [
     Type::TEXT,
 ];
 
-async fn copy_events(
+/// Binary COPY of event rows into `table` (the writer's fast path; also the benchmark's
+/// raw-COPY baseline).
+pub async fn copy_events(
     tx: &tokio_postgres::Transaction<'_>,
     table: &str,
     batch: &[StoredEvent],
