@@ -246,16 +246,20 @@ pub async fn demo(users: usize, bind: String) -> ExitCode {
     let handle = server.handle();
     let server_task = tokio::spawn(server);
     drop(engine);
-    println!(
-        "presence-bridge demo: {users} simulated users, in-memory store (no XMPP server, no database)"
+    // One write, errors ignored: a closed stdout (a supervisor that stopped reading) must not
+    // take the demo down the way println! would.
+    let banner = format!(
+        "presence-bridge demo: {users} simulated users, in-memory store (no XMPP server, no database)\n\n  \
+         Dashboard:  http://{addr}/#token={token}\n  API token:  {token}\n              \
+         (admin scope, valid 24 h, only for this run)\n\n  \
+         Try:  curl -H \"Authorization: Bearer $TOKEN\" http://{addr}/api/v1/stats\nCtrl-C stops the demo.\n"
     );
-    println!();
-    println!("  Dashboard:  http://{addr}/#token={token}");
-    println!("  API token:  {token}");
-    println!("              (admin scope, valid 24 h, only for this run)");
-    println!();
-    println!("  Try:  curl -H \"Authorization: Bearer $TOKEN\" http://{addr}/api/v1/stats");
-    println!("Ctrl-C stops the demo.");
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(banner.as_bytes());
+        let _ = out.flush();
+    }
     cancel.cancelled().await;
     let _ = tokio::time::timeout(SHUTDOWN_DEADLINE, handle.stop(true)).await;
     let _ = server_task.await;

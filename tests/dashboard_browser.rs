@@ -34,17 +34,22 @@ fn dashboard_in_headless_chromium() {
         .spawn()
         .unwrap();
     let stdout = demo.stdout.take().unwrap();
-    let mut url = None;
-    for line in std::io::BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-    {
-        if let Some(u) = line.trim().strip_prefix("Dashboard:") {
-            url = Some(u.trim().to_string());
-            break;
+    // Read the URL, then keep draining stdout in the background (never close the pipe under
+    // a running process).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(u) = line.trim().strip_prefix("Dashboard:") {
+                let _ = tx.send(u.trim().to_string());
+            }
         }
-    }
-    let url = url.expect("demo printed its dashboard URL");
+    });
+    let url = rx
+        .recv_timeout(common::PATIENCE)
+        .expect("demo printed its dashboard URL");
     assert!(url.contains("#token="), "{url}");
     let artifacts = repo().join("target/test-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
