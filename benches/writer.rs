@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use presence_bridge::config::StoreConfig;
 use presence_bridge::presence::{Cause, Show};
 use presence_bridge::store::spool::Spool;
-use presence_bridge::store::{StoreMode, StoreSink, StoredEvent, UserAfter, pg, writer};
+use presence_bridge::store::{StoreMetrics, StoreMode, StoredEvent, UserAfter, pg, writer};
 
 const ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 const URL: &str = "postgres://postgres@127.0.0.1:5432/pb_bench";
@@ -145,20 +145,16 @@ async fn main() {
             ..StoreConfig::default()
         };
         {
-            let sink = StoreSink::new();
-            let (h, task) = writer::start(&cfg, pool.clone(), sink.clone()).expect("writer");
+            let (h, task) =
+                writer::start(&cfg, pool.clone(), StoreMetrics::default()).expect("writer");
+            let sink = h.sink().clone();
             let evs = events(n, 0, churn);
             let t = Instant::now();
             for chunk in evs.chunks(1000) {
                 sink.push(chunk.iter().cloned());
                 tokio::task::yield_now().await;
             }
-            while h
-                .counters()
-                .events_written
-                .load(std::sync::atomic::Ordering::Relaxed)
-                < n
-            {
+            while h.metrics().events_written.get() < n {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             let d = t.elapsed();
@@ -185,9 +181,9 @@ async fn main() {
             ..StoreConfig::default()
         };
         {
-            let sink = StoreSink::new();
             let t = Instant::now();
-            let (h, task) = writer::start(&cfg, pool.clone(), sink.clone()).expect("writer");
+            let (h, task) =
+                writer::start(&cfg, pool.clone(), StoreMetrics::default()).expect("writer");
             let mut w = h.watch();
             let _ = w.wait_for(|s| s.mode == StoreMode::Ok).await;
             let d = t.elapsed();

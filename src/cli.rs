@@ -3,25 +3,18 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 
-use crate::api::auth::{self, Auth};
-use crate::api::metrics::Metrics;
-use crate::api::{self, AppState};
-use crate::config::{Config, LogFormat};
-use crate::presence::Engine;
-use crate::store::{StoreSink, pg, reads, writer};
-use crate::{shutdown, telemetry, xmpp};
+use crate::api::auth;
+use crate::app::{AppBuilder, Ingest};
+use crate::config::{AuthConfig, Config, HttpConfig, LogFormat, Secret};
+use crate::store::pg;
+use crate::{shutdown, telemetry};
 
 /// Default config path when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "config/bridge.toml";
-
-/// How long shutdown may take before the process exits anyway.
-const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -182,7 +175,45 @@ where
     code
 }
 
-/// `presence-bridge demo`.
+/// Starts the service, runs it until a signal (exit 0) or a fatal error (exit 1), and stops
+/// it within its deadline; a second signal exits at once with 130.
+async fn serve(builder: AppBuilder, on_started: impl FnOnce(std::net::SocketAddr)) -> ExitCode {
+    let mut app = match builder.start().await {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("presence-bridge: {e}");
+            return ExitCode::from(e.exit_code());
+        }
+    };
+    on_started(app.addr());
+    let result = tokio::select! {
+        r = app.wait() => r,
+        sig = shutdown::signal() => {
+            tracing::info!(signal = sig, "shutting down");
+            Ok(())
+        }
+    };
+    let stopped = tokio::select! {
+        r = app.shutdown() => r,
+        sig = shutdown::signal() => {
+            tracing::warn!(signal = sig, "second signal: exiting immediately");
+            std::process::exit(130);
+        }
+    };
+    match result.and(stopped) {
+        Ok(()) => {
+            tracing::info!("presence-bridge stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("presence-bridge: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// `presence-bridge demo`: the service with the simulator as its source, the memory store,
+/// and a fresh signing secret whose admin token is printed.
 pub async fn demo(users: usize, bind: String) -> ExitCode {
     let listener = match std::net::TcpListener::bind(&bind) {
         Ok(l) => l,
@@ -191,25 +222,24 @@ pub async fn demo(users: usize, bind: String) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or(bind);
     // A fresh secret per run: the printed token is the only way in.
     let secret: String = (0..32)
         .map(|_| format!("{:02x}", rand::random::<u8>()))
         .collect();
-    let auth_cfg = crate::config::AuthConfig {
-        jwt_secret: crate::config::Secret::new(secret.clone()),
+    let cfg = Config {
+        auth: AuthConfig {
+            jwt_secret: Secret::new(secret.clone()),
+            ..Default::default()
+        },
+        http: HttpConfig {
+            bind,
+            ..Default::default()
+        },
         ..Default::default()
-    };
-    let auth = match Auth::from_config(&auth_cfg) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("presence-bridge: {e}");
-            return ExitCode::from(1);
-        }
     };
     let token = match auth::mint(
         &secret,
-        &auth::claims("demo-admin", "admin", None, 24 * 3600, &auth_cfg),
+        &auth::claims("demo-admin", "admin", None, 24 * 3600, &cfg.auth),
     ) {
         Ok(t) => t,
         Err(e) => {
@@ -217,55 +247,27 @@ pub async fn demo(users: usize, bind: String) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let cancel = CancellationToken::new();
-    shutdown::on_signals(cancel.clone());
-    let (engine, engine_task) = Engine::start(&crate::config::PresenceConfig::default());
-    let sim = crate::demo::Simulator::new(users, rand::random());
-    let sim_task = tokio::spawn(sim.run(engine.clone(), cancel.clone()));
-    let http = crate::config::HttpConfig {
-        bind: addr.clone(),
-        ..Default::default()
-    };
-    let state = Arc::new(AppState::new(
-        engine.clone(),
-        None,
-        None,
-        None,
-        Arc::new(Metrics::new()),
-        http,
-        cancel.clone(),
-    ));
-    api::spawn_sampler(state.clone());
-    let server = match api::serve(listener, state, auth, None) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("presence-bridge: cannot start the HTTP server: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let handle = server.handle();
-    let server_task = tokio::spawn(server);
-    drop(engine);
-    // One write, errors ignored: a closed stdout (a supervisor that stopped reading) must not
-    // take the demo down the way println! would.
-    let banner = format!(
-        "presence-bridge demo: {users} simulated users, in-memory store (no XMPP server, no database)\n\n  \
-         Dashboard:  http://{addr}/#token={token}\n  API token:  {token}\n              \
-         (admin scope, valid 24 h, only for this run)\n\n  \
-         Try:  curl -H \"Authorization: Bearer $TOKEN\" http://{addr}/api/v1/stats\nCtrl-C stops the demo.\n"
-    );
-    {
+    let builder = AppBuilder::new(cfg)
+        .ingest(Ingest::Simulated {
+            users,
+            seed: rand::random(),
+        })
+        .listener(listener);
+    serve(builder, |addr| {
+        // One write, errors ignored: a closed stdout (a supervisor that stopped reading) must
+        // not take the demo down the way println! would.
+        let banner = format!(
+            "presence-bridge demo: {users} simulated users, in-memory store (no XMPP server, no database)\n\n  \
+             Dashboard:  http://{addr}/#token={token}\n  API token:  {token}\n              \
+             (admin scope, valid 24 h, only for this run)\n\n  \
+             Try:  curl -H \"Authorization: Bearer $TOKEN\" http://{addr}/api/v1/stats\nCtrl-C stops the demo.\n"
+        );
         use std::io::Write;
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(banner.as_bytes());
         let _ = out.flush();
-    }
-    cancel.cancelled().await;
-    let _ = tokio::time::timeout(SHUTDOWN_DEADLINE, handle.stop(true)).await;
-    let _ = server_task.await;
-    let _ = sim_task.await;
-    let _ = tokio::time::timeout(SHUTDOWN_DEADLINE, engine_task).await;
-    ExitCode::SUCCESS
+    })
+    .await
 }
 
 /// `presence-bridge token`.
@@ -354,188 +356,12 @@ fn config_path(arg: Option<PathBuf>) -> (PathBuf, bool) {
     }
 }
 
-/// The service. Returns when a signal arrives (exit 0) or on a fatal error (exit 1).
+/// `presence-bridge run`: the service as configured.
 pub async fn run(cfg: Config) -> ExitCode {
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
-        server = %cfg.xmpp.server,
-        component = %cfg.xmpp.component,
-        domains = ?cfg.xmpp.domains,
         "presence-bridge starting"
     );
     tracing::debug!(config = ?cfg, "effective configuration (secrets masked)");
-    let cancel = CancellationToken::new();
-    shutdown::on_signals(cancel.clone());
-
-    // The store: migrate, load known users, start the writer. Postgres being down is not
-    // fatal: the writer spools and migrates once it is back.
-    let mut seed = Vec::new();
-    let mut lost_at = None;
-    let mut store = None;
-    if let Some(url) = &cfg.store.postgres_url {
-        let timeout = Duration::from_secs_f64(cfg.store.connect_timeout_secs);
-        let pool = match pg::pool(url.expose(), cfg.store.pool_size, timeout) {
-            Ok(p) => p,
-            Err(e) => {
-                eprintln!("presence-bridge: {e}");
-                return ExitCode::from(2);
-            }
-        };
-        match pg::migrate(&pool).await {
-            Ok(applied) => {
-                if !applied.is_empty() {
-                    tracing::info!(?applied, "store: migrations applied");
-                }
-                match reads::load_known(&pool).await {
-                    Ok(users) => {
-                        tracing::info!(
-                            users = users.len(),
-                            online = users.iter().filter(|u| u.online).count(),
-                            "store: known users loaded; they will be probed"
-                        );
-                        seed = users;
-                    }
-                    Err(e) => tracing::warn!(error = %e, "store: cannot load known users"),
-                }
-                if let Ok(c) = pg::client(&pool).await
-                    && let Ok(Some(t)) = pg::get_state(&c, "stopped_at").await
-                {
-                    lost_at = chrono::DateTime::parse_from_rfc3339(&t)
-                        .ok()
-                        .map(|t| t.with_timezone(&chrono::Utc));
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "store: Postgres not usable at start-up; events are spooled until it is")
-            }
-        }
-        let sink = StoreSink::new();
-        match writer::start(&cfg.store, pool.clone(), sink.clone()) {
-            Ok((handle, task)) => store = Some((sink, handle, task, pool)),
-            Err(e) => {
-                eprintln!(
-                    "presence-bridge: invalid config: store.spool_dir: {}: {e}",
-                    cfg.store.spool_dir.display()
-                );
-                return ExitCode::from(2);
-            }
-        }
-    } else {
-        tracing::warn!(
-            "store.postgres_url is not set: presence is kept in memory only (no history; last-seen only for this run)"
-        );
-    }
-
-    let auth = match Auth::from_config(&cfg.auth) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("presence-bridge: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    if !auth.configured() {
-        tracing::warn!(
-            "neither auth.jwt_secret nor auth.jwt_public_key_file is set: every authenticated request gets 401"
-        );
-    }
-    let tls = match (&cfg.http.tls_cert, &cfg.http.tls_key) {
-        (Some(c), Some(k)) => match api::tls_config(c, k) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                eprintln!("presence-bridge: invalid config: {e}");
-                return ExitCode::from(2);
-            }
-        },
-        _ => None,
-    };
-    let listener = match std::net::TcpListener::bind(&cfg.http.bind) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!(
-                "presence-bridge: cannot listen on {} (http.bind): {e}",
-                cfg.http.bind
-            );
-            return ExitCode::from(1);
-        }
-    };
-
-    let (engine, engine_task) =
-        Engine::start_with(&cfg.presence, store.as_ref().map(|s| s.0.clone()), seed);
-    let (component, mut component_task) =
-        xmpp::component::spawn_with(cfg.xmpp.clone(), engine.clone(), cancel.clone(), lost_at);
-    let metrics = Arc::new(Metrics::new());
-    if let Some((_, handle, _, _)) = &store {
-        let _ = handle.counters().batch_histograms.set((
-            metrics.store_batch_size.clone(),
-            metrics.store_batch_latency.clone(),
-        ));
-    }
-    let state = Arc::new(AppState {
-        engine: engine.clone(),
-        component: Some(component),
-        store: store.as_ref().map(|s| s.1.clone()),
-        pool: store.as_ref().map(|s| s.3.clone()),
-        metrics,
-        http: cfg.http.clone(),
-        ws_conns: Default::default(),
-        shutdown: cancel.clone(),
-        samples: Default::default(),
-    });
-    api::spawn_sampler(state.clone());
-    let server = match api::serve(listener, state, auth, tls) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("presence-bridge: cannot start the HTTP server: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    tracing::info!(bind = %cfg.http.bind, tls = cfg.http.tls_cert.is_some(), "HTTP API listening");
-    let server_handle = server.handle();
-    let server_task = tokio::spawn(server);
-    drop(engine);
-
-    let code = tokio::select! {
-        r = &mut component_task => match r {
-            Ok(Ok(())) => ExitCode::SUCCESS,
-            Ok(Err(fatal)) => {
-                eprintln!("presence-bridge: fatal: {fatal}");
-                ExitCode::from(1)
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "XMPP component task failed");
-                ExitCode::from(1)
-            }
-        },
-        _ = cancel.cancelled() => {
-            if tokio::time::timeout(SHUTDOWN_DEADLINE, &mut component_task).await.is_err() {
-                tracing::warn!("XMPP component did not stop within the shutdown deadline");
-            }
-            ExitCode::SUCCESS
-        }
-    };
-    // Stop accepting, close WebSockets with 1001 (they watch `cancel`), finish requests.
-    cancel.cancel();
-    if tokio::time::timeout(SHUTDOWN_DEADLINE, server_handle.stop(true))
-        .await
-        .is_err()
-    {
-        tracing::warn!("HTTP server did not stop within the shutdown deadline");
-    }
-    let _ = server_task.await;
-    // The sequencer ends once every engine handle is gone; then the writer drains its queue
-    // (to Postgres, or the spool past store.flush_timeout_secs).
-    let _ = tokio::time::timeout(SHUTDOWN_DEADLINE, engine_task).await;
-    if let Some((_, handle, task, _)) = store {
-        handle.close();
-        let deadline =
-            Duration::from_secs_f64(cfg.store.flush_timeout_secs) + Duration::from_secs(5);
-        if tokio::time::timeout(deadline, task).await.is_err() {
-            tracing::error!(
-                queued = handle.queue_depth(),
-                "store writer did not finish flushing in time"
-            );
-        }
-    }
-    tracing::info!("presence-bridge stopped");
-    code
+    serve(AppBuilder::new(cfg), |_| {}).await
 }

@@ -89,6 +89,10 @@ impl Serialize for Secret {
 pub struct DbUrl(String);
 
 impl DbUrl {
+    /// Wraps a connection string.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
     /// The URL with its password, for connecting only.
     pub fn expose(&self) -> &str {
         &self.0

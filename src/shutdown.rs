@@ -1,22 +1,10 @@
-//! Process signals → cancellation.
+//! Process signals. The binary ([`crate::cli`]) waits for the first SIGTERM/SIGINT to start a
+//! graceful shutdown of the [`crate::app::App`], and for a second one to exit at once (130),
+//! for the operator whose graceful shutdown is taking too long. No task is spawned for it.
 
-use tokio_util::sync::CancellationToken;
-
-/// Cancels `token` on the first SIGTERM or SIGINT. A second signal exits at once with code 130,
-/// for the operator whose graceful shutdown is taking too long.
-pub fn on_signals(token: CancellationToken) {
-    tokio::spawn(async move {
-        let first = wait_for_signal().await;
-        tracing::info!(signal = first, "shutting down");
-        token.cancel();
-        let second = wait_for_signal().await;
-        tracing::warn!(signal = second, "second signal: exiting immediately");
-        std::process::exit(130);
-    });
-}
-
+/// Resolves at the next SIGTERM or SIGINT and says which.
 #[cfg(unix)]
-async fn wait_for_signal() -> &'static str {
+pub async fn signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
@@ -32,8 +20,9 @@ async fn wait_for_signal() -> &'static str {
     }
 }
 
+/// Resolves at the next Ctrl-C.
 #[cfg(not(unix))]
-async fn wait_for_signal() -> &'static str {
+pub async fn signal() -> &'static str {
     let _ = tokio::signal::ctrl_c().await;
     "Ctrl-C"
 }

@@ -8,24 +8,22 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use common::*;
-use presence_bridge::config::{PresenceConfig, StoreConfig};
-use presence_bridge::presence::{
-    Availability, Cause, Engine, EventKind, PresenceEvent, Show, UserJid,
-};
+use deadpool_postgres::Pool;
+use presence_bridge::app::Ingest;
+use presence_bridge::config::{Config, DbUrl, StoreConfig, XmppConfig};
+use presence_bridge::presence::{Cause, Engine, PresenceEvent, Show, UserJid};
 use presence_bridge::store::spool::Spool;
-use presence_bridge::store::{StoreHandle, StoreMode, StoreSink, pg, reads, writer};
-use tokio::task::JoinHandle;
+use presence_bridge::store::{StoreHandle, StoreMode, pg, reads};
 
+/// The service with a store (and the given source), its spool in a temporary directory.
 struct Rig {
-    engine: Engine,
-    store: StoreHandle,
-    task: JoinHandle<()>,
-    pool: deadpool_postgres::Pool,
+    app: TestApp,
     _spool: tempfile::TempDir,
 }
 
-fn store_cfg(spool: &std::path::Path) -> StoreConfig {
+fn store_cfg(url: &str, spool: &std::path::Path) -> StoreConfig {
     StoreConfig {
+        postgres_url: Some(DbUrl::new(url)),
         spool_dir: spool.to_owned(),
         write_timeout_secs: 2.0,
         retry_secs: 0.3,
@@ -35,32 +33,46 @@ fn store_cfg(spool: &std::path::Path) -> StoreConfig {
 }
 
 async fn rig(url: &str, tweak: impl FnOnce(&mut StoreConfig)) -> Rig {
-    let spool = tempfile::tempdir().unwrap();
-    let mut cfg = store_cfg(spool.path());
-    tweak(&mut cfg);
-    let pool = pg::pool(url, 4, Duration::from_secs(2)).unwrap();
-    pg::migrate(&pool).await.unwrap();
-    let seed = reads::load_known(&pool).await.unwrap();
-    let sink = StoreSink::new();
-    let (store, task) = writer::start(&cfg, pool.clone(), sink.clone()).unwrap();
-    let (engine, _t) = Engine::start_with(&PresenceConfig::default(), Some(sink), seed);
-    Rig {
-        engine,
+    rig_in(url, tempfile::tempdir().unwrap(), tweak, None).await
+}
+
+/// The service with a store in `spool`, fed by the XMPP component `xmpp` if given.
+async fn rig_in(
+    url: &str,
+    spool: tempfile::TempDir,
+    tweak: impl FnOnce(&mut StoreConfig),
+    xmpp: Option<XmppConfig>,
+) -> Rig {
+    let mut store = store_cfg(url, spool.path());
+    tweak(&mut store);
+    let ingest = if xmpp.is_some() {
+        Ingest::Xmpp
+    } else {
+        Ingest::None
+    };
+    let cfg = Config {
         store,
-        task,
-        pool,
+        xmpp: xmpp.unwrap_or_default(),
+        ..test_config()
+    };
+    Rig {
+        app: TestApp::start(cfg, ingest).await,
         _spool: spool,
     }
 }
 
 impl Rig {
+    fn engine(&self) -> &Engine {
+        self.app.engine()
+    }
+    fn store(&self) -> &StoreHandle {
+        self.app.store()
+    }
+    fn pool(&self) -> &Pool {
+        self.app.store().pool()
+    }
     async fn stop(self) {
-        drop(self.engine);
-        self.store.close();
-        tokio::time::timeout(PATIENCE, self.task)
-            .await
-            .unwrap()
-            .unwrap();
+        self.app.stop().await;
     }
 }
 
@@ -77,33 +89,17 @@ fn burst_event(i: u64) -> PresenceEvent {
     let res = (i / 50) % 3;
     let step = (i / 150) % 3;
     let kind = match step {
-        0 => EventKind::Available(Availability {
-            show: Show::Away,
-            status: Some(format!("s{i}")),
-            priority: 1,
-            client: Some("Gajim".into()),
-            idle_since: None,
-        }),
-        1 => EventKind::Available(Availability {
-            show: Show::Dnd,
-            status: Some(format!("s{i}")),
-            priority: 1,
-            client: Some("Gajim".into()),
-            idle_since: None,
-        }),
-        _ => EventKind::Unavailable {
-            status: Some(format!("bye{i}")),
-        },
+        0 => available(Show::Away, &format!("s{i}"), 1, Some("Gajim")),
+        1 => available(Show::Dnd, &format!("s{i}"), 1, Some("Gajim")),
+        _ => unavailable(&format!("bye{i}")),
     };
-    PresenceEvent {
-        id: u128::from(i) + 1,
-        jid: UserJid::parse(&format!("burst{user}@localhost")).unwrap(),
-        resource: format!("r{res}"),
+    event(
+        u128::from(i) + 1,
+        &format!("burst{user}@localhost"),
+        &format!("r{res}"),
+        at(i),
         kind,
-        at: at(i),
-        received_at: at(i),
-        cause: Cause::Stanza,
-    }
+    )
 }
 
 async fn feed(engine: &Engine, range: std::ops::Range<u64>) {
@@ -143,7 +139,7 @@ async fn burst_lands_exactly_once_with_sessions_and_last_seen() {
     let pg = Pg::shared("burst");
     let r = rig(&pg.url(), |c| c.batch_size = 700).await;
     let n = 4500; // 10 full away/dnd/unavailable cycles of 150 (user, resource) pairs
-    feed(&r.engine, 0..n).await;
+    feed(r.engine(), 0..n).await;
     eventually("all events written", || count(&pg) == n).await;
     assert_exactly_once_in_order(&pg, n);
     // Sessions: one per "away" step (opened), all closed by the "unavailable" step.
@@ -165,7 +161,7 @@ async fn burst_lands_exactly_once_with_sessions_and_last_seen() {
     assert_eq!(last, "f|t|offline|bye4499");
     let jid = UserJid::parse("burst49@localhost").unwrap();
     let page = reads::history(
-        &r.pool,
+        r.pool(),
         &jid,
         &reads::HistoryQuery {
             from: None,
@@ -176,7 +172,6 @@ async fn burst_lands_exactly_once_with_sessions_and_last_seen() {
         },
     )
     .await
-    .unwrap()
     .unwrap();
     assert_eq!(page.events.len(), 5);
     assert_eq!(page.events[0].kind, "unavailable");
@@ -193,7 +188,7 @@ async fn burst_lands_exactly_once_with_sessions_and_last_seen() {
             limit: 7,
             cursor: cursor.clone(),
         };
-        let p = reads::history(&r.pool, &jid, &q).await.unwrap().unwrap();
+        let p = reads::history(r.pool(), &jid, &q).await.unwrap();
         seen.extend(p.events.iter().map(|e| e.at));
         match p.next_cursor {
             Some(c) => cursor = Some(c),
@@ -209,7 +204,10 @@ async fn burst_lands_exactly_once_with_sessions_and_last_seen() {
         limit: 7,
         cursor: Some("garbage".into()),
     };
-    assert!(reads::history(&r.pool, &jid, &bad).await.unwrap().is_err());
+    assert!(matches!(
+        reads::history(r.pool(), &jid, &bad).await,
+        Err(presence_bridge::store::StoreError::BadCursor)
+    ));
     r.stop().await;
 }
 
@@ -218,18 +216,18 @@ async fn postgres_outage_spools_then_replays_everything_once() {
     init_logs();
     let pg = Pg::private("outage");
     let r = rig(&pg.url(), |c| c.batch_size = 500).await;
-    feed(&r.engine, 0..1500).await;
+    feed(r.engine(), 0..1500).await;
     eventually("first part written", || count(&pg) == 1500).await;
-    assert_eq!(r.store.status().mode, StoreMode::Ok);
+    assert_eq!(r.store().status().mode, StoreMode::Ok);
 
     pg.stop();
-    feed(&r.engine, 1500..4500).await;
+    feed(r.engine(), 1500..4500).await;
     eventually("second part spooled", || {
-        let s = r.store.status();
-        s.mode == StoreMode::Spooling && s.spooled_events == 3000 && r.store.queue_depth() == 0
+        let s = r.store().status();
+        s.mode == StoreMode::Spooling && s.spooled_events == 3000 && r.store().queue_depth() == 0
     })
     .await;
-    let st = r.store.status();
+    let st = r.store().status();
     assert!(
         st.oldest_spooled_at.is_some() && st.last_error.is_some(),
         "{st:?}"
@@ -240,16 +238,19 @@ async fn postgres_outage_spools_then_replays_everything_once() {
     );
 
     pg.start();
-    eventually("spool replayed", || r.store.status().mode == StoreMode::Ok).await;
+    eventually("spool replayed", || {
+        r.store().status().mode == StoreMode::Ok
+    })
+    .await;
     eventually("all rows", || count(&pg) == 4500).await;
     assert_exactly_once_in_order(&pg, 4500);
-    assert_eq!(r.store.status().spooled_events, 0);
+    assert_eq!(r.store().status().spooled_events, 0);
     assert_eq!(
         pg.query("SELECT count(*) FROM presence_sessions WHERE ended_at IS NULL"),
         "0"
     );
     // New events after the outage go straight to Postgres again.
-    feed(&r.engine, 4500..4650).await;
+    feed(r.engine(), 4500..4650).await;
     eventually("after recovery", || count(&pg) == 4650).await;
     r.stop().await;
 }
@@ -311,10 +312,8 @@ async fn torn_spool_record_is_skipped_and_the_rest_replayed_idempotently() {
         .set_len(len - 10)
         .unwrap();
 
-    let pool = pg::pool(&pg.url(), 4, Duration::from_secs(2)).unwrap();
-    pg::migrate(&pool).await.unwrap();
-    let sink = StoreSink::new();
-    let (store, task) = writer::start(&store_cfg(spool_dir.path()), pool, sink.clone()).unwrap();
+    let r = rig_in(&pg.url(), spool_dir, |_| {}, None).await;
+    let store = r.store();
     assert_eq!(
         store.status().mode,
         StoreMode::Spooling,
@@ -326,20 +325,13 @@ async fn torn_spool_record_is_skipped_and_the_rest_replayed_idempotently() {
         250,
         "the torn batch is skipped, the duplicate batch is stored once"
     );
+    assert_eq!(store.metrics().spool_records_skipped.get(), 1);
     assert_eq!(
-        store
-            .counters()
-            .spool_records_skipped
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
-    assert_eq!(
-        std::fs::read_dir(spool_dir.path()).unwrap().count(),
+        std::fs::read_dir(r._spool.path()).unwrap().count(),
         0,
         "replayed segments are deleted"
     );
-    store.close();
-    tokio::time::timeout(PATIENCE, task).await.unwrap().unwrap();
+    r.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -442,8 +434,9 @@ async fn bridge_restart_keeps_history_and_last_seen_and_probes_known_users() {
     let leaves = ej.user("leaves", &lease.domain);
 
     // Run 1.
-    let r1 = rig(&pg.url(), |_| {}).await;
-    let b1 = Bridge::start_with(r1.engine.clone(), xmpp_cfg(&ej, &lease));
+    let spool1 = tempfile::tempdir().unwrap();
+    let r1 = rig_in(&pg.url(), spool1, |_| {}, Some(xmpp_cfg(&ej, &lease))).await;
+    let b1 = &r1.app;
     b1.connected().await;
     let mut s = Client::login(ej.c2s, &stays, "desk").await;
     s.presence(Some("dnd"), Some("focus"), 4, Some("https://gajim.org"))
@@ -455,8 +448,6 @@ async fn bridge_restart_keeps_history_and_last_seen_and_probes_known_users() {
     l.unavailable(Some("gone home")).await;
     l.close().await;
     let left = b1.wait_user(&leaves, "offline", |p| !p.online).await;
-    let engine = b1.stop().await;
-    drop(engine);
     r1.stop().await;
     assert_eq!(
         pg.query("SELECT count(*) FROM presence_sessions WHERE ended_at IS NULL"),
@@ -465,10 +456,12 @@ async fn bridge_restart_keeps_history_and_last_seen_and_probes_known_users() {
     );
 
     // Run 2: a new process's state, loaded from Postgres.
-    let r2 = rig(&pg.url(), |_| {}).await;
+    let spool2 = tempfile::tempdir().unwrap();
+    let r2 = rig_in(&pg.url(), spool2, |_| {}, Some(xmpp_cfg(&ej, &lease))).await;
+    let b2 = &r2.app;
     let stays_jid = UserJid::parse(&format!("{stays}@localhost")).unwrap();
     let leaves_jid = UserJid::parse(&format!("{leaves}@localhost")).unwrap();
-    let seeded = r2.engine.get(&stays_jid).expect("known after restart");
+    let seeded = r2.engine().get(&stays_jid).expect("known after restart");
     assert!(seeded.online);
     assert_eq!(
         seeded
@@ -478,24 +471,21 @@ async fn bridge_restart_keeps_history_and_last_seen_and_probes_known_users() {
             .collect::<Vec<_>>(),
         vec!["desk"]
     );
-    let ls = reads::last_seen(&r2.engine, Some(&r2.pool), &leaves_jid)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(!ls.online);
+    let (code, ls, _) = b2.get(
+        &format!("/api/v1/last-seen/{leaves_jid}"),
+        Some(&token("presence:read", None)),
+    );
+    assert_eq!(code, 200, "{ls}");
+    assert_eq!(ls["online"], false);
+    let ls_at = chrono::DateTime::parse_from_rfc3339(ls["last_seen"].as_str().unwrap()).unwrap();
     assert_eq!(
-        ls.last_seen.map(|t| t.timestamp_millis()),
+        Some(ls_at.timestamp_millis()),
         left.last_seen.map(|t| t.timestamp_millis())
     );
-    assert_eq!(ls.status.as_deref(), Some("gone home"));
-    let b2 = Bridge::start_with(r2.engine.clone(), xmpp_cfg(&ej, &lease));
+    assert_eq!(ls["status"], "gone home");
     b2.connected().await;
     b2.wait_status("resync over", |s| !s.resyncing).await;
-    let probes = b2
-        .component
-        .counters()
-        .probes_sent
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let probes = b2.component().metrics().probes_sent.get();
     assert!(probes >= 2, "both known users probed: {probes}");
     let p = b2.wait_user(&stays, "still online", |p| p.online).await;
     assert_eq!(p.resources[0].resource, "desk");
@@ -514,7 +504,7 @@ async fn bridge_restart_keeps_history_and_last_seen_and_probes_known_users() {
 
     // History from run 1 is there.
     let h = reads::history(
-        &r2.pool,
+        r2.pool(),
         &leaves_jid,
         &reads::HistoryQuery {
             from: None,
@@ -525,14 +515,11 @@ async fn bridge_restart_keeps_history_and_last_seen_and_probes_known_users() {
         },
     )
     .await
-    .unwrap()
     .unwrap();
     let kinds: Vec<_> = h.events.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(kinds, vec!["available", "unavailable"]);
     s.unavailable(None).await;
     b2.wait_user(&stays, "offline", |p| !p.online).await;
-    let engine = b2.stop().await;
-    drop(engine);
     r2.stop().await;
     assert_eq!(
         pg.query("SELECT count(*) FROM presence_sessions WHERE ended_at IS NULL"),
@@ -551,7 +538,7 @@ async fn slow_postgres_past_the_deadline_spools_then_catches_up() {
         c.batch_size = 300;
     })
     .await;
-    feed(&r.engine, 0..300).await;
+    feed(r.engine(), 0..300).await;
     eventually("warm-up written", || count(&pg) == 300).await;
 
     // Another session takes an exclusive lock on last-seen: every batch write blocks.
@@ -563,17 +550,17 @@ async fn slow_postgres_past_the_deadline_spools_then_catches_up() {
         .batch_execute("BEGIN; LOCK TABLE presence_last_seen IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
-    feed(&r.engine, 300..1200).await;
+    feed(r.engine(), 300..1200).await;
     eventually("spooling while stuck", || {
-        r.store.status().mode == StoreMode::Spooling
+        r.store().status().mode == StoreMode::Spooling
     })
     .await;
     eventually("all stuck events accepted (spooled)", || {
-        r.store.status().spooled_events == 900 && r.store.queue_depth() == 0
+        r.store().status().spooled_events == 900 && r.store().queue_depth() == 0
     })
     .await;
     assert!(
-        r.store
+        r.store()
             .status()
             .last_error
             .unwrap_or_default()
@@ -581,7 +568,7 @@ async fn slow_postgres_past_the_deadline_spools_then_catches_up() {
     );
 
     locker.batch_execute("ROLLBACK").await.unwrap();
-    eventually("caught up", || r.store.status().mode == StoreMode::Ok).await;
+    eventually("caught up", || r.store().status().mode == StoreMode::Ok).await;
     eventually("all rows", || count(&pg) == 1200).await;
     assert_exactly_once_in_order(&pg, 1200);
     r.stop().await;

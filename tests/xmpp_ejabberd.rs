@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 use common::*;
-use presence_bridge::presence::{Op, Show};
+use presence_bridge::config::PresenceConfig;
+use presence_bridge::presence::{Engine, Op, Show};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multi_resource_lifecycle_exact_aggregates() {
@@ -16,9 +17,9 @@ async fn multi_resource_lifecycle_exact_aggregates() {
     let ej = Ejabberd::shared();
     let lease = lease_component();
     let user = ej.user("life", &lease.domain);
-    let bridge = Bridge::start(xmpp_cfg(&ej, &lease));
+    let bridge = TestApp::xmpp(xmpp_cfg(&ej, &lease)).await;
     bridge.connected().await;
-    let mut sub = bridge.engine.hub().subscribe();
+    let mut sub = bridge.engine().hub().subscribe();
 
     // 1. phone: chat / "on my phone" / priority 5, Conversations caps.
     let t0 = Utc::now();
@@ -172,23 +173,16 @@ async fn multi_resource_lifecycle_exact_aggregates() {
         "last_seen {seen} not within [{before_close}, {after_close}]"
     );
     assert_eq!(
-        bridge.engine.get(&c.jid).unwrap(),
+        bridge.engine().get(&c.jid).unwrap(),
         c.presence,
         "map agrees with the change"
     );
 
     // Nothing else happened: seq is gap-free and complete; the stream is still the first one.
-    assert_eq!(bridge.engine.barrier().await.unwrap(), 7);
-    let st = bridge.component.status();
+    assert_eq!(bridge.engine().barrier().await.unwrap(), 7);
+    let st = bridge.component().status();
     assert_eq!((st.connected, st.reconnects, st.stale), (true, 0, false));
-    assert_eq!(
-        bridge
-            .component
-            .counters()
-            .parse_errors
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    assert_eq!(bridge.component().metrics().parse_errors.get(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,7 +191,7 @@ async fn tcp_abort_goes_offline() {
     let ej = Ejabberd::shared();
     let lease = lease_component();
     let user = ej.user("abort", &lease.domain);
-    let bridge = Bridge::start(xmpp_cfg(&ej, &lease));
+    let bridge = TestApp::xmpp(xmpp_cfg(&ej, &lease)).await;
     bridge.connected().await;
     let mut c = Client::login(ej.c2s, &user, "desktop").await;
     c.presence(Some("xa"), Some("gone fishing"), -1, None).await;
@@ -224,8 +218,10 @@ async fn user_online_while_bridge_away_is_found_by_probe_with_real_since() {
     let lease = lease_component();
     let user = ej.user("probe", &lease.domain);
 
-    // The bridge sees the user once (so it is a known user), then goes away.
-    let bridge = Bridge::start(xmpp_cfg(&ej, &lease));
+    // The bridge sees the user once (so it is a known user), then goes away; the map lives
+    // on in an engine the test owns.
+    let (engine, _engine_task) = Engine::start(&PresenceConfig::default());
+    let bridge = TestApp::xmpp_on(engine.clone(), xmpp_cfg(&ej, &lease)).await;
     bridge.connected().await;
     let mut c = Client::login(ej.c2s, &user, "old").await;
     c.presence(None, None, 0, None).await;
@@ -233,7 +229,7 @@ async fn user_online_while_bridge_away_is_found_by_probe_with_real_since() {
     c.unavailable(None).await;
     c.close().await;
     bridge.wait_user(&user, "offline", |p| !p.online).await;
-    let engine = bridge.stop().await;
+    bridge.stop().await;
     let seq_before = engine.seq();
 
     // While the bridge is away the user logs in on two devices; their presence is lost for
@@ -256,7 +252,7 @@ async fn user_online_while_bridge_away_is_found_by_probe_with_real_since() {
 
     // The bridge comes back: the probe answers (with delay stamps) restore both resources
     // with the time they really changed, not the time the bridge heard about them.
-    let bridge = Bridge::start_with(engine, xmpp_cfg(&ej, &lease));
+    let bridge = TestApp::xmpp_on(engine.clone(), xmpp_cfg(&ej, &lease)).await;
     bridge.connected().await;
     let p = bridge
         .wait_user(&user, "both resources back", |p| p.resources.len() == 2)
@@ -278,22 +274,17 @@ async fn user_online_while_bridge_away_is_found_by_probe_with_real_since() {
     );
     let tab = p.resources.iter().find(|r| r.resource == "tablet").unwrap();
     assert_eq!(tab.client.as_deref(), Some("Dino"));
-    let st = bridge.component.status();
+    let st = bridge.component().status();
     assert!(
-        bridge
-            .component
-            .counters()
-            .probes_sent
-            .load(std::sync::atomic::Ordering::Relaxed)
-            >= 1,
+        bridge.component().metrics().probes_sent.get() >= 1,
         "{st:?}"
     );
 
     // After the grace period nothing is expired: both resources answered.
     bridge.wait_status("resync over", |s| !s.resyncing).await;
-    assert_eq!(bridge.engine.get(&p.jid).unwrap().resources.len(), 2);
+    assert_eq!(bridge.engine().get(&p.jid).unwrap().resources.len(), 2);
     assert_eq!(
-        bridge.engine.barrier().await.unwrap(),
+        bridge.engine().barrier().await.unwrap(),
         seq_before + 2,
         "one change per resource found"
     );
@@ -308,7 +299,7 @@ async fn malformed_presence_is_skipped_and_the_connection_survives() {
     let ej = Ejabberd::shared();
     let lease = lease_component();
     let user = ej.user("bad", &lease.domain);
-    let bridge = Bridge::start(xmpp_cfg(&ej, &lease));
+    let bridge = TestApp::xmpp(xmpp_cfg(&ej, &lease)).await;
     bridge.connected().await;
     let mut c = Client::login(ej.c2s, &user, "r").await;
     c.presence(Some("chat"), Some("fine"), 1, None).await;
@@ -331,17 +322,14 @@ async fn malformed_presence_is_skipped_and_the_connection_survives() {
         })
         .await;
     assert_eq!(p.show, Show::Away);
-    let st = bridge.component.status();
+    let st = bridge.component().status();
     assert_eq!((st.connected, st.reconnects), (true, 0), "{st:?}");
-    let k = bridge.component.counters();
-    let skipped = k.parse_errors.load(std::sync::atomic::Ordering::Relaxed)
-        + k.dropped_oversized
-            .load(std::sync::atomic::Ordering::Relaxed);
+    let k = bridge.component().metrics();
+    let skipped = k.parse_errors.get() + k.dropped_oversized.get();
     eprintln!(
         "parse_errors={} oversized={}",
-        k.parse_errors.load(std::sync::atomic::Ordering::Relaxed),
-        k.dropped_oversized
-            .load(std::sync::atomic::Ordering::Relaxed)
+        k.parse_errors.get(),
+        k.dropped_oversized.get()
     );
     assert!(
         skipped >= 1,
@@ -364,7 +352,7 @@ async fn server_freeze_and_restart_reconnect_resync_no_ghosts() {
     let mut cfg = xmpp_cfg_private(&ej);
     cfg.keepalive_secs = 1.0;
     cfg.keepalive_timeout_secs = 1.0;
-    let bridge = Bridge::start(cfg);
+    let bridge = TestApp::xmpp(cfg).await;
     bridge.connected().await;
 
     let mut a1 = Client::login(ej.c2s, &alice, "phone").await;
@@ -379,14 +367,14 @@ async fn server_freeze_and_restart_reconnect_resync_no_ghosts() {
     bridge.wait_user(&bob, "online", |p| p.online).await;
     // Idle for a few keepalive periods: pings keep the stream up.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let k = bridge.component.counters();
-    assert!(k.keepalives_sent.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    let k = bridge.component().metrics();
+    assert!(k.keepalives_sent.get() >= 1);
     assert_eq!(
-        bridge.component.status().reconnects,
+        bridge.component().status().reconnects,
         0,
         "keepalives keep an idle stream alive"
     );
-    let seq0 = bridge.engine.barrier().await.unwrap();
+    let seq0 = bridge.engine().barrier().await.unwrap();
 
     // 1. Freeze the server: the connection is dead but no FIN ever comes.
     let pid = ej.pid();
@@ -404,7 +392,7 @@ async fn server_freeze_and_restart_reconnect_resync_no_ghosts() {
         .await;
     assert!(
         bridge
-            .engine
+            .engine()
             .get(&presence_bridge::presence::UserJid::parse(&format!("{alice}@localhost")).unwrap())
             .unwrap()
             .online,
@@ -417,7 +405,7 @@ async fn server_freeze_and_restart_reconnect_resync_no_ghosts() {
     bridge.wait_status("resync over", |s| !s.resyncing).await;
     // Everyone answered the probes with what the bridge already had: not a single change.
     assert_eq!(
-        bridge.engine.barrier().await.unwrap(),
+        bridge.engine().barrier().await.unwrap(),
         seq0,
         "resync after a freeze changes nothing"
     );
@@ -429,11 +417,11 @@ async fn server_freeze_and_restart_reconnect_resync_no_ghosts() {
         .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        bridge.engine.barrier().await.unwrap(),
+        bridge.engine().barrier().await.unwrap(),
         seq0,
         "no offline storm while disconnected"
     );
-    assert_eq!(bridge.engine.stats().online_users, 2);
+    assert_eq!(bridge.engine().stats().online_users, 2);
     drop((a1, a2, b1));
     let lost_at = Utc::now();
 
@@ -462,7 +450,7 @@ async fn server_freeze_and_restart_reconnect_resync_no_ghosts() {
         })
         .await;
     assert_eq!((b.online, b.show, b.resources.len()), (true, Show::Dnd, 1));
-    let st = bridge.engine.stats();
+    let st = bridge.engine().stats();
     assert_eq!((st.online_users, st.online_resources), (1, 1));
     b2.unavailable(None).await;
     bridge.wait_user(&bob, "offline", |p| !p.online).await;
@@ -475,12 +463,12 @@ async fn privilege_advertisement_and_duplicate_routes() {
     init_logs();
     let ej = Ejabberd::private("priv", true);
     let user = ej.user("dup", "bridge.localhost");
-    let bridge = Bridge::start(xmpp_cfg_private(&ej));
+    let bridge = TestApp::xmpp(xmpp_cfg_private(&ej)).await;
     bridge.connected().await;
     bridge
         .wait_status("privileges", |s| !s.privileges.is_empty())
         .await;
-    let privs = bridge.component.status().privileges;
+    let privs = bridge.component().status().privileges;
     assert!(
         privs.contains(&("presence".into(), "managed_entity".into())),
         "{privs:?}"
@@ -490,8 +478,8 @@ async fn privilege_advertisement_and_duplicate_routes() {
         "{privs:?}"
     );
 
-    let k = bridge.component.counters().clone();
-    let presences = || k.presence_in.load(std::sync::atomic::Ordering::Relaxed);
+    let k = bridge.component().metrics().clone();
+    let presences = || k.presence_in.get();
     let mut c = Client::login(ej.c2s, &user, "r1").await;
     c.presence(Some("chat"), Some("one"), 0, None).await;
     bridge.wait_user(&user, "online", |p| p.online).await;
@@ -510,13 +498,13 @@ async fn privilege_advertisement_and_duplicate_routes() {
         presences()
     );
     assert_eq!(
-        bridge.engine.barrier().await.unwrap(),
+        bridge.engine().barrier().await.unwrap(),
         2,
         "two presences, two changes, duplicates none"
     );
     c.unavailable(None).await;
     bridge.wait_user(&user, "offline", |p| !p.online).await;
-    assert_eq!(bridge.engine.barrier().await.unwrap(), 3);
+    assert_eq!(bridge.engine().barrier().await.unwrap(), 3);
 }
 
 /// The other way in: no server-side provisioning, the user subscribes to the component. The
@@ -528,7 +516,7 @@ async fn user_subscribing_to_the_component_gets_approved_and_tracked() {
     let lease = lease_component();
     let user = unique_user("sub");
     ej.register(&user);
-    let bridge = Bridge::start(xmpp_cfg(&ej, &lease));
+    let bridge = TestApp::xmpp(xmpp_cfg(&ej, &lease)).await;
     bridge.connected().await;
     let mut c = Client::login(ej.c2s, &user, "web").await;
     let domain = lease.domain.clone();

@@ -93,6 +93,19 @@ impl ApiError {
     }
 }
 
+impl From<crate::store::StoreError> for ApiError {
+    /// A bad cursor is the client's error; anything else is the store's, logged here with its
+    /// cause and answered 503 without it.
+    fn from(e: crate::store::StoreError) -> Self {
+        match e {
+            crate::store::StoreError::BadCursor => {
+                Self::bad_request("invalid_cursor", "cursor is not one this bridge issued")
+            }
+            other => Self::store(other),
+        }
+    }
+}
+
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         self.status

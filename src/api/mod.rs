@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod lookup;
 pub mod metrics;
 pub mod rest;
 pub mod ws;
@@ -25,17 +26,18 @@ use actix_web::http::StatusCode;
 use actix_web::middleware::{Compress, Next, from_fn};
 use actix_web::{App, HttpRequest, HttpResponse, HttpResponseBuilder, HttpServer, web};
 use dashmap::DashMap;
-use deadpool_postgres::Pool;
+use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use utoipa::OpenApi;
 
 use self::auth::Auth;
 use self::error::{ApiError, ErrorBody};
-use self::metrics::Metrics;
+use self::metrics::ApiMetrics;
 use crate::config::HttpConfig;
 use crate::presence::Engine;
+use crate::sources::xmpp::ComponentHandle;
 use crate::store::StoreHandle;
-use crate::xmpp::ComponentHandle;
 
 /// Everything the handlers need.
 #[derive(Debug)]
@@ -44,18 +46,21 @@ pub struct AppState {
     pub engine: Engine,
     /// The XMPP component (None in demo mode).
     pub component: Option<ComponentHandle>,
-    /// The store writer (None in memory-only mode).
+    /// The store (None in memory-only mode).
     pub store: Option<StoreHandle>,
-    /// Postgres pool for reads (None in memory-only mode).
-    pub pool: Option<Pool>,
-    /// Metrics registry.
-    pub metrics: Arc<Metrics>,
+    /// The registry every layer registered its metrics in; `/metrics` renders it.
+    pub registry: Registry,
+    /// The API's own metrics.
+    pub metrics: ApiMetrics,
     /// `[http]`.
     pub http: HttpConfig,
     /// Open WebSocket connections per token subject.
     pub ws_conns: DashMap<String, usize>,
     /// Cancelled on shutdown: WebSocket sessions close with 1001.
     pub shutdown: CancellationToken,
+    /// Owns every WebSocket session task and the sampler: shutdown waits for them (so the
+    /// 1001 close frames are written before the runtime stops).
+    pub tasks: TaskTracker,
     /// Online counts sampled every [`SAMPLE_EVERY`] over the last hour (dashboard sparkline).
     pub samples: std::sync::Mutex<std::collections::VecDeque<Sample>>,
 }
@@ -78,25 +83,27 @@ pub struct Sample {
 }
 
 impl AppState {
-    /// A state with no samples yet.
+    /// A state with no sessions and no samples yet; the API registers its metrics in
+    /// `registry`.
     pub fn new(
         engine: Engine,
         component: Option<ComponentHandle>,
         store: Option<StoreHandle>,
-        pool: Option<Pool>,
-        metrics: Arc<Metrics>,
+        registry: Registry,
         http: HttpConfig,
         shutdown: CancellationToken,
+        tasks: TaskTracker,
     ) -> AppState {
         AppState {
+            metrics: ApiMetrics::new(&registry),
             engine,
             component,
             store,
-            pool,
-            metrics,
+            registry,
             http,
             ws_conns: DashMap::new(),
             shutdown,
+            tasks,
             samples: Default::default(),
         }
     }
@@ -115,9 +122,10 @@ impl AppState {
     }
 }
 
-/// Samples the online counts every [`SAMPLE_EVERY`] until shutdown.
+/// Samples the online counts every [`SAMPLE_EVERY`] until shutdown (a task of `state.tasks`).
 pub fn spawn_sampler(state: Arc<AppState>) {
-    tokio::spawn(async move {
+    let tasks = state.tasks.clone();
+    tasks.spawn(async move {
         let mut tick = tokio::time::interval(SAMPLE_EVERY);
         loop {
             tokio::select! {

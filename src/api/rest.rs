@@ -12,9 +12,10 @@ use serde::{Deserialize, Serialize};
 use super::AppState;
 use super::auth::{HistoryRead, Permissions, PresenceRead};
 use super::error::ApiError;
+use super::lookup;
 use crate::presence::{Show, UserJid, UserPresence};
 use crate::store::StoreMode;
-use crate::store::reads::{self, HistoryQuery, Order};
+use crate::store::reads::{HistoryQuery, Order};
 
 type State = web::Data<AppState>;
 
@@ -112,7 +113,7 @@ pub async fn readyz(st: State) -> HttpResponse {
 pub async fn metrics(st: State) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(st.metrics.render(&st))
+        .body(super::metrics::render(&st.registry))
 }
 
 /// Query of `GET /api/v1/presence`.
@@ -252,11 +253,12 @@ pub async fn last_seen(
 ) -> Result<HttpResponse, ApiError> {
     let jid = parse_jid(&jid)?;
     visible(&p, &jid)?;
-    match reads::last_seen(&st.engine, st.pool.as_ref(), &jid).await {
-        Ok(Some(ls)) => Ok(HttpResponse::Ok().json(ls)),
-        Ok(None) => Err(ApiError::unknown_jid(jid.as_str())),
-        Err(e) => Err(ApiError::store(e)),
-    }
+    let (mut found, _) =
+        lookup::last_seen(&st.engine, st.store.as_ref(), std::slice::from_ref(&jid)).await?;
+    found
+        .pop()
+        .map(|ls| HttpResponse::Ok().json(ls))
+        .ok_or_else(|| ApiError::unknown_jid(jid.as_str()))
 }
 
 /// Body of `POST /api/v1/last-seen`.
@@ -297,9 +299,7 @@ pub async fn last_seen_bulk(
             hidden.push(j)
         }
     }
-    let (results, mut unknown) = reads::last_seen_many(&st.engine, st.pool.as_ref(), &jids)
-        .await
-        .map_err(ApiError::store)?;
+    let (results, mut unknown) = lookup::last_seen(&st.engine, st.store.as_ref(), &jids).await?;
     unknown.extend(hidden);
     Ok(HttpResponse::Ok().json(serde_json::json!({"results": results, "unknown": unknown})))
 }
@@ -369,21 +369,14 @@ pub async fn history(
         limit,
         cursor: q.cursor.clone(),
     };
-    let Some(pool) = &st.pool else {
+    let Some(store) = &st.store else {
         return Err(ApiError::new(
             StatusCode::NOT_IMPLEMENTED,
             "history_disabled",
             "this bridge runs without Postgres (store.postgres_url): no history is kept",
         ));
     };
-    match reads::history(pool, &jid, &query).await {
-        Ok(Ok(page)) => Ok(HttpResponse::Ok().json(page)),
-        Ok(Err(_)) => Err(ApiError::bad_request(
-            "invalid_cursor",
-            "cursor is not one this bridge issued",
-        )),
-        Err(e) => Err(ApiError::store(e)),
-    }
+    Ok(HttpResponse::Ok().json(lookup::history(store, &jid, &query).await?))
 }
 
 /// `GET /api/v1/stats` body.

@@ -171,7 +171,10 @@ pub async fn ws(
         (Some(s), Some(e)) => Some((s, e)),
         _ => None,
     };
-    actix_web::rt::spawn(run(
+    // The session runs on this actix worker's runtime, owned by the app's task tracker:
+    // shutdown waits for it (and so for its 1001 close frame).
+    let tasks = st.tasks.clone();
+    actix_web::rt::spawn(tasks.track_future(run(
         st.into_inner(),
         perms,
         filter,
@@ -179,7 +182,7 @@ pub async fn ws(
         session,
         stream,
         slot,
-    ));
+    )));
     Ok(resp)
 }
 

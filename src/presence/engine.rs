@@ -14,13 +14,16 @@ use dashmap::DashMap;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use prometheus::{IntCounter, IntGauge, Registry};
+
 use super::aggregate;
 use super::hub::Hub;
 use super::model::{
     Cause, Change, EventKind, PresenceEvent, Show, UserJid, UserPresence, new_event_id,
 };
+use super::sink::{Applied, ChangeSink};
 use crate::config::PresenceConfig;
-use crate::store::{StoreSink, StoredEvent, UserAfter};
+use crate::telemetry;
 
 /// The engine's task has stopped (the process is shutting down).
 #[derive(Debug, Clone, Copy, thiserror::Error)]
@@ -74,8 +77,71 @@ pub struct Snapshot {
     pub users: Vec<Arc<UserPresence>>,
 }
 
+/// The engine's metrics, updated by the sequencer as it applies events.
+#[derive(Debug, Clone)]
+pub struct EngineMetrics {
+    events: IntCounter,
+    changes: IntCounter,
+    online_users: IntGauge,
+    online_resources: IntGauge,
+    known_users: IntGauge,
+}
+
+impl EngineMetrics {
+    /// Registers the engine's metrics in `r`.
+    pub fn new(r: &Registry) -> Self {
+        Self {
+            events: telemetry::counter(
+                r,
+                "presence_bridge_events_total",
+                "Presence events handed to the engine (by any source)",
+            ),
+            changes: telemetry::counter(
+                r,
+                "presence_bridge_changes_total",
+                "Changes emitted by the engine",
+            ),
+            online_users: telemetry::gauge(
+                r,
+                "presence_bridge_online_users",
+                "Users with at least one resource online",
+            ),
+            online_resources: telemetry::gauge(
+                r,
+                "presence_bridge_online_resources",
+                "Online resources",
+            ),
+            known_users: telemetry::gauge(
+                r,
+                "presence_bridge_known_users",
+                "Users in the presence map (online or not)",
+            ),
+        }
+    }
+}
+
+impl Default for EngineMetrics {
+    /// Metrics in a private registry nobody renders (unit tests, benchmarks).
+    fn default() -> Self {
+        Self::new(&Registry::new())
+    }
+}
+
+/// How the engine starts: who listens, what it knows already, where it counts.
+#[derive(Debug, Default)]
+pub struct EngineOptions {
+    /// Every change goes to each of these, in seq order (store writer, …).
+    pub sinks: Vec<Arc<dyn ChangeSink>>,
+    /// State loaded from the store: installed without changes (seq stays 0), confirmed or
+    /// expired by the first resync.
+    pub seed: Vec<UserPresence>,
+    /// Where the engine counts.
+    pub metrics: EngineMetrics,
+}
+
 enum Command {
     Apply(PresenceEvent),
+    Close,
     Snapshot(oneshot::Sender<Snapshot>),
     KnownUsers(oneshot::Sender<Vec<UserJid>>),
     ResyncBegin(u64),
@@ -105,19 +171,19 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the sequencer task with no store and no known users.
+    /// Starts the sequencer task with no sinks and no known users.
     pub fn start(cfg: &PresenceConfig) -> (Engine, JoinHandle<()>) {
-        Self::start_with(cfg, None, Vec::new())
+        Self::start_with(cfg, EngineOptions::default())
     }
 
-    /// Starts the sequencer task. Every resource-level change is pushed to `sink` (if any).
-    /// `seed` is the state loaded from the store: it is installed without changes (seq stays
-    /// 0) and confirmed or expired by the first resync.
-    pub fn start_with(
-        cfg: &PresenceConfig,
-        sink: Option<StoreSink>,
-        seed: Vec<UserPresence>,
-    ) -> (Engine, JoinHandle<()>) {
+    /// Starts the sequencer task. The task ends after [`Engine::close`] (once everything
+    /// queued before it is applied) or when every handle is dropped.
+    pub fn start_with(cfg: &PresenceConfig, opts: EngineOptions) -> (Engine, JoinHandle<()>) {
+        let EngineOptions {
+            sinks,
+            seed,
+            metrics,
+        } = opts;
         let (tx, rx) = mpsc::channel(cfg.queue_size);
         let epoch: Arc<str> = Arc::from(format!(
             "{:016x}",
@@ -136,12 +202,16 @@ impl Engine {
                 stats.account(&u, 1);
                 shared.map.insert(u.jid.clone(), Arc::new(u));
             }
+            metrics.online_users.set(stats.online_users as i64);
+            metrics.online_resources.set(stats.online_resources as i64);
+            metrics.known_users.set(shared.map.len() as i64);
         }
         let seq = Sequencer {
             shared: shared.clone(),
             touch: 0,
             resync: None,
-            sink,
+            sinks,
+            metrics,
         };
         let task = tokio::spawn(seq.run(rx));
         (Engine { tx, shared }, task)
@@ -153,6 +223,13 @@ impl Engine {
             .send(Command::Apply(ev))
             .await
             .map_err(|_| EngineClosed)
+    }
+
+    /// Stops the sequencer once every command queued before this one is done; later calls on
+    /// any handle get [`EngineClosed`]. Sources must be stopped first (nothing they still
+    /// send would be applied).
+    pub async fn close(&self) {
+        let _ = self.tx.send(Command::Close).await;
     }
 
     /// All online users, consistent with the returned `seq`.
@@ -249,7 +326,8 @@ struct Sequencer {
     shared: Arc<Shared>,
     touch: u64,
     resync: Option<Resync>,
-    sink: Option<StoreSink>,
+    sinks: Vec<Arc<dyn ChangeSink>>,
+    metrics: EngineMetrics,
 }
 
 impl Sequencer {
@@ -257,9 +335,11 @@ impl Sequencer {
         while let Some(cmd) = rx.recv().await {
             match cmd {
                 Command::Apply(ev) => {
+                    self.metrics.events.inc();
                     self.confirm(&ev);
                     self.apply(&ev);
                 }
+                Command::Close => break,
                 Command::Snapshot(reply) => {
                     let mut users: Vec<Arc<UserPresence>> = self
                         .shared
@@ -364,82 +444,31 @@ impl Sequencer {
             }
             stats.account(&next, 1);
             stats.seq = seq;
+            self.metrics.online_users.set(stats.online_users as i64);
+            self.metrics
+                .online_resources
+                .set(stats.online_resources as i64);
         }
-        if let Some(sink) = &self.sink {
-            sink.push(stored_events(ev, prev.as_deref(), &next));
-        }
-        self.shared.map.insert(ev.jid.clone(), next.clone());
-        self.shared.seq.store(seq, Ordering::Release);
-        self.shared.hub.publish(Arc::new(Change {
+        let change = Arc::new(Change {
             seq,
             jid: ev.jid.clone(),
             op,
-            presence: next,
+            presence: next.clone(),
             received_at: ev.received_at,
-        }));
-    }
-}
-
-/// The store's view of one applied event: one record per resource that changed (an
-/// "all resources gone" error becomes one unavailable per resource that was online).
-fn stored_events(
-    ev: &PresenceEvent,
-    prev: Option<&UserPresence>,
-    next: &UserPresence,
-) -> Vec<StoredEvent> {
-    let user = UserAfter {
-        online: next.online,
-        online_since: next.online_since,
-        last_seen: next.last_seen,
-        show: next.show,
-        status: next.status.clone(),
-    };
-    let had = |r: &str| prev.is_some_and(|p| p.resources.iter().any(|x| x.resource == r));
-    let base = |resource: &str, id: u128| StoredEvent {
-        id,
-        jid: ev.jid.to_string(),
-        resource: resource.to_owned(),
-        available: false,
-        show: None,
-        status: None,
-        priority: None,
-        client: None,
-        idle_since: None,
-        at: ev.at,
-        received_at: ev.received_at,
-        cause: ev.cause,
-        opened: false,
-        closed: false,
-        user: user.clone(),
-    };
-    match &ev.kind {
-        EventKind::Available(a) => vec![StoredEvent {
-            available: true,
-            show: Some(a.show),
-            status: a.status.clone(),
-            priority: Some(a.priority),
-            client: a.client.clone(),
-            idle_since: a.idle_since,
-            opened: !had(&ev.resource),
-            ..base(&ev.resource, ev.id)
-        }],
-        EventKind::Unavailable { status } => vec![StoredEvent {
-            status: status.clone(),
-            closed: true,
-            ..base(&ev.resource, ev.id)
-        }],
-        EventKind::AllUnavailable { status } => prev
-            .map(|p| p.resources.as_slice())
-            .unwrap_or_default()
-            .iter()
-            .enumerate()
-            .map(|(i, r)| StoredEvent {
-                status: status.clone(),
-                closed: true,
-                // Derived ids stay unique: the low bits of an event id are random.
-                ..base(&r.resource, ev.id ^ (i as u128 + 1))
-            })
-            .collect(),
+        });
+        for sink in &self.sinks {
+            sink.accept(Applied {
+                event: ev,
+                before: prev.as_deref(),
+                change: &change,
+            });
+        }
+        if self.shared.map.insert(ev.jid.clone(), next).is_none() {
+            self.metrics.known_users.set(self.shared.map.len() as i64);
+        }
+        self.shared.seq.store(seq, Ordering::Release);
+        self.metrics.changes.inc();
+        self.shared.hub.publish(change);
     }
 }
 

@@ -4,13 +4,15 @@ pub mod aggregate;
 pub mod engine;
 pub mod hub;
 pub mod model;
+pub mod sink;
 
-pub use engine::{Engine, EngineClosed, Snapshot, Stats};
+pub use engine::{Engine, EngineClosed, EngineMetrics, EngineOptions, Snapshot, Stats};
 pub use hub::{Hub, Lagged, Resume, Subscription};
 pub use model::{
     Availability, Cause, Change, EventKind, Op, PresenceEvent, ResourcePresence, Show, UserJid,
     UserPresence,
 };
+pub use sink::{Applied, ChangeSink};
 
 #[cfg(test)]
 mod proptests {
@@ -59,7 +61,7 @@ mod proptests {
     const SHOWS: [Show; 5] = [Show::Chat, Show::Available, Show::Away, Show::Xa, Show::Dnd];
 
     fn user(u: u8) -> UserJid {
-        UserJid::parse(&format!("user{u}@d{}.test", u % 2)).unwrap_or_else(|e| panic!("{e}"))
+        UserJid::parse(&format!("user{u}@d{}.test", u % 2)).unwrap()
     }
 
     /// (show, prio, status, last-touched counter) of one resource.
@@ -263,14 +265,11 @@ mod proptests {
                 status: 0,
             };
             engine
-                .apply(event(&s, n as u64).unwrap_or_else(|| panic!("event")))
+                .apply(event(&s, n as u64).expect("event"))
                 .await
-                .unwrap_or_else(|e| panic!("{e}"));
+                .unwrap();
         }
-        engine
-            .resync_begin(1)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        engine.resync_begin(1).await.unwrap();
         // user0/r0 confirmed by a duplicate (no change), the others not.
         let s = Step::Avail {
             user: 0,
@@ -279,24 +278,15 @@ mod proptests {
             prio: 0,
             status: 0,
         };
-        engine
-            .apply(event(&s, 0).unwrap_or_else(|| panic!("event")))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        engine
-            .resync_end(2, at)
-            .await
-            .unwrap_or_else(|e| panic!("{e}")); // stale generation: ignored
+        engine.apply(event(&s, 0).expect("event")).await.unwrap();
+        engine.resync_end(2, at).await.unwrap(); // stale generation: ignored
         assert_eq!(engine.barrier().await.unwrap_or_default(), 3);
-        engine
-            .resync_end(1, at)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        engine.resync_end(1, at).await.unwrap();
         assert_eq!(engine.barrier().await.unwrap_or_default(), 5);
-        let u0 = engine.get(&user(0)).unwrap_or_else(|| panic!("user0"));
+        let u0 = engine.get(&user(0)).expect("user0");
         assert_eq!(u0.resources.len(), 1);
         assert_eq!(u0.resources[0].resource, "r0");
-        let u1 = engine.get(&user(1)).unwrap_or_else(|| panic!("user1"));
+        let u1 = engine.get(&user(1)).expect("user1");
         assert!(!u1.online);
         assert_eq!(u1.last_seen, Some(at));
     }

@@ -15,14 +15,113 @@ pub mod spool;
 pub mod writer;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use prometheus::{Histogram, IntCounter, IntGauge, Registry};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
 
-use crate::presence::{Cause, Show};
+use crate::config::StoreConfig;
+use crate::presence::{Applied, Cause, ChangeSink, EventKind, Show, UserPresence};
+use crate::telemetry;
+
+/// A store failure. Messages never contain the connection string.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The URL does not parse.
+    #[error("store.postgres_url is not a valid Postgres connection string: {0}")]
+    Url(String),
+    /// No connection could be had.
+    #[error("cannot connect to Postgres: {0}")]
+    Connect(String),
+    /// A query failed.
+    #[error("Postgres query failed: {}", pg::describe(.0))]
+    Query(#[from] tokio_postgres::Error),
+    /// Migrations failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] refinery::Error),
+    /// A write did not finish within `store.write_timeout_secs`.
+    #[error("write took longer than store.write_timeout_secs")]
+    Timeout,
+    /// The spool directory is unusable.
+    #[error("invalid config: store.spool_dir: {path}: {source}")]
+    Spool {
+        /// The directory.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A history cursor that this bridge did not issue.
+    #[error("invalid cursor")]
+    BadCursor,
+}
+
+impl StoreError {
+    /// True for errors in the configuration (exit code 2), as opposed to runtime failures.
+    pub fn is_config(&self) -> bool {
+        matches!(self, StoreError::Url(_) | StoreError::Spool { .. })
+    }
+}
+
+/// What [`open`] found in Postgres about the previous run.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Known users (last-seen rows with their open sessions): the engine's seed.
+    pub known: Vec<UserPresence>,
+    /// When the previous run stopped (presence was last known to be current).
+    pub stopped_at: Option<DateTime<Utc>>,
+}
+
+/// Opens the configured Postgres store: pool, migrations, what the previous run left, and the
+/// writer task. Postgres being down is not an error (the writer spools and migrates once it is
+/// back); an unusable URL or spool directory is.
+pub async fn open(
+    cfg: &StoreConfig,
+    url: &str,
+    metrics: StoreMetrics,
+) -> Result<(StoreHandle, JoinHandle<()>, Recovered), StoreError> {
+    let pool = pg::pool(
+        url,
+        cfg.pool_size,
+        Duration::from_secs_f64(cfg.connect_timeout_secs),
+    )?;
+    let mut recovered = Recovered::default();
+    match pg::migrate(&pool).await {
+        Ok(applied) => {
+            if !applied.is_empty() {
+                tracing::info!(?applied, "store: migrations applied");
+            }
+            match reads::load_known(&pool).await {
+                Ok(users) => {
+                    tracing::info!(
+                        users = users.len(),
+                        online = users.iter().filter(|u| u.online).count(),
+                        "store: known users loaded; they will be probed"
+                    );
+                    recovered.known = users;
+                }
+                Err(e) => tracing::warn!(error = %e, "store: cannot load known users"),
+            }
+            if let Ok(c) = pg::client(&pool).await
+                && let Ok(Some(t)) = pg::get_state(&c, "stopped_at").await
+            {
+                recovered.stopped_at = DateTime::parse_from_rfc3339(&t)
+                    .ok()
+                    .map(|t| t.with_timezone(&Utc));
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "store: Postgres not usable at start-up; events are spooled until it is")
+        }
+    }
+    let (handle, task) = writer::start(cfg, pool, metrics)?;
+    Ok((handle, task, recovered))
+}
 
 /// One resource-level presence event as stored (history row + what the writer needs for
 /// sessions and last-seen). Also the spool's record format (JSON).
@@ -100,23 +199,91 @@ pub struct StoreStatus {
     pub last_error: Option<String>,
 }
 
-/// Writer counters (monotonic) and gauges.
-#[derive(Debug, Default)]
-pub struct StoreCounters {
+/// The store's metrics, updated where the thing happens (sink push/take, writer, spool).
+#[derive(Debug, Clone)]
+pub struct StoreMetrics {
+    /// Events waiting for the writer (pushed by the sequencer, taken by the writer).
+    pub queue_depth: IntGauge,
     /// Events written to Postgres (direct or replayed).
-    pub events_written: AtomicU64,
-    /// Batches written.
-    pub batches_written: AtomicU64,
+    pub events_written: IntCounter,
     /// Events appended to the spool.
-    pub events_spooled: AtomicU64,
+    pub events_spooled: IntCounter,
     /// Events replayed from the spool.
-    pub events_replayed: AtomicU64,
+    pub events_replayed: IntCounter,
     /// Spool records skipped as torn/corrupt.
-    pub spool_records_skipped: AtomicU64,
-    /// Sum of batch write latencies in microseconds (with `batches_written`: the mean).
-    pub write_micros: AtomicU64,
-    /// Histograms the API's metrics registry installs: (events per batch, seconds per batch).
-    pub batch_histograms: std::sync::OnceLock<(prometheus::Histogram, prometheus::Histogram)>,
+    pub spool_records_skipped: IntCounter,
+    /// Events waiting in the spool.
+    pub spooled: IntGauge,
+    /// 1 while batches go to the spool.
+    pub spooling: IntGauge,
+    /// Events per batch written.
+    pub batch_events: Histogram,
+    /// Seconds per batch written.
+    pub batch_seconds: Histogram,
+}
+
+impl StoreMetrics {
+    /// Registers the store's metrics in `r`.
+    pub fn new(r: &Registry) -> Self {
+        Self {
+            queue_depth: telemetry::gauge(
+                r,
+                "presence_bridge_store_queue_depth",
+                "Events waiting for the store writer",
+            ),
+            events_written: telemetry::counter(
+                r,
+                "presence_bridge_store_events_written_total",
+                "Events written to Postgres",
+            ),
+            events_spooled: telemetry::counter(
+                r,
+                "presence_bridge_store_events_spooled_total",
+                "Events appended to the spool",
+            ),
+            events_replayed: telemetry::counter(
+                r,
+                "presence_bridge_store_events_replayed_total",
+                "Events replayed from the spool",
+            ),
+            spool_records_skipped: telemetry::counter(
+                r,
+                "presence_bridge_store_spool_records_skipped_total",
+                "Torn or corrupt spool records skipped",
+            ),
+            spooled: telemetry::gauge(
+                r,
+                "presence_bridge_store_spooled_events",
+                "Events waiting in the spool",
+            ),
+            spooling: telemetry::gauge(
+                r,
+                "presence_bridge_store_spooling",
+                "1 while batches go to the spool",
+            ),
+            batch_events: telemetry::histogram(
+                r,
+                "presence_bridge_store_batch_events",
+                "Events per batch written",
+                &[
+                    1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 50000.0,
+                ],
+            ),
+            batch_seconds: telemetry::histogram(
+                r,
+                "presence_bridge_store_batch_write_seconds",
+                "Batch write latency",
+                &telemetry::LATENCY_BUCKETS,
+            ),
+        }
+    }
+}
+
+impl Default for StoreMetrics {
+    /// Metrics in a private registry nobody renders (unit tests, benchmarks).
+    fn default() -> Self {
+        Self::new(&Registry::new())
+    }
 }
 
 /// The sequencer's end of the writer queue. Never blocks, never drops, keeps order.
@@ -131,19 +298,20 @@ struct SinkInner {
     /// an `.await`.
     queue: Mutex<VecDeque<StoredEvent>>,
     notify: Notify,
-    depth: AtomicU64,
-    closed: std::sync::atomic::AtomicBool,
+    /// The queue's length, readable without the lock (also the exported gauge).
+    depth: IntGauge,
+    closed: AtomicBool,
 }
 
 impl StoreSink {
-    /// A new, empty queue.
-    pub fn new() -> StoreSink {
+    /// A new, empty queue whose depth is the `presence_bridge_store_queue_depth` gauge.
+    pub fn new(metrics: &StoreMetrics) -> StoreSink {
         StoreSink {
             inner: Arc::new(SinkInner {
                 queue: Mutex::new(VecDeque::new()),
                 notify: Notify::new(),
-                depth: AtomicU64::new(0),
-                closed: std::sync::atomic::AtomicBool::new(false),
+                depth: metrics.queue_depth.clone(),
+                closed: AtomicBool::new(false),
             }),
         }
     }
@@ -156,14 +324,14 @@ impl StoreSink {
         let added = q.len() - before;
         drop(q);
         if added > 0 {
-            self.inner.depth.fetch_add(added as u64, Ordering::Relaxed);
+            self.inner.depth.add(added as i64);
             self.inner.notify.notify_one();
         }
     }
 
     /// Events waiting for the writer.
     pub fn depth(&self) -> u64 {
-        self.inner.depth.load(Ordering::Relaxed)
+        self.inner.depth.get().max(0) as u64
     }
 
     fn take(&self, max: usize) -> Vec<StoredEvent> {
@@ -171,9 +339,7 @@ impl StoreSink {
         let n = q.len().min(max);
         let out: Vec<_> = q.drain(..n).collect();
         drop(q);
-        self.inner
-            .depth
-            .fetch_sub(out.len() as u64, Ordering::Relaxed);
+        self.inner.depth.sub(out.len() as i64);
         out
     }
 
@@ -191,7 +357,7 @@ impl StoreSink {
             q.push_front(e);
         }
         drop(q);
-        self.inner.depth.fetch_add(n as u64, Ordering::Relaxed);
+        self.inner.depth.add(n as i64);
     }
 
     fn is_closed(&self) -> bool {
@@ -199,18 +365,82 @@ impl StoreSink {
     }
 }
 
-impl Default for StoreSink {
-    fn default() -> Self {
-        Self::new()
+impl ChangeSink for StoreSink {
+    fn accept(&self, a: Applied<'_>) {
+        self.push(stored_events(a.event, a.before, &a.change.presence));
     }
 }
 
-/// Handle to the store: status, counters, and a flush barrier.
+/// The store's view of one applied event: one record per resource that changed (an
+/// "all resources gone" error becomes one unavailable per resource that was online).
+pub fn stored_events(
+    ev: &crate::presence::PresenceEvent,
+    prev: Option<&UserPresence>,
+    next: &UserPresence,
+) -> Vec<StoredEvent> {
+    let user = UserAfter {
+        online: next.online,
+        online_since: next.online_since,
+        last_seen: next.last_seen,
+        show: next.show,
+        status: next.status.clone(),
+    };
+    let had = |r: &str| prev.is_some_and(|p| p.resources.iter().any(|x| x.resource == r));
+    let base = |resource: &str, id: u128| StoredEvent {
+        id,
+        jid: ev.jid.to_string(),
+        resource: resource.to_owned(),
+        available: false,
+        show: None,
+        status: None,
+        priority: None,
+        client: None,
+        idle_since: None,
+        at: ev.at,
+        received_at: ev.received_at,
+        cause: ev.cause,
+        opened: false,
+        closed: false,
+        user: user.clone(),
+    };
+    match &ev.kind {
+        EventKind::Available(a) => vec![StoredEvent {
+            available: true,
+            show: Some(a.show),
+            status: a.status.clone(),
+            priority: Some(a.priority),
+            client: a.client.clone(),
+            idle_since: a.idle_since,
+            opened: !had(&ev.resource),
+            ..base(&ev.resource, ev.id)
+        }],
+        EventKind::Unavailable { status } => vec![StoredEvent {
+            status: status.clone(),
+            closed: true,
+            ..base(&ev.resource, ev.id)
+        }],
+        EventKind::AllUnavailable { status } => prev
+            .map(|p| p.resources.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .map(|(i, r)| StoredEvent {
+                status: status.clone(),
+                closed: true,
+                // Derived ids stay unique: the low bits of an event id are random.
+                ..base(&r.resource, ev.id ^ (i as u128 + 1))
+            })
+            .collect(),
+    }
+}
+
+/// Handle to the running store: status, metrics, the read pool, and the writer's stop.
 #[derive(Debug, Clone)]
 pub struct StoreHandle {
     status: watch::Receiver<StoreStatus>,
-    counters: Arc<StoreCounters>,
+    metrics: StoreMetrics,
     sink: StoreSink,
+    pool: Pool,
 }
 
 impl StoreHandle {
@@ -222,9 +452,17 @@ impl StoreHandle {
     pub fn watch(&self) -> watch::Receiver<StoreStatus> {
         self.status.clone()
     }
-    /// Counters.
-    pub fn counters(&self) -> &Arc<StoreCounters> {
-        &self.counters
+    /// The store's metrics.
+    pub fn metrics(&self) -> &StoreMetrics {
+        &self.metrics
+    }
+    /// The Postgres pool, for reads.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+    /// The sequencer's end of the writer queue (an engine sink).
+    pub fn sink(&self) -> &StoreSink {
+        &self.sink
     }
     /// Queue depth.
     pub fn queue_depth(&self) -> u64 {
@@ -279,7 +517,7 @@ pub(crate) mod tests {
 
     #[test]
     fn sink_keeps_order_and_depth() {
-        let s = StoreSink::new();
+        let s = StoreSink::new(&StoreMetrics::default());
         s.push(sample_events(5, 0));
         s.push(sample_events(3, 100));
         assert_eq!(s.depth(), 8);

@@ -12,38 +12,19 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
 use uuid::Uuid;
 
-use super::StoredEvent;
+use super::{StoreError, StoredEvent};
 use crate::presence::{Cause, Show};
 
 mod embedded {
     refinery::embed_migrations!("schema");
 }
 
-/// A Postgres failure, without connection strings or passwords in its text.
-#[derive(Debug, thiserror::Error)]
-pub enum PgError {
-    /// The URL does not parse.
-    #[error("store.postgres_url is not a valid Postgres connection string: {0}")]
-    Url(String),
-    /// No connection could be had.
-    #[error("cannot connect to Postgres: {0}")]
-    Connect(String),
-    /// A query failed.
-    #[error("Postgres query failed: {0}")]
-    Query(String),
-    /// Migrations failed.
-    #[error("migration failed: {0}")]
-    Migrate(String),
-}
-
-impl From<tokio_postgres::Error> for PgError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        // The Display of a db error is "db error: <message>"; include the SQLSTATE detail.
-        let text = match e.as_db_error() {
-            Some(db) => format!("{} ({})", db.message(), db.code().code()),
-            None => e.to_string(),
-        };
-        PgError::Query(text)
+/// A Postgres error as text: the server's message and SQLSTATE for a database error (the
+/// `Display` of tokio-postgres says only "db error"), else the client's own description.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
     }
 }
 
@@ -54,8 +35,9 @@ pub fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
 }
 
 /// A pool of `size` connections; connecting is lazy (the first `get`).
-pub fn pool(url: &str, size: usize, connect_timeout: Duration) -> Result<Pool, PgError> {
-    let mut cfg = tokio_postgres::Config::from_str(url).map_err(|e| PgError::Url(e.to_string()))?;
+pub fn pool(url: &str, size: usize, connect_timeout: Duration) -> Result<Pool, StoreError> {
+    let mut cfg =
+        tokio_postgres::Config::from_str(url).map_err(|e| StoreError::Url(e.to_string()))?;
     cfg.connect_timeout(connect_timeout);
     if cfg.get_application_name().is_none() {
         cfg.application_name("presence-bridge");
@@ -73,14 +55,14 @@ pub fn pool(url: &str, size: usize, connect_timeout: Duration) -> Result<Pool, P
         .create_timeout(Some(connect_timeout))
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
-        .map_err(|e| PgError::Connect(e.to_string()))
+        .map_err(|e| StoreError::Connect(e.to_string()))
 }
 
 /// A connection from the pool.
-pub async fn client(pool: &Pool) -> Result<Object, PgError> {
+pub async fn client(pool: &Pool) -> Result<Object, StoreError> {
     pool.get()
         .await
-        .map_err(|e| PgError::Connect(strip_url(&e.to_string())))
+        .map_err(|e| StoreError::Connect(strip_url(&e.to_string())))
 }
 
 /// Error texts from the pool can echo the config; keep only the first clause.
@@ -89,13 +71,10 @@ fn strip_url(s: &str) -> String {
 }
 
 /// Applies pending migrations; returns the versions applied now (empty = nothing to do).
-pub async fn migrate(pool: &Pool) -> Result<Vec<String>, PgError> {
+pub async fn migrate(pool: &Pool) -> Result<Vec<String>, StoreError> {
     let mut obj = client(pool).await?;
     let client: &mut tokio_postgres::Client = &mut obj;
-    let report = embedded::migrations::runner()
-        .run_async(client)
-        .await
-        .map_err(|e| PgError::Migrate(e.to_string()))?;
+    let report = embedded::migrations::runner().run_async(client).await?;
     Ok(report
         .applied_migrations()
         .iter()
@@ -111,7 +90,7 @@ fn partition_name(day: NaiveDate) -> String {
 pub async fn ensure_partitions(
     client: &tokio_postgres::Client,
     days: &BTreeSet<NaiveDate>,
-) -> Result<(), PgError> {
+) -> Result<(), StoreError> {
     for day in days {
         let next = day.checked_add_days(Days::new(1)).unwrap_or(*day);
         let sql = format!(
@@ -130,7 +109,7 @@ pub async fn drop_old_partitions(
     client: &tokio_postgres::Client,
     retention_days: u32,
     now: DateTime<Utc>,
-) -> Result<Vec<String>, PgError> {
+) -> Result<Vec<String>, StoreError> {
     let cutoff = now
         .date_naive()
         .checked_sub_days(Days::new(u64::from(retention_days)))
@@ -451,7 +430,7 @@ pub async fn set_state(
     client: &tokio_postgres::Client,
     key: &str,
     value: &str,
-) -> Result<(), PgError> {
+) -> Result<(), StoreError> {
     client
         .execute(
             "INSERT INTO bridge_state (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
@@ -465,7 +444,7 @@ pub async fn set_state(
 pub async fn get_state(
     client: &tokio_postgres::Client,
     key: &str,
-) -> Result<Option<String>, PgError> {
+) -> Result<Option<String>, StoreError> {
     Ok(client
         .query_opt("SELECT value FROM bridge_state WHERE key = $1", &[&key])
         .await?

@@ -1,146 +1,56 @@
-//! Reads for the API (contract §4 shapes): last-seen (one, bulk), history pages, and the
-//! start-up load of known users.
+//! Reads: last-seen rows, history pages, and the start-up load of known users. These return
+//! plain rows; the API shapes them (and merges them with the live map) for contract §4.
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
-use serde::Serialize;
 use uuid::Uuid;
 
-use super::pg::{self, PgError};
-use crate::presence::model::rfc3339_millis;
-use crate::presence::{Engine, ResourcePresence, Show, UserJid, UserPresence};
+use super::StoreError;
+use super::pg;
+use crate::presence::{ResourcePresence, Show, UserJid, UserPresence};
 
-/// `GET /api/v1/last-seen/{jid}` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct LastSeen {
+/// One `presence_last_seen` row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastSeenRow {
     /// Bare JID.
     pub jid: String,
-    /// Online now.
+    /// Online at the last write.
     pub online: bool,
     /// Since when (online only).
-    #[serde(with = "rfc3339_millis::option")]
     pub online_since: Option<DateTime<Utc>>,
-    /// When the last resource left (offline only).
-    #[serde(with = "rfc3339_millis::option")]
+    /// When the last resource left.
     pub last_seen: Option<DateTime<Utc>>,
-    /// Seconds since `last_seen`; 0 while online (XEP-0012 style).
-    pub seconds_ago: i64,
-    /// Current (or last) status text.
+    /// Last status text.
     pub status: Option<String>,
 }
 
-impl LastSeen {
-    fn from_presence(p: &UserPresence, now: DateTime<Utc>) -> LastSeen {
-        LastSeen {
-            jid: p.jid.to_string(),
-            online: p.online,
-            online_since: p.online_since,
-            last_seen: p.last_seen,
-            seconds_ago: seconds_ago(p.online, p.last_seen, now),
-            status: p.status.clone(),
+impl LastSeenRow {
+    fn from_row(r: &tokio_postgres::Row) -> Self {
+        Self {
+            jid: r.get(0),
+            online: r.get(1),
+            online_since: r.get(2),
+            last_seen: r.get(3),
+            status: r.get(4),
         }
     }
 }
 
-fn seconds_ago(online: bool, last_seen: Option<DateTime<Utc>>, now: DateTime<Utc>) -> i64 {
-    if online {
-        0
-    } else {
-        last_seen.map_or(0, |t| (now - t).num_seconds().max(0))
+/// The last-seen rows of these JIDs (any order; unknown JIDs have no row).
+pub async fn last_seen(pool: &Pool, jids: &[&str]) -> Result<Vec<LastSeenRow>, StoreError> {
+    if jids.is_empty() {
+        return Ok(Vec::new());
     }
-}
-
-/// Last-seen of one user: the live map first (exact for this run), else Postgres.
-pub async fn last_seen(
-    engine: &Engine,
-    pool: Option<&Pool>,
-    jid: &UserJid,
-) -> Result<Option<LastSeen>, PgError> {
-    let now = Utc::now();
-    if let Some(p) = engine.get(jid) {
-        return Ok(Some(LastSeen::from_presence(&p, now)));
-    }
-    let Some(pool) = pool else { return Ok(None) };
     let c = pg::client(pool).await?;
-    let row = c
-        .query_opt(
-            "SELECT online, online_since, last_seen, status FROM presence_last_seen WHERE jid = $1",
-            &[&jid.as_str()],
+    let rows = c
+        .query(
+            "SELECT jid, online, online_since, last_seen, status FROM presence_last_seen WHERE jid = ANY($1)",
+            &[&jids],
         )
         .await?;
-    Ok(row.map(|r| {
-        let online: bool = r.get(0);
-        let last: Option<DateTime<Utc>> = r.get(2);
-        LastSeen {
-            jid: jid.to_string(),
-            online,
-            online_since: r.get(1),
-            last_seen: last,
-            seconds_ago: seconds_ago(online, last, now),
-            status: r.get(3),
-        }
-    }))
-}
-
-/// Last-seen of many users; returns the known ones (in request order) and the unknown JIDs.
-pub async fn last_seen_many(
-    engine: &Engine,
-    pool: Option<&Pool>,
-    jids: &[UserJid],
-) -> Result<(Vec<LastSeen>, Vec<UserJid>), PgError> {
-    let now = Utc::now();
-    let mut found: HashMap<&UserJid, LastSeen> = HashMap::new();
-    let mut ask: Vec<&str> = Vec::new();
-    for j in jids {
-        match engine.get(j) {
-            Some(p) => {
-                found.insert(j, LastSeen::from_presence(&p, now));
-            }
-            None => ask.push(j.as_str()),
-        }
-    }
-    if let (Some(pool), false) = (pool, ask.is_empty()) {
-        let c = pg::client(pool).await?;
-        let rows = c
-            .query(
-                "SELECT jid, online, online_since, last_seen, status FROM presence_last_seen WHERE jid = ANY($1)",
-                &[&ask],
-            )
-            .await?;
-        let by_jid: HashMap<String, LastSeen> = rows
-            .into_iter()
-            .map(|r| {
-                let jid: String = r.get(0);
-                let online: bool = r.get(1);
-                let last: Option<DateTime<Utc>> = r.get(3);
-                let ls = LastSeen {
-                    jid: jid.clone(),
-                    online,
-                    online_since: r.get(2),
-                    last_seen: last,
-                    seconds_ago: seconds_ago(online, last, now),
-                    status: r.get(4),
-                };
-                (jid, ls)
-            })
-            .collect();
-        for j in jids {
-            if let Some(ls) = by_jid.get(j.as_str()) {
-                found.insert(j, ls.clone());
-            }
-        }
-    }
-    let mut results = Vec::new();
-    let mut unknown = Vec::new();
-    for j in jids {
-        match found.remove(j) {
-            Some(ls) => results.push(ls),
-            None => unknown.push(j.clone()),
-        }
-    }
-    Ok((results, unknown))
+    Ok(rows.iter().map(LastSeenRow::from_row).collect())
 }
 
 /// Sort order of a history page.
@@ -167,11 +77,10 @@ pub struct HistoryQuery {
     pub cursor: Option<String>,
 }
 
-/// One history entry (contract §4).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One history row.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryEvent {
     /// When it happened.
-    #[serde(with = "rfc3339_millis")]
     pub at: DateTime<Utc>,
     /// Resource.
     pub resource: String,
@@ -188,7 +97,7 @@ pub struct HistoryEvent {
 }
 
 /// A page of history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryPage {
     /// Events in the requested order.
     pub events: Vec<HistoryEvent>,
@@ -196,21 +105,16 @@ pub struct HistoryPage {
     pub next_cursor: Option<String>,
 }
 
-/// The cursor is bad (not from us, or tampered).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid cursor")]
-pub struct BadCursor;
-
 /// Cursor = `<microseconds since epoch>.<event uuid>` in hex: opaque to clients, stable.
 fn encode_cursor(at: DateTime<Utc>, id: Uuid) -> String {
     format!("{:x}.{}", at.timestamp_micros(), id.simple())
 }
 
-fn decode_cursor(s: &str) -> Result<(DateTime<Utc>, Uuid), BadCursor> {
-    let (t, id) = s.split_once('.').ok_or(BadCursor)?;
-    let micros = i64::from_str_radix(t, 16).map_err(|_| BadCursor)?;
-    let at = DateTime::from_timestamp_micros(micros).ok_or(BadCursor)?;
-    let id = Uuid::try_parse(id).map_err(|_| BadCursor)?;
+fn decode_cursor(s: &str) -> Result<(DateTime<Utc>, Uuid), StoreError> {
+    let (t, id) = s.split_once('.').ok_or(StoreError::BadCursor)?;
+    let micros = i64::from_str_radix(t, 16).map_err(|_| StoreError::BadCursor)?;
+    let at = DateTime::from_timestamp_micros(micros).ok_or(StoreError::BadCursor)?;
+    let id = Uuid::try_parse(id).map_err(|_| StoreError::BadCursor)?;
     Ok((at, id))
 }
 
@@ -219,11 +123,8 @@ pub async fn history(
     pool: &Pool,
     jid: &UserJid,
     q: &HistoryQuery,
-) -> Result<Result<HistoryPage, BadCursor>, PgError> {
-    let cursor = match q.cursor.as_deref().map(decode_cursor).transpose() {
-        Ok(c) => c,
-        Err(e) => return Ok(Err(e)),
-    };
+) -> Result<HistoryPage, StoreError> {
+    let cursor = q.cursor.as_deref().map(decode_cursor).transpose()?;
     let limit = q.limit.clamp(1, 1000);
     let (from, to) = (q.from, q.to);
     let (cmp, dir) = match q.order {
@@ -264,19 +165,19 @@ pub async fn history(
             cause: r.get(6),
         });
     }
-    Ok(Ok(HistoryPage {
+    Ok(HistoryPage {
         events,
         next_cursor: if more {
             last.map(|(a, i)| encode_cursor(a, i))
         } else {
             None
         },
-    }))
+    })
 }
 
 /// Known users at start-up: every last-seen row, with the resources of their open sessions,
 /// so the first resync probes them and confirms (or closes) what was online at the last stop.
-pub async fn load_known(pool: &Pool) -> Result<Vec<UserPresence>, PgError> {
+pub async fn load_known(pool: &Pool) -> Result<Vec<UserPresence>, StoreError> {
     let c = pg::client(pool).await?;
     let users = c
         .query(
@@ -362,9 +263,12 @@ mod tests {
         let at = DateTime::from_timestamp_micros(1_790_000_000_123_456).unwrap_or_default();
         let id = Uuid::from_u128(0xdead_beef);
         let c = encode_cursor(at, id);
-        assert_eq!(decode_cursor(&c), Ok((at, id)));
+        assert_eq!(decode_cursor(&c).ok(), Some((at, id)));
         for bad in ["", "x", "zz.00", "1.not-a-uuid", "."] {
-            assert_eq!(decode_cursor(bad), Err(BadCursor), "{bad}");
+            assert!(
+                matches!(decode_cursor(bad), Err(StoreError::BadCursor)),
+                "{bad}"
+            );
         }
     }
 }

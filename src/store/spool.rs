@@ -209,14 +209,14 @@ mod tests {
 
     #[test]
     fn roundtrip_rotation_and_torn_tail() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let mut s = Spool::open(dir.path(), 4096).unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 4096).unwrap();
         assert!(!s.has_pending());
         let a = sample_events(3, 0);
         let b = sample_events(40, 100);
-        s.append(&a).unwrap_or_else(|e| panic!("{e}"));
-        s.append(&b).unwrap_or_else(|e| panic!("{e}"));
-        s.append(&a).unwrap_or_else(|e| panic!("{e}"));
+        s.append(&a).unwrap();
+        s.append(&b).unwrap();
+        s.append(&a).unwrap();
         let segs = s.segments().unwrap_or_default();
         assert!(segs.len() >= 2, "rotated at 4 KiB: {segs:?}");
         let all: Vec<_> = segs
@@ -236,8 +236,8 @@ mod tests {
             .write(true)
             .open(&last)
             .and_then(|f| f.set_len(len - 5))
-            .unwrap_or_else(|e| panic!("{e}"));
-        let r = Spool::read_segment(&last).unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
+        let r = Spool::read_segment(&last).unwrap();
         assert_eq!(r.skipped, 1);
         let counted: u64 = segs
             .iter()
@@ -253,12 +253,12 @@ mod tests {
         let first = segs[0].clone();
         let mut data = fs::read(&first).unwrap_or_default();
         data[20] ^= 0xff;
-        fs::write(&first, &data).unwrap_or_else(|e| panic!("{e}"));
-        let r = Spool::read_segment(&first).unwrap_or_else(|e| panic!("{e}"));
+        fs::write(&first, &data).unwrap();
+        let r = Spool::read_segment(&first).unwrap();
         assert_eq!(r.skipped, 1);
 
         // A reopened spool continues numbering after the existing segments.
-        let s2 = Spool::open(dir.path(), 4096).unwrap_or_else(|e| panic!("{e}"));
+        let s2 = Spool::open(dir.path(), 4096).unwrap();
         assert!(s2.next_number as usize >= segs.len());
     }
 

@@ -1,8 +1,6 @@
 //! The writer task: batches from the sink → Postgres, or → spool; spool replay; retention.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use chrono::{NaiveDate, Utc};
@@ -11,21 +9,28 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::spool::Spool;
-use super::{StoreCounters, StoreHandle, StoreMode, StoreSink, StoreStatus, StoredEvent, pg};
+use super::{
+    StoreError, StoreHandle, StoreMetrics, StoreMode, StoreSink, StoreStatus, StoredEvent, pg,
+};
 use crate::config::StoreConfig;
 
 /// Largest transaction used when replaying the spool (catch-up speed).
 const REPLAY_CHUNK: usize = 20_000;
 
-/// Starts the writer for a configured Postgres. The caller has already migrated the schema.
+/// Starts the writer for a configured Postgres (see [`super::open`], which migrates first).
+/// The returned handle's [`StoreHandle::sink`] is the engine's end of the queue.
 pub fn start(
     cfg: &StoreConfig,
     pool: Pool,
-    sink: StoreSink,
-) -> std::io::Result<(StoreHandle, JoinHandle<()>)> {
-    let spool = Spool::open(&cfg.spool_dir, cfg.spool_segment_bytes)?;
+    metrics: StoreMetrics,
+) -> Result<(StoreHandle, JoinHandle<()>), StoreError> {
+    let spool_err = |source| StoreError::Spool {
+        path: cfg.spool_dir.display().to_string(),
+        source,
+    };
+    let spool = Spool::open(&cfg.spool_dir, cfg.spool_segment_bytes).map_err(spool_err)?;
     let mut spooled = 0u64;
-    for seg in spool.segments()? {
+    for seg in spool.segments().map_err(spool_err)? {
         spooled += Spool::count_events(&seg).unwrap_or(0);
     }
     let pending = spool.has_pending();
@@ -42,11 +47,14 @@ pub fn start(
         oldest_spooled_at: pending.then(Utc::now),
         last_error: None,
     });
-    let counters = Arc::new(StoreCounters::default());
+    metrics.spooled.set(spooled as i64);
+    metrics.spooling.set(i64::from(pending));
+    let sink = StoreSink::new(&metrics);
     let handle = StoreHandle {
         status: status_rx,
-        counters: counters.clone(),
+        metrics: metrics.clone(),
         sink: sink.clone(),
+        pool: pool.clone(),
     };
     let w = Writer {
         cfg: cfg.clone(),
@@ -58,7 +66,7 @@ pub fn start(
         next_retry: Instant::now(),
         partitions: BTreeSet::new(),
         status: status_tx,
-        counters,
+        metrics,
         last_retention: None,
         migrated: false,
         closing_since: None,
@@ -76,7 +84,7 @@ struct Writer {
     next_retry: Instant,
     partitions: BTreeSet<NaiveDate>,
     status: watch::Sender<StoreStatus>,
-    counters: Arc<StoreCounters>,
+    metrics: StoreMetrics,
     last_retention: Option<Instant>,
     /// Migrations confirmed applied by this writer (Postgres may have been down at start-up).
     migrated: bool,
@@ -84,22 +92,18 @@ struct Writer {
     closing_since: Option<Instant>,
 }
 
-#[derive(Debug)]
-enum WriteError {
-    Timeout,
-    Pg(String),
-}
-
-impl std::fmt::Display for WriteError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            WriteError::Timeout => write!(f, "write took longer than store.write_timeout_secs"),
-            WriteError::Pg(e) => f.write_str(e),
-        }
-    }
-}
-
 impl Writer {
+    /// Publishes a status change, keeping the spool gauges in step with it.
+    fn set_status(&self, f: impl FnOnce(&mut StoreStatus)) {
+        self.status.send_modify(|s| {
+            f(s);
+            self.metrics.spooled.set(s.spooled_events as i64);
+            self.metrics
+                .spooling
+                .set(i64::from(s.mode == StoreMode::Spooling));
+        });
+    }
+
     async fn run(mut self) {
         let batch_wait = Duration::from_millis(self.cfg.batch_timeout_ms);
         let retry = Duration::from_secs_f64(self.cfg.retry_secs);
@@ -173,31 +177,28 @@ impl Writer {
     }
 
     /// Writes one batch with the deadline; on a unique violation retries idempotently.
-    async fn write(&mut self, batch: &[StoredEvent], idempotent: bool) -> Result<(), WriteError> {
+    async fn write(&mut self, batch: &[StoredEvent], idempotent: bool) -> Result<(), StoreError> {
         let started = Instant::now();
         let deadline = Duration::from_secs_f64(self.cfg.write_timeout_secs);
         let get3 = async {
             let a = pg::client(&self.pool).await?;
             let b = pg::client(&self.pool).await?;
             let c = pg::client(&self.pool).await?;
-            Ok::<_, pg::PgError>([a, b, c])
+            Ok::<_, StoreError>([a, b, c])
         };
         let [mut o1, mut o2, mut o3] = tokio::time::timeout(deadline, get3)
             .await
-            .map_err(|_| WriteError::Timeout)?
-            .map_err(|e| WriteError::Pg(e.to_string()))?;
+            .map_err(|_| StoreError::Timeout)??;
         let days = pg::batch_days(batch);
         let missing: BTreeSet<NaiveDate> = days.difference(&self.partitions).copied().collect();
         let pool = self.pool.clone();
         let migrated = self.migrated;
         let result = tokio::time::timeout(deadline, async {
             if !migrated {
-                pg::migrate(&pool).await.map_err(|e| e.to_string())?;
+                pg::migrate(&pool).await?;
             }
             if !missing.is_empty() {
-                pg::ensure_partitions(&o1, &missing)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                pg::ensure_partitions(&o1, &missing).await?;
             }
             let (c1, c2, c3): (
                 &mut tokio_postgres::Client,
@@ -213,11 +214,9 @@ impl Writer {
                         &mut tokio_postgres::Client,
                         &mut tokio_postgres::Client,
                     ) = (&mut o1, &mut o2, &mut o3);
-                    pg::write_batch_parallel([c1, c2, c3], batch, true)
-                        .await
-                        .map_err(|e| pg::PgError::from(e).to_string())
+                    Ok(pg::write_batch_parallel([c1, c2, c3], batch, true).await?)
                 }
-                Err(e) => Err(pg::PgError::from(e).to_string()),
+                Err(e) => Err(StoreError::from(e)),
             }
         })
         .await;
@@ -225,26 +224,24 @@ impl Writer {
             Ok(Ok(())) => {
                 self.migrated = true;
                 self.partitions.extend(missing);
-                let c = &self.counters;
-                c.events_written
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                c.batches_written.fetch_add(1, Ordering::Relaxed);
-                c.write_micros
-                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                let m = &self.metrics;
+                m.events_written.inc_by(batch.len() as u64);
+                m.batch_events.observe(batch.len() as f64);
+                m.batch_seconds.observe(started.elapsed().as_secs_f64());
                 Ok(())
             }
             Ok(Err(e)) => {
                 for o in [o1, o2, o3] {
                     drop(Object::take(o));
                 }
-                Err(WriteError::Pg(e))
+                Err(e)
             }
             Err(_) => {
                 // The connections may be mid-COPY: never give them back to the pool.
                 for o in [o1, o2, o3] {
                     drop(Object::take(o));
                 }
-                Err(WriteError::Timeout)
+                Err(StoreError::Timeout)
             }
         }
     }
@@ -253,14 +250,14 @@ impl Writer {
         match self.spool.append(&batch) {
             Ok(()) => {
                 let n = batch.len() as u64;
-                self.counters.events_spooled.fetch_add(n, Ordering::Relaxed);
+                self.metrics.events_spooled.inc_by(n);
                 self.spooled += n;
                 if !self.spool_pending {
                     self.next_retry = Instant::now() + Duration::from_secs_f64(self.cfg.retry_secs);
                 }
                 self.spool_pending = true;
                 let spooled = self.spooled;
-                self.status.send_modify(|s| {
+                self.set_status(|s| {
                     s.mode = StoreMode::Spooling;
                     s.spooled_events = spooled;
                     s.oldest_spooled_at.get_or_insert_with(Utc::now);
@@ -311,9 +308,9 @@ impl Writer {
                 }
             };
             if read.skipped > 0 {
-                self.counters
+                self.metrics
                     .spool_records_skipped
-                    .fetch_add(read.skipped as u64, Ordering::Relaxed);
+                    .inc_by(read.skipped as u64);
             }
             let total: u64 = read.batches.iter().map(|b| b.len() as u64).sum();
             let events: Vec<StoredEvent> = read.batches.into_iter().flatten().collect();
@@ -322,8 +319,7 @@ impl Writer {
                 // that partly did fails on the unique key and is rewritten idempotently.
                 if let Err(e) = self.write(chunk, false).await {
                     tracing::warn!(error = %e, "store: spool replay failed; retrying later");
-                    self.status
-                        .send_modify(|s| s.last_error = Some(e.to_string()));
+                    self.set_status(|s| s.last_error = Some(e.to_string()));
                     self.next_retry = Instant::now() + Duration::from_secs_f64(self.cfg.retry_secs);
                     return;
                 }
@@ -333,12 +329,10 @@ impl Writer {
                 return;
             }
             replayed += total;
-            self.counters
-                .events_replayed
-                .fetch_add(total, Ordering::Relaxed);
+            self.metrics.events_replayed.inc_by(total);
             self.spooled = self.spooled.saturating_sub(total);
             let spooled = self.spooled;
-            self.status.send_modify(|s| s.spooled_events = spooled);
+            self.set_status(|s| s.spooled_events = spooled);
         }
         self.spool_pending = false;
         self.spooled = 0;
@@ -349,7 +343,7 @@ impl Writer {
             rate = (replayed as f64 / secs.max(1e-6)) as u64,
             "store: spool replayed; writing to Postgres again"
         );
-        self.status.send_modify(|s| {
+        self.set_status(|s| {
             s.mode = StoreMode::Ok;
             s.spooled_events = 0;
             s.oldest_spooled_at = None;

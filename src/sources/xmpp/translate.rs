@@ -531,9 +531,7 @@ mod tests {
             run(&format!(
                 "<presence {NS} from='Bob@localhost' type='subscribe'/>"
             )),
-            Ok(Inbound::Subscribe(
-                UserJid::parse("bob@localhost").unwrap_or_else(|e| panic!("{e}"))
-            ))
+            Ok(Inbound::Subscribe(UserJid::parse("bob@localhost").unwrap()))
         );
         assert!(matches!(
             run(&format!(
@@ -671,8 +669,8 @@ mod tests {
 
     #[test]
     fn privilege_advertisements() {
-        let m: Element = "<message xmlns='jabber:component:accept' to='bridge.localhost' from='localhost'><privilege xmlns='urn:xmpp:privilege:1'><perm type='none' access='message'/><perm type='both' access='roster'/><perm type='managed_entity' access='presence'/></privilege></message>".parse().unwrap_or_else(|e| panic!("{e}"));
-        let m = Message::try_from(m).unwrap_or_else(|e| panic!("{e}"));
+        let m: Element = "<message xmlns='jabber:component:accept' to='bridge.localhost' from='localhost'><privilege xmlns='urn:xmpp:privilege:1'><perm type='none' access='message'/><perm type='both' access='roster'/><perm type='managed_entity' access='presence'/></privilege></message>".parse().unwrap();
+        let m = Message::try_from(m).unwrap();
         assert_eq!(
             privileges(&m),
             Some(vec![
@@ -681,14 +679,14 @@ mod tests {
                 ("presence".into(), "managed_entity".into())
             ])
         );
-        let m: Element = "<message xmlns='jabber:component:accept' from='localhost' to='bridge.localhost'><privilege xmlns='urn:xmpp:privilege:2'><perm access='roster' type='both'/><perm access='presence' type='managed_entity'/></privilege></message>".parse().unwrap_or_else(|e| panic!("{e}"));
-        let m = Message::try_from(m).unwrap_or_else(|e| panic!("{e}"));
+        let m: Element = "<message xmlns='jabber:component:accept' from='localhost' to='bridge.localhost'><privilege xmlns='urn:xmpp:privilege:2'><perm access='roster' type='both'/><perm access='presence' type='managed_entity'/></privilege></message>".parse().unwrap();
+        let m = Message::try_from(m).unwrap();
         assert_eq!(privileges(&m).map(|p| p.len()), Some(2));
         let m: Element =
             "<message xmlns='jabber:component:accept' from='localhost'><body>hi</body></message>"
                 .parse()
-                .unwrap_or_else(|e| panic!("{e}"));
-        let m = Message::try_from(m).unwrap_or_else(|e| panic!("{e}"));
+                .unwrap();
+        let m = Message::try_from(m).unwrap();
         assert_eq!(privileges(&m), None);
     }
 }

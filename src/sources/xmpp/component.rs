@@ -11,18 +11,18 @@
 //! the grace period, resources nobody confirmed go offline. While disconnected the presence map
 //! is left alone and marked stale: no offline storm reaches subscribers.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::{SinkExt, StreamExt};
 use minidom::Element;
+use prometheus::{IntCounter, IntGauge, IntGaugeVec, Registry};
 use tokio::io::BufStream;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tokio_xmpp::Stanza;
 use tokio_xmpp::xmlstream::{
     FallibleStreamElement, ReadError, StreamHeader, Timeouts, XmppStream, XmppStreamElement,
@@ -39,6 +39,7 @@ use xmpp_parsers::stream_error::DefinedCondition as StreamCondition;
 use super::translate::{self, Dropped, Inbound, Translator};
 use crate::config::XmppConfig;
 use crate::presence::{Engine, UserJid};
+use crate::telemetry;
 
 type Stream = XmppStream<BufStream<TcpStream>>;
 
@@ -85,42 +86,117 @@ pub struct ConnectionStatus {
     pub last_error: Option<String>,
 }
 
-/// Counters for metrics (monotonic).
-#[derive(Debug, Default)]
-pub struct Counters {
+/// The XMPP source's metrics, updated in the read loop and on every status change.
+#[derive(Debug, Clone)]
+pub struct XmppMetrics {
     /// `<presence/>` stanzas read.
-    pub presence_in: AtomicU64,
+    pub presence_in: IntCounter,
     /// `<message/>` stanzas read.
-    pub message_in: AtomicU64,
+    pub message_in: IntCounter,
     /// `<iq/>` stanzas read.
-    pub iq_in: AtomicU64,
+    pub iq_in: IntCounter,
     /// Stanzas that failed to parse (skipped).
-    pub parse_errors: AtomicU64,
+    pub parse_errors: IntCounter,
     /// Presence from domains not in `xmpp.domains` (dropped).
-    pub dropped_foreign: AtomicU64,
+    pub dropped_foreign: IntCounter,
     /// Presence dropped as oversized.
-    pub dropped_oversized: AtomicU64,
+    pub dropped_oversized: IntCounter,
     /// Presence dropped for other reasons (no from, no resource, from a server JID).
-    pub dropped_other: AtomicU64,
+    pub dropped_other: IntCounter,
     /// Probes sent during resyncs.
-    pub probes_sent: AtomicU64,
+    pub probes_sent: IntCounter,
     /// Keepalive pings sent.
-    pub keepalives_sent: AtomicU64,
-    /// Events handed to the engine.
-    pub events: AtomicU64,
+    pub keepalives_sent: IntCounter,
+    connected: IntGauge,
+    stale: IntGauge,
+    reconnects: IntCounter,
+    privileges: IntGaugeVec,
 }
 
-impl Counters {
-    fn inc(c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
+impl XmppMetrics {
+    /// Registers the XMPP source's metrics in `r`.
+    pub fn new(r: &Registry) -> Self {
+        let stanzas = telemetry::counter_vec(
+            r,
+            "presence_bridge_stanzas_in_total",
+            "Stanzas read from the XMPP server, by type",
+            &["type"],
+        );
+        let dropped = telemetry::counter_vec(
+            r,
+            "presence_bridge_presence_dropped_total",
+            "Presence stanzas dropped, by reason",
+            &["reason"],
+        );
+        Self {
+            presence_in: stanzas.with_label_values(&["presence"]),
+            message_in: stanzas.with_label_values(&["message"]),
+            iq_in: stanzas.with_label_values(&["iq"]),
+            parse_errors: telemetry::counter(
+                r,
+                "presence_bridge_stanza_parse_errors_total",
+                "Stanzas that failed to parse (skipped)",
+            ),
+            dropped_foreign: dropped.with_label_values(&["foreign_domain"]),
+            dropped_oversized: dropped.with_label_values(&["oversized"]),
+            dropped_other: dropped.with_label_values(&["other"]),
+            probes_sent: telemetry::counter(
+                r,
+                "presence_bridge_probes_sent_total",
+                "Presence probes sent during resyncs",
+            ),
+            keepalives_sent: telemetry::counter(
+                r,
+                "presence_bridge_xmpp_keepalives_sent_total",
+                "Keepalive pings sent to the XMPP server",
+            ),
+            connected: telemetry::gauge(
+                r,
+                "presence_bridge_xmpp_connected",
+                "1 while the XMPP component is connected",
+            ),
+            stale: telemetry::gauge(
+                r,
+                "presence_bridge_xmpp_stale",
+                "1 while presence is stale (disconnected after having been connected)",
+            ),
+            reconnects: telemetry::counter(
+                r,
+                "presence_bridge_xmpp_reconnects_total",
+                "Successful XMPP reconnections",
+            ),
+            privileges: telemetry::gauge_vec(
+                r,
+                "presence_bridge_xmpp_privilege",
+                "XEP-0356 permissions granted (1)",
+                &["access", "type"],
+            ),
+        }
+    }
+
+    /// Mirrors a status into the gauges.
+    fn observe(&self, s: &ConnectionStatus) {
+        self.connected.set(i64::from(s.connected));
+        self.stale.set(i64::from(s.stale));
+        self.privileges.reset();
+        for (access, ty) in &s.privileges {
+            self.privileges.with_label_values(&[access, ty]).set(1);
+        }
     }
 }
 
-/// Handle to the running component: its status and counters.
+impl Default for XmppMetrics {
+    /// Metrics in a private registry nobody renders (unit tests).
+    fn default() -> Self {
+        Self::new(&Registry::new())
+    }
+}
+
+/// Handle to the running component: its status and metrics.
 #[derive(Debug, Clone)]
 pub struct ComponentHandle {
     status: watch::Receiver<ConnectionStatus>,
-    counters: Arc<Counters>,
+    metrics: XmppMetrics,
 }
 
 impl ComponentHandle {
@@ -132,10 +208,22 @@ impl ComponentHandle {
     pub fn watch(&self) -> watch::Receiver<ConnectionStatus> {
         self.status.clone()
     }
-    /// The counters.
-    pub fn counters(&self) -> &Arc<Counters> {
-        &self.counters
+    /// The metrics.
+    pub fn metrics(&self) -> &XmppMetrics {
+        &self.metrics
     }
+}
+
+/// What the supervisor needs besides its config and the engine.
+#[derive(Debug, Default)]
+pub struct SpawnOptions {
+    /// When presence was last known to be current (the previous run's stop), used as
+    /// `last_seen` for users the first resync finds gone.
+    pub lost_at: Option<DateTime<Utc>>,
+    /// Where it counts.
+    pub metrics: XmppMetrics,
+    /// Owns the per-session helper tasks (resync rounds); the caller waits for it on shutdown.
+    pub tasks: TaskTracker,
 }
 
 /// Starts the supervisor. The task ends with `Ok(())` on cancellation and with the fatal error
@@ -144,37 +232,27 @@ pub fn spawn(
     cfg: XmppConfig,
     engine: Engine,
     cancel: CancellationToken,
-) -> (ComponentHandle, JoinHandle<Result<(), FatalError>>) {
-    spawn_with(cfg, engine, cancel, None)
-}
-
-/// Like [`spawn`]; `lost_at` is when presence was last known to be current (the previous
-/// run's stop), used as `last_seen` for users the first resync finds gone.
-pub fn spawn_with(
-    cfg: XmppConfig,
-    engine: Engine,
-    cancel: CancellationToken,
-    lost_at: Option<DateTime<Utc>>,
+    opts: SpawnOptions,
 ) -> (ComponentHandle, JoinHandle<Result<(), FatalError>>) {
     let (status_tx, status_rx) = watch::channel(ConnectionStatus {
         since: Some(Utc::now()),
         ..ConnectionStatus::default()
     });
-    let counters = Arc::new(Counters::default());
     let sup = Supervisor {
         translator: Translator::new(&cfg),
         cfg,
         engine,
         status: status_tx,
-        counters: counters.clone(),
+        metrics: opts.metrics.clone(),
         cancel,
         generation: 0,
+        tasks: opts.tasks,
     };
-    let task = tokio::spawn(sup.run(lost_at));
+    let task = tokio::spawn(sup.run(opts.lost_at));
     (
         ComponentHandle {
             status: status_rx,
-            counters,
+            metrics: opts.metrics,
         },
         task,
     )
@@ -205,12 +283,21 @@ struct Supervisor {
     translator: Translator,
     engine: Engine,
     status: watch::Sender<ConnectionStatus>,
-    counters: Arc<Counters>,
+    metrics: XmppMetrics,
     cancel: CancellationToken,
     generation: u64,
+    tasks: TaskTracker,
 }
 
 impl Supervisor {
+    /// Changes the status and keeps the gauges in step with it.
+    fn set_status(&self, f: impl FnOnce(&mut ConnectionStatus)) {
+        self.status.send_modify(|s| {
+            f(s);
+            self.metrics.observe(s);
+        });
+    }
+
     async fn run(mut self, mut lost_at: Option<DateTime<Utc>>) -> Result<(), FatalError> {
         let min = Duration::from_secs_f64(self.cfg.reconnect_min_secs);
         let max = Duration::from_secs_f64(self.cfg.reconnect_max_secs);
@@ -226,7 +313,10 @@ impl Supervisor {
                     let started = Instant::now();
                     let probe = self.cfg.probe_on_connect;
                     tracing::info!(server = %self.cfg.server, component = %self.cfg.component, "XMPP component connected");
-                    self.status.send_modify(|s| {
+                    if ever_connected {
+                        self.metrics.reconnects.inc();
+                    }
+                    self.set_status(|s| {
                         s.connected = true;
                         s.since = Some(Utc::now());
                         if ever_connected {
@@ -243,7 +333,7 @@ impl Supervisor {
                     let end = self.session(stream, lost_at).await;
                     let now = Utc::now();
                     lost_at = Some(now);
-                    self.status.send_modify(|s| {
+                    self.set_status(|s| {
                         s.connected = false;
                         s.since = Some(now);
                         s.stale = true;
@@ -252,13 +342,12 @@ impl Supervisor {
                     match end {
                         SessionEnd::Cancelled => return Ok(()),
                         SessionEnd::Fatal(e) => {
-                            self.status
-                                .send_modify(|s| s.last_error = Some(e.to_string()));
+                            self.set_status(|s| s.last_error = Some(e.to_string()));
                             return Err(e);
                         }
                         SessionEnd::Lost(why) => {
                             tracing::warn!(reason = %why, "XMPP component connection lost; presence is stale until reconnected");
-                            self.status.send_modify(|s| s.last_error = Some(why));
+                            self.set_status(|s| s.last_error = Some(why));
                         }
                     }
                     // A session that lived long was healthy: start backing off from scratch.
@@ -268,13 +357,12 @@ impl Supervisor {
                 }
                 Ok(Err(ConnectError::Fatal(e))) => {
                     tracing::error!("{e}");
-                    self.status
-                        .send_modify(|s| s.last_error = Some(e.to_string()));
+                    self.set_status(|s| s.last_error = Some(e.to_string()));
                     return Err(e);
                 }
                 Ok(Err(ConnectError::Transient(why))) => {
                     tracing::warn!(server = %self.cfg.server, reason = %why, attempt, "XMPP connect failed");
-                    self.status.send_modify(|s| {
+                    self.set_status(|s| {
                         s.failed_attempts += 1;
                         s.last_error = Some(why);
                     });
@@ -285,7 +373,7 @@ impl Supervisor {
                         self.cfg.connect_timeout()
                     );
                     tracing::warn!(server = %self.cfg.server, reason = %why, attempt, "XMPP connect failed");
-                    self.status.send_modify(|s| {
+                    self.set_status(|s| {
                         s.failed_attempts += 1;
                         s.last_error = Some(why);
                     });
@@ -393,10 +481,10 @@ impl Supervisor {
             if self.engine.resync_begin(generation).await.is_err() {
                 return SessionEnd::Cancelled;
             }
-            tokio::spawn(resync(
+            self.tasks.spawn(resync(
                 self.engine.clone(),
                 self.cfg.clone(),
-                self.counters.clone(),
+                self.metrics.clone(),
                 self.status.clone(),
                 out_tx.clone(),
                 generation,
@@ -434,7 +522,7 @@ impl Supervisor {
                             // Silence: ask the server something so that a live peer answers and
                             // a dead one trips the hard timeout.
                             ping_id += 1;
-                            Counters::inc(&self.counters.keepalives_sent);
+                            self.metrics.keepalives_sent.inc();
                             let mut iq = Iq::from_get(format!("keepalive-{ping_id}"), Ping).with_from(component.clone());
                             if let Some(to) = &server_domain {
                                 iq = iq.with_to(to.clone());
@@ -447,12 +535,12 @@ impl Supervisor {
                         Some(Err(ReadError::HardError(e))) => return SessionEnd::Lost(format!("connection error: {e}")),
                         Some(Err(ReadError::StreamFooterReceived)) => return SessionEnd::Lost("server closed the stream".into()),
                         Some(Err(ReadError::ParseError(e))) => {
-                            Counters::inc(&self.counters.parse_errors);
+                            self.metrics.parse_errors.inc();
                             tracing::debug!(error = %e, "skipping unparsable element");
                             continue;
                         }
                         Some(Ok(FallibleStreamElement::Err(e))) => {
-                            Counters::inc(&self.counters.parse_errors);
+                            self.metrics.parse_errors.inc();
                             tracing::debug!(error = %e, "skipping invalid stanza");
                             continue;
                         }
@@ -460,7 +548,7 @@ impl Supervisor {
                     };
                     match el {
                         XmppStreamElement::Stanza(Stanza::Presence(p)) => {
-                            Counters::inc(&self.counters.presence_in);
+                            self.metrics.presence_in.inc();
                             let replies = match self.on_presence(&p).await {
                                 Ok(r) => r,
                                 Err(()) => return SessionEnd::Cancelled,
@@ -472,14 +560,14 @@ impl Supervisor {
                             }
                         }
                         XmppStreamElement::Stanza(Stanza::Message(m)) => {
-                            Counters::inc(&self.counters.message_in);
+                            self.metrics.message_in.inc();
                             if let Some(perms) = translate::privileges(&m) {
                                 tracing::info!(?perms, from = ?m.from.as_ref().map(|j| j.to_string()), "XEP-0356 privileges granted");
-                                self.status.send_modify(|s| s.privileges = perms);
+                                self.set_status(|s| s.privileges = perms);
                             }
                         }
                         XmppStreamElement::Stanza(Stanza::Iq(iq)) => {
-                            Counters::inc(&self.counters.iq_in);
+                            self.metrics.iq_in.inc();
                             if let Some(reply) = answer_iq(iq, &component)
                                 && let Err(e) = stream.send(&XmppStreamElement::Stanza(reply.into())).await
                             {
@@ -504,12 +592,12 @@ impl Supervisor {
         let inbound = match self.translator.presence(p, Utc::now()) {
             Ok(i) => i,
             Err(d) => {
-                let c = match d {
-                    Dropped::ForeignDomain(_) => &self.counters.dropped_foreign,
-                    Dropped::Oversized(_) => &self.counters.dropped_oversized,
-                    _ => &self.counters.dropped_other,
-                };
-                Counters::inc(c);
+                match d {
+                    Dropped::ForeignDomain(_) => &self.metrics.dropped_foreign,
+                    Dropped::Oversized(_) => &self.metrics.dropped_oversized,
+                    _ => &self.metrics.dropped_other,
+                }
+                .inc();
                 tracing::debug!(reason = %d, "dropped presence");
                 return Ok(Vec::new());
             }
@@ -517,7 +605,6 @@ impl Supervisor {
         let to = |j: &UserJid| -> Option<Jid> { BareJid::new(j.as_str()).ok().map(Into::into) };
         Ok(match inbound {
             Inbound::Event(ev) => {
-                Counters::inc(&self.counters.events);
                 self.engine.apply(ev).await.map_err(|_| ())?;
                 Vec::new()
             }
@@ -621,7 +708,7 @@ fn answer_iq(iq: Iq, component: &Jid) -> Option<Iq> {
 async fn resync(
     engine: Engine,
     cfg: XmppConfig,
-    counters: Arc<Counters>,
+    metrics: XmppMetrics,
     status: watch::Sender<ConnectionStatus>,
     out: mpsc::Sender<Stanza>,
     generation: u64,
@@ -648,7 +735,7 @@ async fn resync(
                     .with_from(component.clone())
                     .with_to(to);
                 out.send(probe.into()).await.ok()?;
-                Counters::inc(&counters.probes_sent);
+                metrics.probes_sent.inc();
             }
         }
         // What is still unconfirmed is decided after the grace period.
@@ -688,12 +775,8 @@ mod tests {
 
     #[test]
     fn iq_answers() {
-        let comp: Jid = BareJid::new("bridge.localhost")
-            .unwrap_or_else(|e| panic!("{e}"))
-            .into();
-        let server: Jid = BareJid::new("localhost")
-            .unwrap_or_else(|e| panic!("{e}"))
-            .into();
+        let comp: Jid = BareJid::new("bridge.localhost").unwrap().into();
+        let server: Jid = BareJid::new("localhost").unwrap().into();
         let ping = Iq::from_get("p1", Ping).with_from(server.clone());
         match answer_iq(ping, &comp) {
             Some(Iq::Result {

@@ -1,5 +1,5 @@
-//! `presence-bridge demo`: the real engine, API and dashboard, fed by a simulator instead of an
-//! XMPP server, with the memory store.
+//! The simulator source behind `presence-bridge demo`: the real engine, API and dashboard are
+//! fed by it instead of an XMPP server (see [`crate::app::Ingest::Simulated`]).
 //!
 //! The simulator builds real `<presence/>` stanzas (xmpp-parsers types: show, status, priority,
 //! XEP-0115 caps, XEP-0319 idle) and hands them to the same [`Translator`] the XMPP component
@@ -21,9 +21,9 @@ use tokio_util::sync::CancellationToken;
 use xmpp_parsers::jid::{BareJid, Jid};
 use xmpp_parsers::presence::{Presence, Show as XShow, Type};
 
+use super::xmpp::translate::{Inbound, Translator};
 use crate::config::XmppConfig;
 use crate::presence::Engine;
-use crate::xmpp::translate::{Inbound, Translator};
 
 /// The simulated user domains.
 pub const DOMAINS: [&str; 3] = ["example.com", "example.org", "ops.example.net"];
@@ -399,7 +399,7 @@ mod tests {
         );
         assert!(stats.by_show.len() >= 3, "several shows: {stats:?}");
         assert!(stats.by_domain.len() == 3, "{stats:?}");
-        let snap = engine.snapshot().await.unwrap_or_else(|e| panic!("{e}"));
+        let snap = engine.snapshot().await.unwrap();
         assert!(snap.users.iter().any(|u| {
             u.resources
                 .iter()
