@@ -21,6 +21,11 @@ use super::auth::{Permissions, Scope, authenticate, require};
 use super::error::ApiError;
 use crate::presence::{Change, Resume, UserJid, UserPresence};
 
+/// Most changes in one diff frame. Under a burst everything waiting would otherwise go into a
+/// single frame (tens of MB after a busy second), more than clients accept in one message
+/// (tungstenite's default limit is 16 MiB) and a long stall for a browser.
+const MAX_CHANGES_PER_FRAME: usize = 512;
+
 #[derive(Debug, Deserialize)]
 struct WsQuery {
     since: Option<u64>,
@@ -386,7 +391,7 @@ async fn session_loop(
                     batch.clear();
                     batch.push(c);
                     // Everything already waiting goes into the same frame.
-                    match sub.drain_ready(&mut batch, 10_000) {
+                    match sub.drain_ready(&mut batch, MAX_CHANGES_PER_FRAME) {
                         Ok(()) => conn.diff(&batch, perms, filter).await?,
                         Err(_) => resync(st, conn, &mut sub, perms, filter).await?,
                     }

@@ -15,7 +15,6 @@ pub mod spool;
 pub mod writer;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +24,7 @@ use prometheus::{Histogram, IntCounter, IntGauge, Registry};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::StoreConfig;
 use crate::presence::{Applied, Cause, ChangeSink, EventKind, Show, UserPresence};
@@ -300,7 +300,8 @@ struct SinkInner {
     notify: Notify,
     /// The queue's length, readable without the lock (also the exported gauge).
     depth: IntGauge,
-    closed: AtomicBool,
+    /// Cancelled by [`StoreSink::close`]; wakes the writer out of a batch window at once.
+    closed: CancellationToken,
 }
 
 impl StoreSink {
@@ -311,7 +312,7 @@ impl StoreSink {
                 queue: Mutex::new(VecDeque::new()),
                 notify: Notify::new(),
                 depth: metrics.queue_depth.clone(),
-                closed: AtomicBool::new(false),
+                closed: CancellationToken::new(),
             }),
         }
     }
@@ -345,7 +346,7 @@ impl StoreSink {
 
     /// No more events will come: the writer drains the queue and stops.
     pub fn close(&self) {
-        self.inner.closed.store(true, Ordering::Release);
+        self.inner.closed.cancel();
         self.inner.notify.notify_one();
     }
 
@@ -361,7 +362,12 @@ impl StoreSink {
     }
 
     fn is_closed(&self) -> bool {
-        self.inner.closed.load(Ordering::Acquire)
+        self.inner.closed.is_cancelled()
+    }
+
+    /// Resolves once the sink is closed.
+    async fn closed(&self) {
+        self.inner.closed.cancelled().await;
     }
 }
 

@@ -127,7 +127,11 @@ impl Writer {
             }
             // Batch window: collect for up to batch_timeout_ms unless a full batch is there.
             if self.sink.depth() < self.cfg.batch_size as u64 && !self.sink.is_closed() {
-                tokio::time::sleep(batch_wait).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(batch_wait) => {}
+                    // Shutdown: flush now rather than at the end of the window.
+                    _ = self.sink.closed() => {}
+                }
             }
             // Under a backlog, larger transactions amortise the per-batch round trips.
             let take = if self.sink.depth() >= 4 * self.cfg.batch_size as u64 {
