@@ -2,7 +2,7 @@
 //!
 //! Metrics live where the thing happens: the engine, each source, the store writer and the API
 //! each own a typed metrics struct, registered once into the one [`Registry`] the composition
-//! root ([`crate::app`]) creates, and update it in place (an atomic add or store — cheap enough
+//! root (`app`) creates, and update it in place (an atomic add or store — cheap enough
 //! for the hot paths). `/metrics` only renders the registry. A metric that nothing updates
 //! cannot hide: the metrics test runs the real service and checks each documented name.
 

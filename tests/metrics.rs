@@ -18,8 +18,7 @@ use futures::StreamExt;
 use presence_bridge::app::Ingest;
 use presence_bridge::config::{Config, DbUrl, StoreConfig};
 use presence_bridge::presence::Show;
-use presence_bridge::store::spool::Spool;
-use presence_bridge::store::{StoreMode, StoredEvent, UserAfter};
+use presence_bridge::store::StoreMode;
 use tokio_tungstenite::tungstenite::Message;
 
 /// The `presence_bridge_*` names in the README's metrics paragraph.
@@ -49,53 +48,6 @@ fn sample_sum(text: &str, name: &str) -> Option<f64> {
     found
 }
 
-/// A spool segment left by a "previous run": two good batches and a torn third.
-fn torn_spool(dir: &std::path::Path) {
-    let ev = |i: u64| {
-        let at = chrono::DateTime::from_timestamp(1_795_000_000 + i as i64, 0).unwrap();
-        StoredEvent {
-            id: (7 << 100) + u128::from(i),
-            jid: format!("spooled{}@localhost", i % 3),
-            resource: "r".into(),
-            available: true,
-            show: Some(Show::Chat),
-            status: None,
-            priority: Some(0),
-            client: None,
-            idle_since: None,
-            at,
-            received_at: at,
-            cause: presence_bridge::presence::Cause::Stanza,
-            opened: false,
-            closed: false,
-            user: UserAfter {
-                online: true,
-                online_since: Some(at),
-                last_seen: None,
-                show: Show::Chat,
-                status: None,
-            },
-        }
-    };
-    let mut s = Spool::open(dir, 1 << 20).unwrap();
-    s.append(&(0..10).map(ev).collect::<Vec<_>>()).unwrap();
-    s.append(&(10..20).map(ev).collect::<Vec<_>>()).unwrap();
-    s.append(&(20..30).map(ev).collect::<Vec<_>>()).unwrap();
-    let seg = std::fs::read_dir(dir)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let len = std::fs::metadata(&seg).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&seg)
-        .unwrap()
-        .set_len(len - 10)
-        .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_documented_metric_is_exported_with_a_live_value() {
     init_logs();
@@ -104,7 +56,16 @@ async fn every_documented_metric_is_exported_with_a_live_value() {
     let ej = Ejabberd::private("metrics", true);
     let pg = Pg::private("metrics");
     let spool = tempfile::tempdir().unwrap();
-    torn_spool(spool.path());
+    let ev = |i: u64| {
+        let at = chrono::DateTime::from_timestamp(1_795_000_000 + i as i64, 0).unwrap();
+        stored_event(
+            (7 << 100) + u128::from(i),
+            &format!("spooled{}@localhost", i % 3),
+            at,
+        )
+    };
+    let batch = |r: std::ops::Range<u64>| r.map(ev).collect::<Vec<_>>();
+    torn_spool(spool.path(), &[batch(0..10), batch(10..20), batch(20..30)]);
     let user = ej.user("m", "bridge.localhost");
 
     let mut xmpp = xmpp_cfg_private(&ej);

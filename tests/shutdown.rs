@@ -22,7 +22,7 @@ async fn sigterm_closes_50_websockets_with_1001_flushes_the_writer_and_exits_0()
     let spool = tempfile::tempdir().unwrap();
     let port = free_port();
     let xmpp = xmpp_cfg(&ej, &lease);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_presence-bridge"))
+    let child = Command::new(env!("CARGO_BIN_EXE_presence-bridge"))
         .current_dir(std::env::temp_dir())
         .arg("run")
         .env("PRESENCE_BRIDGE__XMPP__SERVER", &xmpp.server)

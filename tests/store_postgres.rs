@@ -11,8 +11,7 @@ use common::*;
 use deadpool_postgres::Pool;
 use presence_bridge::app::Ingest;
 use presence_bridge::config::{Config, DbUrl, StoreConfig, XmppConfig};
-use presence_bridge::presence::{Cause, Engine, PresenceEvent, Show, UserJid};
-use presence_bridge::store::spool::Spool;
+use presence_bridge::presence::{Engine, PresenceEvent, Show, UserJid};
 use presence_bridge::store::{StoreHandle, StoreMode, pg, reads};
 
 /// The service with a store (and the given source), its spool in a temporary directory.
@@ -256,29 +255,11 @@ async fn postgres_outage_spools_then_replays_everything_once() {
 }
 
 fn stored(i: u64) -> presence_bridge::store::StoredEvent {
-    presence_bridge::store::StoredEvent {
-        id: u128::from(i) + 1,
-        jid: format!("spool{}@localhost", i % 5),
-        resource: "r".into(),
-        available: true,
-        show: Some(Show::Chat),
-        status: None,
-        priority: Some(0),
-        client: None,
-        idle_since: None,
-        at: at(i),
-        received_at: at(i),
-        cause: Cause::Stanza,
-        opened: false,
-        closed: false,
-        user: presence_bridge::store::UserAfter {
-            online: true,
-            online_since: Some(at(i)),
-            last_seen: None,
-            show: Show::Chat,
-            status: None,
-        },
-    }
+    stored_event(
+        u128::from(i) + 1,
+        &format!("spool{}@localhost", i % 5),
+        at(i),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,31 +267,17 @@ async fn torn_spool_record_is_skipped_and_the_rest_replayed_idempotently() {
     init_logs();
     let pg = Pg::shared("torn");
     let spool_dir = tempfile::tempdir().unwrap();
-    {
-        let mut s = Spool::open(spool_dir.path(), 1 << 20).unwrap();
-        s.append(&(0..100).map(stored).collect::<Vec<_>>()).unwrap();
-        s.append(&(100..250).map(stored).collect::<Vec<_>>())
-            .unwrap();
-        // The second batch again (a batch written twice must leave one copy).
-        s.append(&(100..250).map(stored).collect::<Vec<_>>())
-            .unwrap();
-        s.append(&(250..300).map(stored).collect::<Vec<_>>())
-            .unwrap();
-    }
-    // Crash mid-write: cut the last record short.
-    let seg = std::fs::read_dir(spool_dir.path())
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let len = std::fs::metadata(&seg).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&seg)
-        .unwrap()
-        .set_len(len - 10)
-        .unwrap();
+    let batch = |r: std::ops::Range<u64>| r.map(stored).collect::<Vec<_>>();
+    // The second batch twice (a batch written twice must leave one copy); the last one torn.
+    torn_spool(
+        spool_dir.path(),
+        &[
+            batch(0..100),
+            batch(100..250),
+            batch(100..250),
+            batch(250..300),
+        ],
+    );
 
     let r = rig_in(&pg.url(), spool_dir, |_| {}, None).await;
     let store = r.store();

@@ -6,7 +6,7 @@
 //!   sends them through the XMPP translator, so the demo exercises the same rules.
 //!
 //! A new source (the AMQP consumer, the reconciler) is a new module here, started by
-//! [`crate::app`].
+//! the composition root (`app`).
 
 pub mod simulator;
 pub mod xmpp;

@@ -1,5 +1,5 @@
 //! The simulator source behind `presence-bridge demo`: the real engine, API and dashboard are
-//! fed by it instead of an XMPP server (see [`crate::app::Ingest::Simulated`]).
+//! fed by it instead of an XMPP server (`Ingest::Simulated` of the composition root).
 //!
 //! The simulator builds real `<presence/>` stanzas (xmpp-parsers types: show, status, priority,
 //! XEP-0115 caps, XEP-0319 idle) and hands them to the same [`Translator`] the XMPP component

@@ -1,4 +1,9 @@
-//! The one event builder of the tests.
+//! The one event builder of the tests (engine events, and the writer's stored events).
+
+use std::path::Path;
+
+use presence_bridge::store::spool::Spool;
+use presence_bridge::store::{StoredEvent, UserAfter};
 
 use chrono::{DateTime, Utc};
 use presence_bridge::presence::{Availability, Cause, EventKind, PresenceEvent, Show, UserJid};
@@ -38,4 +43,53 @@ pub fn unavailable(status: &str) -> EventKind {
     EventKind::Unavailable {
         status: Some(status.into()),
     }
+}
+
+/// A stored "chat" event `id` of `jid` at `at` (as the writer queues it).
+pub fn stored_event(id: u128, jid: &str, at: DateTime<Utc>) -> StoredEvent {
+    StoredEvent {
+        id,
+        jid: jid.into(),
+        resource: "r".into(),
+        available: true,
+        show: Some(Show::Chat),
+        status: None,
+        priority: Some(0),
+        client: None,
+        idle_since: None,
+        at,
+        received_at: at,
+        cause: Cause::Stanza,
+        opened: false,
+        closed: false,
+        user: UserAfter {
+            online: true,
+            online_since: Some(at),
+            last_seen: None,
+            show: Show::Chat,
+            status: None,
+        },
+    }
+}
+
+/// Writes `batches` into a fresh spool in `dir`, then cuts the last record short (a crash
+/// mid-write), as a previous run would have left it.
+pub fn torn_spool(dir: &Path, batches: &[Vec<StoredEvent>]) {
+    let mut s = Spool::open(dir, 1 << 20).expect("spool");
+    for b in batches {
+        s.append(b).expect("append");
+    }
+    drop(s);
+    let seg = std::fs::read_dir(dir)
+        .expect("spool dir")
+        .next()
+        .expect("a segment")
+        .expect("entry")
+        .path();
+    let len = std::fs::metadata(&seg).expect("segment").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .and_then(|f| f.set_len(len - 10))
+        .expect("truncate the segment");
 }
