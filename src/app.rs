@@ -273,7 +273,7 @@ impl AppBuilder {
             component_task,
             engine_task,
             store_task,
-            flush_timeout: Duration::from_secs_f64(cfg.store.flush_timeout_secs),
+            flush_timeout: cfg.store.flush_timeout_secs,
         })
     }
 }

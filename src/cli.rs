@@ -318,11 +318,7 @@ pub async fn migrate(cfg: Config) -> ExitCode {
         eprintln!("presence-bridge: invalid config: store.postgres_url: required by migrate");
         return ExitCode::from(2);
     };
-    let pool = match pg::pool(
-        url.expose(),
-        1,
-        Duration::from_secs_f64(cfg.store.connect_timeout_secs),
-    ) {
+    let pool = match pg::pool(url.expose(), 1, cfg.store.connect_timeout_secs) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("presence-bridge: {e}");

@@ -182,17 +182,23 @@ pub struct XmppConfig {
     /// Probe known users after every (re)connect.
     pub probe_on_connect: bool,
     /// Seconds to wait for probe answers before unconfirmed resources go offline.
-    pub resync_grace_secs: f64,
+    #[serde(with = "secs")]
+    pub resync_grace_secs: Duration,
     /// Seconds of silence before the bridge pings the server (keepalive).
-    pub keepalive_secs: f64,
+    #[serde(with = "secs")]
+    pub keepalive_secs: Duration,
     /// Seconds to wait for any data after a keepalive before the connection is declared dead.
-    pub keepalive_timeout_secs: f64,
+    #[serde(with = "secs")]
+    pub keepalive_timeout_secs: Duration,
     /// Seconds allowed for TCP connect + stream + handshake.
-    pub connect_timeout_secs: f64,
+    #[serde(with = "secs")]
+    pub connect_timeout_secs: Duration,
     /// First reconnect delay in seconds (doubles per failure, with jitter).
-    pub reconnect_min_secs: f64,
+    #[serde(with = "secs")]
+    pub reconnect_min_secs: Duration,
     /// Upper bound of the reconnect delay in seconds.
-    pub reconnect_max_secs: f64,
+    #[serde(with = "secs")]
+    pub reconnect_max_secs: Duration,
     /// Probes sent per second during a resync (protects the server from a probe storm).
     pub probe_rate_per_sec: u32,
     /// Longest accepted `<status/>` text in bytes; a longer one marks the stanza oversized.
@@ -212,12 +218,12 @@ impl Default for XmppConfig {
             password_file: None,
             domains: vec!["localhost".into()],
             probe_on_connect: true,
-            resync_grace_secs: 10.0,
-            keepalive_secs: 30.0,
-            keepalive_timeout_secs: 20.0,
-            connect_timeout_secs: 10.0,
-            reconnect_min_secs: 0.5,
-            reconnect_max_secs: 30.0,
+            resync_grace_secs: Duration::from_secs(10),
+            keepalive_secs: Duration::from_secs(30),
+            keepalive_timeout_secs: Duration::from_secs(20),
+            connect_timeout_secs: Duration::from_secs(10),
+            reconnect_min_secs: Duration::from_millis(500),
+            reconnect_max_secs: Duration::from_secs(30),
             probe_rate_per_sec: 2000,
             max_status_bytes: 4096,
             max_payloads: 32,
@@ -227,22 +233,60 @@ impl Default for XmppConfig {
 }
 
 impl XmppConfig {
-    /// Grace period for probe answers.
-    pub fn resync_grace(&self) -> Duration {
-        Duration::from_secs_f64(self.resync_grace_secs)
+    fn validate(&self) -> Result<(), ConfigError> {
+        match self.server.rsplit_once(':') {
+            Some((host, port)) if !host.trim().is_empty() && port.parse::<u16>().is_ok() => {}
+            _ => {
+                return Err(ConfigError::invalid(
+                    "xmpp.server",
+                    format!("{:?} is not host:port", self.server),
+                ));
+            }
+        }
+        if !is_domain(&self.component) {
+            return Err(ConfigError::invalid(
+                "xmpp.component",
+                format!("{:?} is not a domain JID", self.component),
+            ));
+        }
+        if self.password.is_empty() {
+            return Err(ConfigError::invalid(
+                "xmpp.password",
+                "is required (or xmpp.password_file)",
+            ));
+        }
+        if self.domains.is_empty() {
+            return Err(ConfigError::invalid(
+                "xmpp.domains",
+                "must list at least one user domain",
+            ));
+        }
+        if let Some(d) = self.domains.iter().find(|d| !is_domain(d)) {
+            return Err(ConfigError::invalid(
+                "xmpp.domains",
+                format!("{d:?} is not a domain"),
+            ));
+        }
+        if self.reconnect_max_secs < self.reconnect_min_secs {
+            return Err(ConfigError::invalid(
+                "xmpp.reconnect_max_secs",
+                "must be >= xmpp.reconnect_min_secs",
+            ));
+        }
+        at_least_one("xmpp.probe_rate_per_sec", self.probe_rate_per_sec as usize)
     }
-    /// Keepalive interval.
-    pub fn keepalive(&self) -> Duration {
-        Duration::from_secs_f64(self.keepalive_secs)
+}
+
+/// A JID with no local part (a domain).
+fn is_domain(s: &str) -> bool {
+    jid::BareJid::new(s).is_ok_and(|j| j.node().is_none())
+}
+
+fn at_least_one(key: &str, v: usize) -> Result<(), ConfigError> {
+    if v == 0 {
+        return Err(ConfigError::invalid(key, "must be at least 1"));
     }
-    /// Dead-peer timeout after a keepalive.
-    pub fn keepalive_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.keepalive_timeout_secs)
-    }
-    /// Connect + handshake deadline.
-    pub fn connect_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.connect_timeout_secs)
-    }
+    Ok(())
 }
 
 /// `[http]`: the REST/WebSocket server.
@@ -269,9 +313,11 @@ pub struct HttpConfig {
     /// Concurrent WebSocket connections per token subject.
     pub ws_max_per_token: usize,
     /// Seconds between server pings on WebSockets; a peer silent for three intervals is closed.
-    pub ws_ping_secs: f64,
+    #[serde(with = "secs")]
+    pub ws_ping_secs: Duration,
     /// A WebSocket write that cannot complete within this many seconds closes the session.
-    pub ws_send_timeout_secs: f64,
+    #[serde(with = "secs")]
+    pub ws_send_timeout_secs: Duration,
     /// HTTP worker threads.
     pub workers: usize,
 }
@@ -288,21 +334,35 @@ impl Default for HttpConfig {
             rate_limit_per_ip: 5000,
             rate_limit_burst: 4000,
             ws_max_per_token: 32,
-            ws_ping_secs: 20.0,
-            ws_send_timeout_secs: 10.0,
+            ws_ping_secs: Duration::from_secs(20),
+            ws_send_timeout_secs: Duration::from_secs(10),
             workers: 2,
         }
     }
 }
 
 impl HttpConfig {
-    /// Server ping interval.
-    pub fn ws_ping(&self) -> Duration {
-        Duration::from_secs_f64(self.ws_ping_secs)
-    }
-    /// WebSocket write deadline.
-    pub fn ws_send_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.ws_send_timeout_secs)
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.bind.parse::<SocketAddr>().is_err() {
+            return Err(ConfigError::invalid(
+                "http.bind",
+                format!("{:?} is not ip:port", self.bind),
+            ));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::invalid(
+                "http.tls_key",
+                "set both http.tls_cert and http.tls_key, or neither",
+            ));
+        }
+        if self.body_limit_bytes < 1024 {
+            return Err(ConfigError::invalid(
+                "http.body_limit_bytes",
+                "must be at least 1024",
+            ));
+        }
+        at_least_one("http.ws_max_per_token", self.ws_max_per_token)?;
+        at_least_one("http.workers", self.workers)
     }
 }
 
@@ -322,6 +382,18 @@ pub struct AuthConfig {
     pub audience: Option<String>,
 }
 
+impl AuthConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.jwt_secret.is_empty() && self.jwt_public_key_file.is_some() {
+            return Err(ConfigError::invalid(
+                "auth.jwt_public_key_file",
+                "set either auth.jwt_secret (HS256) or auth.jwt_public_key_file, not both",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// `[store]`: persistence.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -339,19 +411,23 @@ pub struct StoreConfig {
     /// Events queued for the writer beyond which new batches go straight to the spool.
     pub queue_capacity: usize,
     /// A batch write slower than this (seconds) is abandoned and spooled.
-    pub write_timeout_secs: f64,
+    #[serde(with = "secs")]
+    pub write_timeout_secs: Duration,
     /// Seconds between attempts to replay the spool while Postgres is failing.
-    pub retry_secs: f64,
+    #[serde(with = "secs")]
+    pub retry_secs: Duration,
     /// Days of history kept; older daily partitions are dropped.
     pub retention_days: u32,
     /// Postgres connections in the pool (the writer uses three at a time; reads share the rest).
     pub pool_size: usize,
     /// Seconds allowed to connect to Postgres.
-    pub connect_timeout_secs: f64,
+    #[serde(with = "secs")]
+    pub connect_timeout_secs: Duration,
     /// Spool segment size in bytes before a new segment starts.
     pub spool_segment_bytes: u64,
     /// Seconds the writer may take on shutdown to flush (to Postgres or the spool).
-    pub flush_timeout_secs: f64,
+    #[serde(with = "secs")]
+    pub flush_timeout_secs: Duration,
 }
 
 impl Default for StoreConfig {
@@ -363,13 +439,13 @@ impl Default for StoreConfig {
             batch_size: 5000,
             batch_timeout_ms: 50,
             queue_capacity: 262_144,
-            write_timeout_secs: 5.0,
-            retry_secs: 1.0,
+            write_timeout_secs: Duration::from_secs(5),
+            retry_secs: Duration::from_secs(1),
             retention_days: 30,
             pool_size: 8,
-            connect_timeout_secs: 5.0,
+            connect_timeout_secs: Duration::from_secs(5),
             spool_segment_bytes: 16 << 20,
-            flush_timeout_secs: 10.0,
+            flush_timeout_secs: Duration::from_secs(10),
         }
     }
 }
@@ -390,6 +466,78 @@ impl Default for PresenceConfig {
             ring_size: 65_536,
             queue_size: 65_536,
         }
+    }
+}
+
+impl StoreConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.postgres_url {
+            let u = url.expose();
+            if !(u.starts_with("postgres://") || u.starts_with("postgresql://") || u.contains('='))
+            {
+                return Err(ConfigError::invalid(
+                    "store.postgres_url",
+                    "must be a postgres:// URL or a libpq key=value string",
+                ));
+            }
+        }
+        if self.batch_size == 0 || self.batch_size > 100_000 {
+            return Err(ConfigError::invalid(
+                "store.batch_size",
+                "must be 1..=100000",
+            ));
+        }
+        at_least_one("store.batch_timeout_ms", self.batch_timeout_ms as usize)?;
+        if self.queue_capacity < self.batch_size {
+            return Err(ConfigError::invalid(
+                "store.queue_capacity",
+                "must be >= store.batch_size",
+            ));
+        }
+        at_least_one("store.retention_days", self.retention_days as usize)?;
+        at_least_one("store.pool_size", self.pool_size)
+    }
+}
+
+impl PresenceConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (key, v) in [
+            ("presence.ring_size", self.ring_size),
+            ("presence.queue_size", self.queue_size),
+        ] {
+            if v < 16 {
+                return Err(ConfigError::invalid(key, "must be at least 16"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Durations in the config are numbers of seconds (`keepalive_secs = 30`, `retry_secs = 0.3`):
+/// read into a [`Duration`], refusing anything that is not a positive, finite number of
+/// seconds below one day (the error names the key), and written back as seconds.
+pub mod secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// The longest accepted duration.
+    pub const MAX: Duration = Duration::from_secs(86_400);
+
+    /// Reads seconds (integer or fraction) into a `Duration`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let v = f64::deserialize(d)?;
+        if !(v.is_finite() && v > 0.0 && v < MAX.as_secs_f64()) {
+            return Err(serde::de::Error::custom(format!(
+                "{v} is not a positive number of seconds below one day"
+            )));
+        }
+        Ok(Duration::from_secs_f64(v))
+    }
+
+    /// Writes a `Duration` as seconds.
+    pub fn serialize<S: Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(v.as_secs_f64())
     }
 }
 
@@ -480,192 +628,14 @@ impl Config {
         Ok(())
     }
 
-    /// Checks every value that can be checked without connecting anywhere.
+    /// Checks every value that can be checked without connecting anywhere (durations are
+    /// checked as they are read: see [`secs`]).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let x = &self.xmpp;
-        if x.server.trim().is_empty() {
-            return Err(ConfigError::invalid("xmpp.server", "must be host:port"));
-        }
-        match x.server.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
-            _ => {
-                return Err(ConfigError::invalid(
-                    "xmpp.server",
-                    format!("{:?} is not host:port", x.server),
-                ));
-            }
-        }
-        if jid::BareJid::new(&x.component)
-            .map(|j| j.node().is_some())
-            .unwrap_or(true)
-        {
-            return Err(ConfigError::invalid(
-                "xmpp.component",
-                format!("{:?} is not a domain JID", x.component),
-            ));
-        }
-        if x.password.is_empty() {
-            return Err(ConfigError::invalid(
-                "xmpp.password",
-                "is required (or xmpp.password_file)",
-            ));
-        }
-        if x.domains.is_empty() {
-            return Err(ConfigError::invalid(
-                "xmpp.domains",
-                "must list at least one user domain",
-            ));
-        }
-        for d in &x.domains {
-            if jid::BareJid::new(d)
-                .map(|j| j.node().is_some())
-                .unwrap_or(true)
-            {
-                return Err(ConfigError::invalid(
-                    "xmpp.domains",
-                    format!("{d:?} is not a domain"),
-                ));
-            }
-        }
-        for (key, v) in [
-            ("xmpp.resync_grace_secs", x.resync_grace_secs),
-            ("xmpp.keepalive_secs", x.keepalive_secs),
-            ("xmpp.keepalive_timeout_secs", x.keepalive_timeout_secs),
-            ("xmpp.connect_timeout_secs", x.connect_timeout_secs),
-            ("xmpp.reconnect_min_secs", x.reconnect_min_secs),
-            ("xmpp.reconnect_max_secs", x.reconnect_max_secs),
-        ] {
-            if !(v.is_finite() && v > 0.0 && v < 86_400.0) {
-                return Err(ConfigError::invalid(
-                    key,
-                    format!("{v} is not a positive number of seconds below one day"),
-                ));
-            }
-        }
-        if x.reconnect_max_secs < x.reconnect_min_secs {
-            return Err(ConfigError::invalid(
-                "xmpp.reconnect_max_secs",
-                "must be >= xmpp.reconnect_min_secs",
-            ));
-        }
-        if x.probe_rate_per_sec == 0 {
-            return Err(ConfigError::invalid(
-                "xmpp.probe_rate_per_sec",
-                "must be at least 1",
-            ));
-        }
-        if self.http.bind.parse::<SocketAddr>().is_err() {
-            return Err(ConfigError::invalid(
-                "http.bind",
-                format!("{:?} is not ip:port", self.http.bind),
-            ));
-        }
-        let h = &self.http;
-        if h.tls_cert.is_some() != h.tls_key.is_some() {
-            return Err(ConfigError::invalid(
-                "http.tls_key",
-                "set both http.tls_cert and http.tls_key, or neither",
-            ));
-        }
-        for (key, v) in [
-            ("http.ws_ping_secs", h.ws_ping_secs),
-            ("http.ws_send_timeout_secs", h.ws_send_timeout_secs),
-        ] {
-            if !(v.is_finite() && v > 0.0 && v < 86_400.0) {
-                return Err(ConfigError::invalid(
-                    key,
-                    format!("{v} is not a positive number of seconds below one day"),
-                ));
-            }
-        }
-        if h.body_limit_bytes < 1024 {
-            return Err(ConfigError::invalid(
-                "http.body_limit_bytes",
-                "must be at least 1024",
-            ));
-        }
-        if h.ws_max_per_token == 0 || h.workers == 0 {
-            return Err(ConfigError::invalid(
-                if h.workers == 0 {
-                    "http.workers"
-                } else {
-                    "http.ws_max_per_token"
-                },
-                "must be at least 1",
-            ));
-        }
-        if !self.auth.jwt_secret.is_empty() && self.auth.jwt_public_key_file.is_some() {
-            return Err(ConfigError::invalid(
-                "auth.jwt_public_key_file",
-                "set either auth.jwt_secret (HS256) or auth.jwt_public_key_file, not both",
-            ));
-        }
-        if let Some(url) = &self.store.postgres_url {
-            let u = url.expose();
-            if !(u.starts_with("postgres://") || u.starts_with("postgresql://") || u.contains('='))
-            {
-                return Err(ConfigError::invalid(
-                    "store.postgres_url",
-                    "must be a postgres:// URL or a libpq key=value string",
-                ));
-            }
-        }
-        let st = &self.store;
-        for (key, v) in [
-            ("store.write_timeout_secs", st.write_timeout_secs),
-            ("store.retry_secs", st.retry_secs),
-            ("store.connect_timeout_secs", st.connect_timeout_secs),
-            ("store.flush_timeout_secs", st.flush_timeout_secs),
-        ] {
-            if !(v.is_finite() && v > 0.0 && v < 86_400.0) {
-                return Err(ConfigError::invalid(
-                    key,
-                    format!("{v} is not a positive number of seconds below one day"),
-                ));
-            }
-        }
-        if st.batch_size == 0 || st.batch_size > 100_000 {
-            return Err(ConfigError::invalid(
-                "store.batch_size",
-                "must be 1..=100000",
-            ));
-        }
-        if st.batch_timeout_ms == 0 {
-            return Err(ConfigError::invalid(
-                "store.batch_timeout_ms",
-                "must be at least 1",
-            ));
-        }
-        if st.queue_capacity < st.batch_size {
-            return Err(ConfigError::invalid(
-                "store.queue_capacity",
-                "must be >= store.batch_size",
-            ));
-        }
-        if st.retention_days == 0 {
-            return Err(ConfigError::invalid(
-                "store.retention_days",
-                "must be at least 1",
-            ));
-        }
-        if st.pool_size == 0 {
-            return Err(ConfigError::invalid(
-                "store.pool_size",
-                "must be at least 1",
-            ));
-        }
-        if self.presence.ring_size < 16 {
-            return Err(ConfigError::invalid(
-                "presence.ring_size",
-                "must be at least 16",
-            ));
-        }
-        if self.presence.queue_size < 16 {
-            return Err(ConfigError::invalid(
-                "presence.queue_size",
-                "must be at least 16",
-            ));
-        }
+        self.xmpp.validate()?;
+        self.http.validate()?;
+        self.auth.validate()?;
+        self.store.validate()?;
+        self.presence.validate()?;
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(ConfigError::invalid(
                 "log.level",
@@ -776,6 +746,33 @@ mod tests {
                 .map(|e| e.to_string())
                 .unwrap_or_default();
             assert!(err.contains("xmpp.password_file"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn durations_are_seconds_checked_as_they_are_read() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "ok.toml",
+                "[xmpp]\npassword = \"x\"\nkeepalive_secs = 0.25\nresync_grace_secs = 3\n",
+            )?;
+            let cfg = Config::load(Path::new("ok.toml"), true).unwrap();
+            assert_eq!(cfg.xmpp.keepalive_secs, Duration::from_millis(250));
+            assert_eq!(cfg.xmpp.resync_grace_secs, Duration::from_secs(3));
+            let shown = cfg.to_masked_toml();
+            assert!(shown.contains("keepalive_secs = 0.25"), "{shown}");
+            for bad in ["0", "-1", "nan", "inf", "86400", "\"ten\""] {
+                jail.create_file(
+                    "bad.toml",
+                    &format!("[store]\nretry_secs = {bad}\n[xmpp]\npassword = \"x\"\n"),
+                )?;
+                let err = Config::load(Path::new("bad.toml"), true)
+                    .err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+                assert!(err.contains("store.retry_secs"), "{bad}: {err}");
+            }
             Ok(())
         });
     }

@@ -609,7 +609,7 @@ async fn slow_subscriber_does_not_delay_another_and_is_resynced_or_closed() {
             queue_size: 4096,
         },
         HttpConfig {
-            ws_send_timeout_secs: 2.0,
+            ws_send_timeout_secs: Duration::from_secs(2),
             ..open_http()
         },
     )
@@ -978,7 +978,7 @@ async fn ws_connection_cap_dead_peers_and_readyz_in_memory_mode() {
         PresenceConfig::default(),
         HttpConfig {
             ws_max_per_token: 2,
-            ws_ping_secs: 0.3,
+            ws_ping_secs: Duration::from_millis(300),
             ..open_http()
         },
     )

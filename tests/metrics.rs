@@ -69,21 +69,21 @@ async fn every_documented_metric_is_exported_with_a_live_value() {
     let user = ej.user("m", "bridge.localhost");
 
     let mut xmpp = xmpp_cfg_private(&ej);
-    xmpp.keepalive_secs = 0.5;
-    xmpp.keepalive_timeout_secs = 2.0;
+    xmpp.keepalive_secs = Duration::from_millis(500);
+    xmpp.keepalive_timeout_secs = Duration::from_secs(2);
     let mut cfg = Config {
         xmpp,
         store: StoreConfig {
             postgres_url: Some(DbUrl::new(pg.url())),
             spool_dir: spool.path().to_owned(),
-            retry_secs: 0.3,
-            write_timeout_secs: 2.0,
-            connect_timeout_secs: 1.0,
+            retry_secs: Duration::from_millis(300),
+            write_timeout_secs: Duration::from_secs(2),
+            connect_timeout_secs: Duration::from_secs(1),
             ..StoreConfig::default()
         },
         ..test_config()
     };
-    cfg.http.ws_send_timeout_secs = 30.0;
+    cfg.http.ws_send_timeout_secs = Duration::from_secs(30);
     // A feed of 1024 changes per subscriber, so that falling behind is quick to provoke.
     cfg.presence.ring_size = 1024;
     let app = TestApp::start(cfg, Ingest::Xmpp).await;

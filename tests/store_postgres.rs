@@ -24,9 +24,9 @@ fn store_cfg(url: &str, spool: &std::path::Path) -> StoreConfig {
     StoreConfig {
         postgres_url: Some(DbUrl::new(url)),
         spool_dir: spool.to_owned(),
-        write_timeout_secs: 2.0,
-        retry_secs: 0.3,
-        connect_timeout_secs: 1.0,
+        write_timeout_secs: Duration::from_secs(2),
+        retry_secs: Duration::from_millis(300),
+        connect_timeout_secs: Duration::from_secs(1),
         ..StoreConfig::default()
     }
 }
@@ -501,7 +501,7 @@ async fn slow_postgres_past_the_deadline_spools_then_catches_up() {
     init_logs();
     let pg = Pg::shared("slow");
     let r = rig(&pg.url(), |c| {
-        c.write_timeout_secs = 0.5;
+        c.write_timeout_secs = Duration::from_millis(500);
         c.batch_size = 300;
     })
     .await;

@@ -350,8 +350,8 @@ async fn server_freeze_and_restart_reconnect_resync_no_ghosts() {
     let alice = ej.user("alice", "bridge.localhost");
     let bob = ej.user("bob", "bridge.localhost");
     let mut cfg = xmpp_cfg_private(&ej);
-    cfg.keepalive_secs = 1.0;
-    cfg.keepalive_timeout_secs = 1.0;
+    cfg.keepalive_secs = Duration::from_secs(1);
+    cfg.keepalive_timeout_secs = Duration::from_secs(1);
     let bridge = TestApp::xmpp(cfg).await;
     bridge.connected().await;
 

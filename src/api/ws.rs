@@ -310,7 +310,7 @@ async fn run(
     let mut conn = Conn {
         st: st.clone(),
         session: session.clone(),
-        send_timeout: st.http.ws_send_timeout(),
+        send_timeout: st.http.ws_send_timeout_secs,
     };
     let end = session_loop(&st, &perms, &mut filter, resume, &mut conn, &mut stream).await;
     let reason = match end {
@@ -350,7 +350,7 @@ async fn session_loop(
     if !resumed {
         conn.snapshot(&mut sub, perms, filter).await?;
     }
-    let ping_every = st.http.ws_ping();
+    let ping_every = st.http.ws_ping_secs;
     let mut ping = tokio::time::interval(ping_every);
     ping.tick().await;
     let mut last_heard = Instant::now();

@@ -16,7 +16,6 @@ pub mod writer;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
@@ -85,11 +84,7 @@ pub async fn open(
     url: &str,
     metrics: StoreMetrics,
 ) -> Result<(StoreHandle, JoinHandle<()>, Recovered), StoreError> {
-    let pool = pg::pool(
-        url,
-        cfg.pool_size,
-        Duration::from_secs_f64(cfg.connect_timeout_secs),
-    )?;
+    let pool = pg::pool(url, cfg.pool_size, cfg.connect_timeout_secs)?;
     let mut recovered = Recovered::default();
     match pg::migrate(&pool).await {
         Ok(applied) => {

@@ -106,7 +106,7 @@ impl Writer {
 
     async fn run(mut self) {
         let batch_wait = Duration::from_millis(self.cfg.batch_timeout_ms);
-        let retry = Duration::from_secs_f64(self.cfg.retry_secs);
+        let retry = self.cfg.retry_secs;
         loop {
             self.maintenance().await;
             if self.sink.depth() == 0 {
@@ -157,7 +157,7 @@ impl Writer {
         }
         if self.sink.is_closed() {
             let since = *self.closing_since.get_or_insert_with(Instant::now);
-            if since.elapsed() > Duration::from_secs_f64(self.cfg.flush_timeout_secs) {
+            if since.elapsed() > self.cfg.flush_timeout_secs {
                 self.spool_batch(batch, Some("shutdown flush deadline passed".into()));
                 return;
             }
@@ -183,7 +183,7 @@ impl Writer {
     /// Writes one batch with the deadline; on a unique violation retries idempotently.
     async fn write(&mut self, batch: &[StoredEvent], idempotent: bool) -> Result<(), StoreError> {
         let started = Instant::now();
-        let deadline = Duration::from_secs_f64(self.cfg.write_timeout_secs);
+        let deadline = self.cfg.write_timeout_secs;
         let get3 = async {
             let a = pg::client(&self.pool).await?;
             let b = pg::client(&self.pool).await?;
@@ -257,7 +257,7 @@ impl Writer {
                 self.metrics.events_spooled.inc_by(n);
                 self.spooled += n;
                 if !self.spool_pending {
-                    self.next_retry = Instant::now() + Duration::from_secs_f64(self.cfg.retry_secs);
+                    self.next_retry = Instant::now() + self.cfg.retry_secs;
                 }
                 self.spool_pending = true;
                 let spooled = self.spooled;
@@ -274,7 +274,7 @@ impl Writer {
                 // Neither Postgres nor the disk: keep the batch in memory, at the front.
                 tracing::error!(error = %e, dir = %self.cfg.spool_dir.display(), events = batch.len(), "store: cannot write the spool; keeping events in memory");
                 self.sink.requeue_front(batch);
-                self.next_retry = Instant::now() + Duration::from_secs_f64(self.cfg.retry_secs);
+                self.next_retry = Instant::now() + self.cfg.retry_secs;
             }
         }
     }
@@ -299,7 +299,7 @@ impl Writer {
         let mut next = queue.next().map(read);
         while let Some(job) = next.take() {
             let Ok((read_result, seg)) = job.await else {
-                self.next_retry = Instant::now() + Duration::from_secs_f64(self.cfg.retry_secs);
+                self.next_retry = Instant::now() + self.cfg.retry_secs;
                 return;
             };
             next = queue.next().map(read);
@@ -307,7 +307,7 @@ impl Writer {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(error = %e, file = %seg.display(), "store: cannot read a spool segment");
-                    self.next_retry = Instant::now() + Duration::from_secs_f64(self.cfg.retry_secs);
+                    self.next_retry = Instant::now() + self.cfg.retry_secs;
                     return;
                 }
             };
@@ -324,7 +324,7 @@ impl Writer {
                 if let Err(e) = self.write(chunk, false).await {
                     tracing::warn!(error = %e, "store: spool replay failed; retrying later");
                     self.set_status(|s| s.last_error = Some(e.to_string()));
-                    self.next_retry = Instant::now() + Duration::from_secs_f64(self.cfg.retry_secs);
+                    self.next_retry = Instant::now() + self.cfg.retry_secs;
                     return;
                 }
             }

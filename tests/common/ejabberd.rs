@@ -235,11 +235,11 @@ pub fn xmpp_cfg_at(port: u16, component: &str) -> XmppConfig {
         component: component.into(),
         password: Secret::new(SECRET),
         domains: vec!["localhost".into()],
-        resync_grace_secs: 1.5,
-        keepalive_secs: 5.0,
-        keepalive_timeout_secs: 3.0,
-        reconnect_min_secs: 0.2,
-        reconnect_max_secs: 1.0,
+        resync_grace_secs: Duration::from_millis(1500),
+        keepalive_secs: Duration::from_secs(5),
+        keepalive_timeout_secs: Duration::from_secs(3),
+        reconnect_min_secs: Duration::from_millis(200),
+        reconnect_max_secs: Duration::from_secs(1),
         ..XmppConfig::default()
     }
 }

@@ -299,14 +299,14 @@ impl Supervisor {
     }
 
     async fn run(mut self, mut lost_at: Option<DateTime<Utc>>) -> Result<(), FatalError> {
-        let min = Duration::from_secs_f64(self.cfg.reconnect_min_secs);
-        let max = Duration::from_secs_f64(self.cfg.reconnect_max_secs);
+        let min = self.cfg.reconnect_min_secs;
+        let max = self.cfg.reconnect_max_secs;
         let mut attempt: u32 = 0;
         let mut ever_connected = false;
         loop {
             let connected = tokio::select! {
                 _ = self.cancel.cancelled() => return Ok(()),
-                r = tokio::time::timeout(self.cfg.connect_timeout(), self.connect()) => r,
+                r = tokio::time::timeout(self.cfg.connect_timeout_secs, self.connect()) => r,
             };
             match connected {
                 Ok(Ok(stream)) => {
@@ -370,7 +370,7 @@ impl Supervisor {
                 Err(_) => {
                     let why = format!(
                         "connect + handshake took longer than {:?}",
-                        self.cfg.connect_timeout()
+                        self.cfg.connect_timeout_secs
                     );
                     tracing::warn!(server = %self.cfg.server, reason = %why, attempt, "XMPP connect failed");
                     self.set_status(|s| {
@@ -391,8 +391,8 @@ impl Supervisor {
 
     fn timeouts(&self) -> Timeouts {
         Timeouts {
-            read_timeout: self.cfg.keepalive(),
-            response_timeout: self.cfg.keepalive_timeout(),
+            read_timeout: self.cfg.keepalive_secs,
+            response_timeout: self.cfg.keepalive_timeout_secs,
         }
     }
 
@@ -739,7 +739,7 @@ async fn resync(
             }
         }
         // What is still unconfirmed is decided after the grace period.
-        tokio::time::sleep(cfg.resync_grace()).await;
+        tokio::time::sleep(cfg.resync_grace_secs).await;
         engine.resync_end(generation, offline_at).await.ok()?;
         status.send_modify(|s| s.resyncing = false);
         tracing::info!(generation, "resync: grace period over");
