@@ -62,6 +62,21 @@ fn seconds_ago(online: bool, last_seen: Option<DateTime<Utc>>, now: DateTime<Utc
     }
 }
 
+/// Last-seen of one user (the hot path: no allocation beyond the answer when it is in memory).
+pub async fn last_seen_one(
+    engine: &Engine,
+    store: Option<&StoreHandle>,
+    jid: &UserJid,
+) -> Result<Option<LastSeen>, StoreError> {
+    let now = Utc::now();
+    if let Some(p) = engine.get(jid) {
+        return Ok(Some(LastSeen::from_presence(&p, now)));
+    }
+    let Some(store) = store else { return Ok(None) };
+    let row = reads::last_seen(store.pool(), &[jid.as_str()]).await?.pop();
+    Ok(row.map(|r| LastSeen::from_row(r, now)))
+}
+
 /// Last-seen of many users: the known ones (in request order) and the unknown JIDs.
 pub async fn last_seen(
     engine: &Engine,

@@ -286,12 +286,10 @@ async fn observe(
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let started = Instant::now();
-    let metrics = req
-        .app_data::<web::Data<AppState>>()
-        .map(|s| s.metrics.clone());
+    let state = req.app_data::<web::Data<AppState>>().cloned();
     let method = req.method().to_string();
     let res = next.call(req).await?;
-    if let Some(m) = metrics {
+    if let Some(m) = state.as_ref().map(|s| &s.metrics) {
         let route = res
             .request()
             .match_pattern()

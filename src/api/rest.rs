@@ -253,10 +253,8 @@ pub async fn last_seen(
 ) -> Result<HttpResponse, ApiError> {
     let jid = parse_jid(&jid)?;
     visible(&p, &jid)?;
-    let (mut found, _) =
-        lookup::last_seen(&st.engine, st.store.as_ref(), std::slice::from_ref(&jid)).await?;
-    found
-        .pop()
+    lookup::last_seen_one(&st.engine, st.store.as_ref(), &jid)
+        .await?
         .map(|ls| HttpResponse::Ok().json(ls))
         .ok_or_else(|| ApiError::unknown_jid(jid.as_str()))
 }
