@@ -697,7 +697,7 @@ fn rss_kib() -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rate_limit_answers_429_with_retry_after_and_shutdown_closes_ws_with_1001() {
+async fn rate_limit_answers_429_with_retry_after_and_never_limits_health() {
     init_logs();
     let api = start(
         PresenceConfig::default(),
@@ -723,7 +723,13 @@ async fn rate_limit_answers_429_with_retry_after_and_shutdown_closes_ws_with_100
     assert!(head.to_lowercase().contains("retry-after:"), "{head}");
     // Health is never rate limited.
     assert!((0..10).all(|_| api.get("/healthz", None).0 == 200));
+    api.stop().await;
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_websockets_with_1001() {
+    init_logs();
+    let t = token("presence:read", None);
     // The real shutdown path: every WebSocket session gets 1001 before the server stops.
     let api2 = start(PresenceConfig::default(), open_http()).await;
     let mut ws = api2.ws(&format!("token={t}"), None).await;
@@ -742,7 +748,6 @@ async fn rate_limit_answers_429_with_retry_after_and_shutdown_closes_ws_with_100
     .unwrap();
     assert_eq!(close, Some(1001));
     stopping.await.unwrap();
-    api.stop().await;
 }
 
 #[test]
@@ -972,17 +977,9 @@ async fn tls_serves_https_and_wss() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ws_connection_cap_dead_peers_and_readyz_in_memory_mode() {
+async fn readyz_in_memory_mode_is_ready_with_the_memory_store() {
     init_logs();
-    let api = start(
-        PresenceConfig::default(),
-        HttpConfig {
-            ws_max_per_token: 2,
-            ws_ping_secs: Duration::from_millis(300),
-            ..open_http()
-        },
-    )
-    .await;
+    let api = start(PresenceConfig::default(), open_http()).await;
     let (code, ready, _) = api.get("/readyz", None);
     assert_eq!(
         (
@@ -993,6 +990,20 @@ async fn ws_connection_cap_dead_peers_and_readyz_in_memory_mode() {
         ),
         (200, Some("simulated"), Some("memory"), Some(0))
     );
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_connection_cap_is_per_token_subject_and_frees_slots_on_close() {
+    init_logs();
+    let api = start(
+        PresenceConfig::default(),
+        HttpConfig {
+            ws_max_per_token: 2,
+            ..open_http()
+        },
+    )
+    .await;
     let t = token("presence:read", None);
     let mut a = api.ws(&format!("token={t}"), None).await;
     let mut b = api.ws(&format!("token={t}"), None).await;
@@ -1023,8 +1034,38 @@ async fn ws_connection_cap_dead_peers_and_readyz_in_memory_mode() {
     .unwrap();
     let mut c = api.ws(&format!("token={other}"), None).await;
     assert_eq!(next_frame(&mut c).await["type"], "snapshot");
-    // `a` stops answering (never reads, so never pongs): the server closes it as dead.
+    // Closing frees the slots.
+    drop(a);
     drop(b);
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let mut d = loop {
+        match ws_connect(api.port, &format!("token={t}"), None).await {
+            Ok(ws) => break ws,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "slots never freed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(next_frame(&mut d).await["type"], "snapshot");
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_peer_silent_for_three_pings_is_closed_as_dead() {
+    init_logs();
+    let api = start(
+        PresenceConfig::default(),
+        HttpConfig {
+            ws_ping_secs: Duration::from_millis(300),
+            ..open_http()
+        },
+    )
+    .await;
+    let t = token("presence:read", None);
+    let mut a = api.ws(&format!("token={t}"), None).await;
+    assert_eq!(next_frame(&mut a).await["type"], "snapshot");
+    // `a` stops answering (never reads, so never pongs): the server closes it as dead.
     tokio::time::sleep(Duration::from_millis(2000)).await;
     // The client library may surface the close as an error (its queued pong cannot be
     // written any more); either way the stream ends, and the server says why.
@@ -1052,8 +1093,5 @@ async fn ws_connection_cap_dead_peers_and_readyz_in_memory_mode() {
             "presence_bridge_ws_closed_total{reason=\"dead_peer\"}"
         ) >= 1
     );
-    // Both slots are free again.
-    let mut d = api.ws(&format!("token={t}"), None).await;
-    assert_eq!(next_frame(&mut d).await["type"], "snapshot");
     api.stop().await;
 }

@@ -3,12 +3,13 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, Utc};
-use serde::Serialize;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::ser::SerializeStruct;
+use serde::{Serialize, Serializer};
 
 use crate::presence::model::rfc3339_millis;
 use crate::presence::{Engine, UserJid, UserPresence};
-use crate::store::reads::{self, HistoryPage, HistoryQuery, LastSeenRow};
+use crate::store::reads::{self, HistoryEvent, HistoryPage, HistoryQuery, LastSeenRow};
 use crate::store::{StoreError, StoreHandle};
 
 /// `GET /api/v1/last-seen/{jid}` answer.
@@ -114,30 +115,11 @@ pub async fn last_seen(
     Ok((results, unknown))
 }
 
-/// One history entry (contract §4).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct HistoryEvent {
-    /// When it happened.
-    #[serde(with = "rfc3339_millis")]
-    pub at: DateTime<Utc>,
-    /// Resource.
-    pub resource: String,
-    /// `available` / `unavailable`.
-    pub kind: String,
-    /// Show (available only).
-    pub show: Option<String>,
-    /// Status text.
-    pub status: Option<String>,
-    /// Priority (available only).
-    pub priority: Option<i16>,
-    /// Why (stanza, probe, resync, shutdown): an extension of the contract's shape.
-    pub cause: String,
-}
-
-/// A page of history (contract §4).
+/// A page of history (contract §4): the store's rows, written in the contract's shape.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HistoryBody {
     /// Events in the requested order.
+    #[serde(serialize_with = "history_events")]
     pub events: Vec<HistoryEvent>,
     /// Cursor for the next page, if there is one.
     pub next_cursor: Option<String>,
@@ -146,22 +128,31 @@ pub struct HistoryBody {
 impl From<HistoryPage> for HistoryBody {
     fn from(p: HistoryPage) -> Self {
         HistoryBody {
-            events: p
-                .events
-                .into_iter()
-                .map(|e| HistoryEvent {
-                    at: e.at,
-                    resource: e.resource,
-                    kind: e.kind,
-                    show: e.show,
-                    status: e.status,
-                    priority: e.priority,
-                    cause: e.cause,
-                })
-                .collect(),
+            events: p.events,
             next_cursor: p.next_cursor,
         }
     }
+}
+
+/// `{"at","resource","kind","show","status","priority","cause"}` per row; `cause` (stanza,
+/// probe, resync, shutdown) is an extension of the contract's shape.
+fn history_events<S: Serializer>(rows: &[HistoryEvent], s: S) -> Result<S::Ok, S::Error> {
+    struct Row<'a>(&'a HistoryEvent);
+    impl Serialize for Row<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let e = self.0;
+            let mut m = s.serialize_struct("HistoryEvent", 7)?;
+            m.serialize_field("at", &e.at.to_rfc3339_opts(SecondsFormat::Millis, true))?;
+            m.serialize_field("resource", &e.resource)?;
+            m.serialize_field("kind", &e.kind)?;
+            m.serialize_field("show", &e.show)?;
+            m.serialize_field("status", &e.status)?;
+            m.serialize_field("priority", &e.priority)?;
+            m.serialize_field("cause", &e.cause)?;
+            m.end()
+        }
+    }
+    s.collect_seq(rows.iter().map(Row))
 }
 
 /// One user's history page from Postgres.
