@@ -13,6 +13,10 @@ use crate::config::{AuthConfig, Config, HttpConfig, LogFormat, Secret};
 use crate::store::pg;
 use crate::{shutdown, telemetry};
 
+/// Longest lifetime `token --ttl` accepts: ten years (a larger one would overflow `exp` or
+/// outlive any key rotation).
+const MAX_TOKEN_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
+
 /// Default config path when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "config/bridge.toml";
 
@@ -287,8 +291,14 @@ fn token(cfg: &Config, sub: &str, scope: &str, domains: Option<&str>, ttl: u64) 
         );
         return ExitCode::from(2);
     }
-    if sub.trim().is_empty() || ttl == 0 {
-        eprintln!("presence-bridge: --sub must not be empty and --ttl must be positive");
+    if sub.trim().is_empty() {
+        eprintln!("presence-bridge: --sub must not be empty");
+        return ExitCode::from(2);
+    }
+    if !(1..=MAX_TOKEN_TTL_SECS).contains(&ttl) {
+        eprintln!(
+            "presence-bridge: --ttl must be 1..={MAX_TOKEN_TTL_SECS} seconds (ten years); got {ttl}"
+        );
         return ExitCode::from(2);
     }
     let domains = domains.map(|d| {

@@ -1042,7 +1042,10 @@ async fn ws_connection_cap_is_per_token_subject_and_frees_slots_on_close() {
         match ws_connect(api.port, &format!("token={t}"), None).await {
             Ok(ws) => break ws,
             Err(e) => {
-                assert!(std::time::Instant::now() < deadline, "slots never freed: {e}");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "slots never freed: {e}"
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

@@ -108,11 +108,11 @@ async fn every_documented_metric_is_exported_with_a_live_value() {
         }
         frames
     });
-    // A subscriber that breaks the protocol (a frame over the frame limit): closed by the server.
+    // A subscriber that breaks the rules (a message over the 256 KiB limit): closed by the server.
     let mut rude = app.ws(&format!("token={t}"), None).await;
     assert_eq!(next_frame(&mut rude).await["type"], "snapshot");
     use futures::SinkExt;
-    let _ = rude.send(Message::text("x".repeat(200 << 10))).await;
+    let _ = rude.send(Message::text("x".repeat(300 << 10))).await;
     let closed = tokio::time::timeout(PATIENCE, async {
         while let Some(Ok(m)) = rude.next().await {
             if let Message::Close(f) = m {
@@ -123,7 +123,7 @@ async fn every_documented_metric_is_exported_with_a_live_value() {
     })
     .await
     .unwrap();
-    assert!(closed.is_some(), "the server closes the rude subscriber");
+    assert_eq!(closed, Some(1009), "the server closes the rude subscriber");
 
     // Real presence through ejabberd, plus a malformed and an oversized stanza.
     let mut c = Client::login(ej.c2s, &user, "phone").await;

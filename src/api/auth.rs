@@ -39,9 +39,22 @@ pub struct Claims {
     /// Issuer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
-    /// Audience.
+    /// Not before (seconds since the epoch), enforced with the same leeway as `exp`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    pub nbf: Option<u64>,
+    /// Audience: one string or an array of them (RFC 7519 §4.1.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<Audience>,
+}
+
+/// The `aud` claim: identity providers issue both forms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    /// `"aud": "x"`.
+    One(String),
+    /// `"aud": ["x", "y"]`.
+    Many(Vec<String>),
 }
 
 /// A scope.
@@ -161,6 +174,7 @@ impl Auth {
         };
         let mut validation = Validation::new(alg);
         validation.leeway = LEEWAY_SECS;
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         match &cfg.issuer {
             Some(iss) => validation.set_issuer(&[iss]),
@@ -184,6 +198,10 @@ impl Auth {
         let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
             .map_err(|e| AuthError::Invalid(describe(&e)))?;
         let c = data.claims;
+        if c.sub.trim().is_empty() {
+            // Connection caps and audit lines are per subject: a blank one would be shared.
+            return Err(AuthError::Invalid("empty sub".into()));
+        }
         let scopes = c
             .scope
             .as_deref()
@@ -242,22 +260,23 @@ pub fn claims(
     let now = Utc::now().timestamp().max(0) as u64;
     Claims {
         sub: sub.to_owned(),
-        exp: now + ttl_secs,
+        exp: now.saturating_add(ttl_secs),
         iat: Some(now),
         scope: Some(scope.to_owned()),
         domains,
         iss: cfg.issuer.clone(),
-        aud: cfg.audience.clone(),
+        nbf: None,
+        aud: cfg.audience.clone().map(Audience::One),
     }
 }
 
 /// The bearer token of a request: `Authorization: Bearer …`, or `?token=` when `allow_query`.
 pub fn bearer(req: &HttpRequest, allow_query: bool) -> Option<String> {
+    // The scheme is case-insensitive (RFC 9110 §11.1).
     if let Some(h) = req.headers().get(actix_web::http::header::AUTHORIZATION)
         && let Ok(v) = h.to_str()
-        && let Some(t) = v
-            .strip_prefix("Bearer ")
-            .or_else(|| v.strip_prefix("bearer "))
+        && let Some((scheme, t)) = v.trim_start().split_once(' ')
+        && scheme.eq_ignore_ascii_case("bearer")
     {
         return Some(t.trim().to_owned());
     }

@@ -202,12 +202,80 @@ async fn openapi_doc() -> HttpResponse {
         .body(openapi_json())
 }
 
+/// A route answering GET and HEAD (HEAD gets the headers without the body).
+fn get_or_head() -> actix_web::Route {
+    web::route().guard(actix_web::guard::Any(actix_web::guard::Get()).or(actix_web::guard::Head()))
+}
+
+/// Every route and the methods it answers: for `405 Method Not Allowed` with `Allow` (actix
+/// itself sends every unmatched request to the default service, method or path alike).
+const ROUTES: &[(&str, &str)] = &[
+    ("/", "GET, HEAD"),
+    ("/app.js", "GET, HEAD"),
+    ("/style.css", "GET, HEAD"),
+    ("/healthz", "GET, HEAD"),
+    ("/readyz", "GET, HEAD"),
+    ("/metrics", "GET, HEAD"),
+    ("/api/v1/openapi.json", "GET, HEAD"),
+    ("/api/v1/presence", "GET, HEAD"),
+    ("/api/v1/presence/{jid}", "GET, HEAD"),
+    ("/api/v1/last-seen", "POST"),
+    ("/api/v1/last-seen/{jid}", "GET, HEAD"),
+    ("/api/v1/history/{jid}", "GET, HEAD"),
+    ("/api/v1/stats", "GET, HEAD"),
+    ("/api/v1/stats/concurrency", "GET, HEAD"),
+    ("/api/v1/ws", "GET"),
+];
+
+/// The methods `path` answers, if it is a route at all.
+fn allowed_methods(path: &str) -> Option<&'static str> {
+    let segs: Vec<&str> = path.split('/').collect();
+    ROUTES.iter().find_map(|(pattern, methods)| {
+        let pat: Vec<&str> = pattern.split('/').collect();
+        let same = pat.len() == segs.len()
+            && pat
+                .iter()
+                .zip(&segs)
+                .all(|(p, s)| *p == *s || (p.starts_with('{') && !s.is_empty()));
+        same.then_some(*methods)
+    })
+}
+
+/// The methods the label of `presence_bridge_http_requests_total` may take; anything else is
+/// `other` (a client must not be able to mint series).
+fn method_label(m: &actix_web::http::Method) -> &'static str {
+    use actix_web::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
 async fn not_found(req: HttpRequest) -> HttpResponse {
     use actix_web::ResponseError;
+    if let Some(allow) = allowed_methods(req.path()) {
+        let mut r = ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{} answers {allow}", req.path()),
+        )
+        .error_response();
+        if let Ok(v) = actix_web::http::header::HeaderValue::from_str(allow) {
+            r.headers_mut().insert(actix_web::http::header::ALLOW, v);
+        }
+        return r;
+    }
+    let shown: String = req.path().chars().take(200).collect();
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
-        format!("no route for {} {}", req.method(), req.path()),
+        format!("no route for {}", shown),
     )
     .error_response()
 }
@@ -287,7 +355,7 @@ async fn observe(
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let started = Instant::now();
     let state = req.app_data::<web::Data<AppState>>().cloned();
-    let method = req.method().to_string();
+    let method = method_label(req.method());
     let res = next.call(req).await?;
     if let Some(m) = state.as_ref().map(|s| &s.metrics) {
         let route = res
@@ -296,7 +364,7 @@ async fn observe(
             .unwrap_or_else(|| "unmatched".into());
         let status = res.status().as_u16().to_string();
         m.http_requests
-            .with_label_values(&[route.as_str(), method.as_str(), status.as_str()])
+            .with_label_values(&[route.as_str(), method, status.as_str()])
             .inc();
         m.http_latency
             .with_label_values(&[route.as_str()])
@@ -382,7 +450,7 @@ pub fn serve(
             .service(rest::concurrency)
             .service(rest::stats)
             .service(ws::ws)
-            .route("/openapi.json", web::get().to(openapi_doc));
+            .route("/openapi.json", get_or_head().to(openapi_doc));
         App::new()
             .app_data(data.clone())
             .app_data(auth.clone())
@@ -420,9 +488,9 @@ pub fn serve(
             }))
             .wrap(from_fn(observe))
             .wrap(Compress::default())
-            .route("/", web::get().to(index))
-            .route("/app.js", web::get().to(app_js))
-            .route("/style.css", web::get().to(style_css))
+            .route("/", get_or_head().to(index))
+            .route("/app.js", get_or_head().to(app_js))
+            .route("/style.css", get_or_head().to(style_css))
             .service(rest::healthz)
             .service(rest::readyz)
             .service(rest::metrics)

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use actix_web::http::StatusCode;
-use actix_web::{HttpResponse, get, post, web};
+use actix_web::{HttpResponse, post, route, web};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -26,7 +26,7 @@ pub fn parse_jid(s: &str) -> Result<UserJid, ApiError> {
 
 /// `GET /healthz`.
 #[utoipa::path(get, path = "/healthz", responses((status = 200, description = "The process runs")))]
-#[get("/healthz")]
+#[route("/healthz", method = "GET", method = "HEAD")]
 pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
 }
@@ -59,7 +59,7 @@ pub struct Ready {
 
 /// `GET /readyz`.
 #[utoipa::path(get, path = "/readyz", responses((status = 200, body = Ready), (status = 503, body = Ready)))]
-#[get("/readyz")]
+#[route("/readyz", method = "GET", method = "HEAD")]
 pub async fn readyz(st: State) -> HttpResponse {
     let status = st.component.as_ref().map(|c| c.status());
     let (xmpp, xmpp_ok) = match &status {
@@ -109,7 +109,7 @@ pub async fn readyz(st: State) -> HttpResponse {
 
 /// `GET /metrics`.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
-#[get("/metrics")]
+#[route("/metrics", method = "GET", method = "HEAD")]
 pub async fn metrics(st: State) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
@@ -172,7 +172,7 @@ fn unhex(s: &str) -> Option<String> {
 
 /// `GET /api/v1/presence`.
 #[utoipa::path(get, path = "/api/v1/presence", params(ListQuery), responses((status = 200, body = PresenceList), (status = 401, body = super::error::ErrorBody), (status = 403, body = super::error::ErrorBody)), security(("bearer" = [])))]
-#[get("/presence")]
+#[route("/presence", method = "GET", method = "HEAD")]
 pub async fn list(
     st: State,
     PresenceRead(p): PresenceRead,
@@ -228,7 +228,7 @@ fn visible(p: &Permissions, jid: &UserJid) -> Result<(), ApiError> {
 
 /// `GET /api/v1/presence/{jid}`.
 #[utoipa::path(get, path = "/api/v1/presence/{jid}", params(("jid" = String, Path, description = "Bare JID")), responses((status = 200, description = "UserPresence"), (status = 400, body = super::error::ErrorBody), (status = 404, body = super::error::ErrorBody)), security(("bearer" = [])))]
-#[get("/presence/{jid}")]
+#[route("/presence/{jid}", method = "GET", method = "HEAD")]
 pub async fn one(
     st: State,
     PresenceRead(p): PresenceRead,
@@ -245,7 +245,7 @@ pub async fn one(
 
 /// `GET /api/v1/last-seen/{jid}`.
 #[utoipa::path(get, path = "/api/v1/last-seen/{jid}", params(("jid" = String, Path, description = "Bare JID")), responses((status = 200, description = "LastSeen"), (status = 400, body = super::error::ErrorBody), (status = 404, body = super::error::ErrorBody)), security(("bearer" = [])))]
-#[get("/last-seen/{jid}")]
+#[route("/last-seen/{jid}", method = "GET", method = "HEAD")]
 pub async fn last_seen(
     st: State,
     PresenceRead(p): PresenceRead,
@@ -334,7 +334,7 @@ fn parse_time(name: &str, v: &Option<String>) -> Result<Option<DateTime<Utc>>, A
 
 /// `GET /api/v1/history/{jid}`.
 #[utoipa::path(get, path = "/api/v1/history/{jid}", params(("jid" = String, Path, description = "Bare JID"), HistoryParams), responses((status = 200, description = "{events, next_cursor}"), (status = 400, body = super::error::ErrorBody), (status = 501, body = super::error::ErrorBody)), security(("bearer" = [])))]
-#[get("/history/{jid}")]
+#[route("/history/{jid}", method = "GET", method = "HEAD")]
 pub async fn history(
     st: State,
     HistoryRead(p): HistoryRead,
@@ -394,7 +394,7 @@ pub struct StatsBody {
 
 /// `GET /api/v1/stats`.
 #[utoipa::path(get, path = "/api/v1/stats", responses((status = 200, body = StatsBody)), security(("bearer" = [])))]
-#[get("/stats")]
+#[route("/stats", method = "GET", method = "HEAD")]
 pub async fn stats(st: State, PresenceRead(p): PresenceRead) -> Result<HttpResponse, ApiError> {
     let body = if p.is_restricted() {
         // Counted from a snapshot, so that a narrowed token sees only its domains.
@@ -433,7 +433,7 @@ pub async fn stats(st: State, PresenceRead(p): PresenceRead) -> Result<HttpRespo
 /// `GET /api/v1/stats/concurrency`: online counts over the last hour (every 10 s), for the
 /// dashboard's sparkline. Totals only: a token limited to some domains gets no samples.
 #[utoipa::path(get, path = "/api/v1/stats/concurrency", responses((status = 200, description = "{interval_secs, samples}")), security(("bearer" = [])))]
-#[get("/stats/concurrency")]
+#[route("/stats/concurrency", method = "GET", method = "HEAD")]
 pub async fn concurrency(st: State, PresenceRead(p): PresenceRead) -> HttpResponse {
     let samples: Vec<super::Sample> = if p.is_restricted() {
         Vec::new()

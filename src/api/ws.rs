@@ -26,6 +26,10 @@ use crate::presence::{Change, Resume, UserJid, UserPresence};
 /// (tungstenite's default limit is 16 MiB) and a long stall for a browser.
 const MAX_CHANGES_PER_FRAME: usize = 512;
 
+/// `Retry-After` when a token is at its connection cap: a slot frees when one of its sessions
+/// ends, which the bridge cannot predict; a few seconds keeps retries from hammering.
+const CAP_RETRY_AFTER_SECS: u64 = 5;
+
 #[derive(Debug, Deserialize)]
 struct WsQuery {
     since: Option<u64>,
@@ -156,8 +160,9 @@ pub async fn ws(
         .into_inner();
     let filter =
         Filter::new(split(&q.jids), split(&q.domains)).map_err(|j| ApiError::invalid_jid(&j))?;
-    let slot = Slot::acquire(&st, &perms.sub).ok_or_else(|| {
-        ApiError::new(
+    let slot = Slot::acquire(&st, &perms.sub).ok_or_else(|| ApiError {
+        retry_after: Some(CAP_RETRY_AFTER_SECS),
+        ..ApiError::new(
             actix_web::http::StatusCode::TOO_MANY_REQUESTS,
             "too_many_connections",
             format!(
@@ -168,10 +173,13 @@ pub async fn ws(
     })?;
     let (resp, session, stream) = actix_ws::handle(&req, body)
         .map_err(|e| ApiError::bad_request("not_websocket", e.to_string()))?;
+    // One limit for a client message, whether it comes in one frame or in continuations:
+    // `http.body_limit_bytes`, the same as a request body.
+    let limit = st.http.body_limit_bytes;
     let stream = stream
-        .max_frame_size(64 << 10)
+        .max_frame_size(limit)
         .aggregate_continuations()
-        .max_continuation_size(256 << 10);
+        .max_continuation_size(limit);
     let resume = match (q.since, q.epoch) {
         (Some(s), Some(e)) => Some((s, e)),
         _ => None,
@@ -379,7 +387,20 @@ async fn session_loop(
                         let _ = conn.session.pong(&b).await;
                     }
                     Some(Ok(AggregatedMessage::Pong(_))) => {}
-                    Some(Ok(AggregatedMessage::Close(_))) | None => return Ok(None),
+                    // The client closes: answer with its code (RFC 6455 §5.5.1), 1000 without one.
+                    Some(Ok(AggregatedMessage::Close(reason))) => {
+                        return Ok(Some(CloseReason {
+                            code: reason.map_or(CloseCode::Normal, |r| r.code),
+                            description: None,
+                        }));
+                    }
+                    None => return Ok(None),
+                    Some(Err(e)) if too_big(&e) => {
+                        st.metrics.ws_closed.with_label_values(&["too_big"]).inc();
+                        let limit = st.http.body_limit_bytes;
+                        conn.error("message_too_big", &format!("a client message may be at most {limit} bytes (http.body_limit_bytes)")).await?;
+                        return Ok(Some(CloseReason { code: CloseCode::Size, description: Some("message too big".into()) }));
+                    }
                     Some(Err(e)) => {
                         st.metrics.ws_closed.with_label_values(&["protocol"]).inc();
                         return Ok(Some(CloseReason { code: CloseCode::Protocol, description: Some(e.to_string()) }));
@@ -409,6 +430,16 @@ async fn session_loop(
                 }
             }
         }
+    }
+}
+
+/// A frame over the frame limit, or continuations over the message limit (actix-ws reports
+/// the latter as an I/O error with this text).
+fn too_big(e: &actix_ws::ProtocolError) -> bool {
+    match e {
+        actix_ws::ProtocolError::Overflow => true,
+        actix_ws::ProtocolError::Io(io) => io.to_string().contains("maximum continuation size"),
+        _ => false,
     }
 }
 
