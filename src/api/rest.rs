@@ -186,22 +186,29 @@ pub async fn list(
             "limit must be 1..=10000",
         ));
     }
+    let bad_cursor =
+        || ApiError::bad_request("invalid_cursor", "cursor is not one this bridge issued");
     let after = match q.cursor.as_deref() {
-        Some(c) => Some(unhex(c).ok_or_else(|| {
-            ApiError::bad_request("invalid_cursor", "cursor is not one this bridge issued")
-        })?),
+        Some(c) => Some(
+            unhex(c)
+                .and_then(|j| UserJid::parse(&j).ok())
+                .ok_or_else(bad_cursor)?,
+        ),
         None => None,
     };
     let domain = q.domain.as_deref().map(str::to_lowercase);
     let snap = st.engine.snapshot().await.map_err(ApiError::internal)?;
-    let mut users: Vec<Arc<UserPresence>> = snap
-        .users
-        .into_iter()
+    // A page starts at the cursor (a range query on the ordered snapshot), not at the top.
+    let from: Box<dyn Iterator<Item = &Arc<UserPresence>>> = match &after {
+        Some(a) => Box::new(snap.after(a)),
+        None => Box::new(snap.iter()),
+    };
+    let mut users: Vec<Arc<UserPresence>> = from
         .filter(|u| p.can_see(&u.jid))
         .filter(|u| domain.as_deref().is_none_or(|d| u.jid.domain() == d))
         .filter(|u| show.is_none_or(|s| u.show == s))
-        .filter(|u| after.as_deref().is_none_or(|a| u.jid.as_str() > a))
         .take(limit + 1)
+        .cloned()
         .collect();
     let next_cursor = if users.len() > limit {
         users.truncate(limit);
@@ -406,7 +413,7 @@ pub async fn stats(st: State, PresenceRead(p): PresenceRead) -> Result<HttpRespo
             by_show: BTreeMap::new(),
             by_domain: BTreeMap::new(),
         };
-        for u in snap.users.iter().filter(|u| p.can_see(&u.jid)) {
+        for u in snap.iter().filter(|u| p.can_see(&u.jid)) {
             b.online_users += 1;
             b.online_resources += u.resources.len() as u64;
             *b.by_show.entry(u.show.as_str().to_owned()).or_default() += 1;

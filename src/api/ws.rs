@@ -26,6 +26,43 @@ use crate::presence::{Change, Resume, UserJid, UserPresence};
 /// (tungstenite's default limit is 16 MiB) and a long stall for a browser.
 const MAX_CHANGES_PER_FRAME: usize = 512;
 
+/// Client messages (text, binary, ping) a session may send: a burst of this many...
+const CLIENT_BURST: f64 = 20.0;
+/// ...then this many a second. Each `subscribe` costs a snapshot; beyond the budget the
+/// session gets an `error` frame and is closed (1008), so one connection cannot make the
+/// bridge build snapshots in a loop.
+const CLIENT_PER_SEC: f64 = 10.0;
+
+/// A token bucket for one session's client messages.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new() -> Self {
+        Self {
+            tokens: CLIENT_BURST,
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes one token; false when the budget is spent.
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * CLIENT_PER_SEC;
+        self.tokens = (self.tokens + refill).min(CLIENT_BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// `Retry-After` when a token is at its connection cap: a slot frees when one of its sessions
 /// ends, which the bridge cannot predict; a few seconds keeps retries from hammering.
 const CAP_RETRY_AFTER_SECS: u64 = 5;
@@ -270,7 +307,7 @@ impl Conn {
             r#type: "snapshot",
             epoch: &snap.epoch,
             seq: snap.seq,
-            users: snap.users.iter().filter(|u| f.passes(p, &u.jid)).collect(),
+            users: snap.iter().filter(|u| f.passes(p, &u.jid)).collect(),
         };
         self.send(serde_json::to_string(&frame).unwrap_or_default())
             .await
@@ -362,6 +399,7 @@ async fn session_loop(
     let mut ping = tokio::time::interval(ping_every);
     ping.tick().await;
     let mut last_heard = Instant::now();
+    let mut bucket = Bucket::new();
     let mut batch = Vec::new();
     loop {
         tokio::select! {
@@ -370,6 +408,13 @@ async fn session_loop(
             }
             msg = stream.next() => {
                 last_heard = Instant::now();
+                if matches!(msg, Some(Ok(AggregatedMessage::Text(_) | AggregatedMessage::Binary(_) | AggregatedMessage::Ping(_))))
+                    && !bucket.take()
+                {
+                    st.metrics.ws_closed.with_label_values(&["rate_limited"]).inc();
+                    conn.error("rate_limited", &format!("at most {CLIENT_BURST} messages at once and {CLIENT_PER_SEC} a second")).await?;
+                    return Ok(Some(CloseReason { code: CloseCode::Policy, description: Some("too many messages".into()) }));
+                }
                 match msg {
                     Some(Ok(AggregatedMessage::Text(t))) => match serde_json::from_str::<ClientMsg>(&t) {
                         Ok(ClientMsg::Ping) => conn.send(r#"{"type":"pong"}"#.to_owned()).await?,

@@ -66,15 +66,35 @@ impl Stats {
     }
 }
 
-/// All online users at one `seq`.
+/// The online users, ordered by JID, as a persistent map: cloning it is O(1) and shares
+/// structure with the sequencer's own copy.
+pub type OnlineMap = imbl::OrdMap<UserJid, Arc<UserPresence>>;
+
+/// All online users at one `seq`. Cheap to clone; taking one costs the sequencer O(1), and
+/// whatever a reader does with it (filter, page, serialise) happens on the reader's task.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     /// The epoch of `seq`.
     pub epoch: Arc<str>,
     /// The last change included.
     pub seq: u64,
-    /// Online users, sorted by JID.
-    pub users: Vec<Arc<UserPresence>>,
+    /// Online users by JID.
+    pub users: OnlineMap,
+}
+
+impl Snapshot {
+    /// Online users in JID order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<UserPresence>> {
+        self.users.values()
+    }
+
+    /// Online users with a JID after `jid`, in JID order (cursor pages).
+    pub fn after<'a>(&'a self, jid: &UserJid) -> impl Iterator<Item = &'a Arc<UserPresence>> {
+        use std::ops::Bound;
+        self.users
+            .range((Bound::Excluded(jid.clone()), Bound::Unbounded))
+            .map(|(_, u)| u)
+    }
 }
 
 /// The engine's metrics, updated by the sequencer as it applies events.
@@ -142,7 +162,7 @@ pub struct EngineOptions {
 enum Command {
     Apply(PresenceEvent),
     Close,
-    Snapshot(oneshot::Sender<Snapshot>),
+    Snapshot(oneshot::Sender<Arc<Snapshot>>),
     KnownUsers(oneshot::Sender<Vec<UserJid>>),
     ResyncBegin(u64),
     ResyncEnd {
@@ -161,6 +181,9 @@ struct Shared {
     stats: RwLock<Stats>,
     seq: AtomicU64,
     hub: Hub,
+    /// The last snapshot taken: requests at the same seq share it without asking the
+    /// sequencer again.
+    last_snapshot: std::sync::Mutex<Option<Arc<Snapshot>>>,
 }
 
 /// Handle to the engine. Cheap to clone; the sequencer stops when every handle is dropped.
@@ -195,12 +218,18 @@ impl Engine {
             stats: RwLock::new(Stats::default()),
             seq: AtomicU64::new(0),
             hub: Hub::new(cfg.ring_size, cfg.ring_size.clamp(1024, 65_536)),
+            last_snapshot: std::sync::Mutex::new(None),
         });
+        let mut online = OnlineMap::new();
         {
             let mut stats = shared.stats.write().unwrap_or_else(|p| p.into_inner());
             for u in seed {
                 stats.account(&u, 1);
-                shared.map.insert(u.jid.clone(), Arc::new(u));
+                let u = Arc::new(u);
+                if u.online {
+                    online.insert(u.jid.clone(), u.clone());
+                }
+                shared.map.insert(u.jid.clone(), u);
             }
             metrics.online_users.set(stats.online_users as i64);
             metrics.online_resources.set(stats.online_resources as i64);
@@ -208,6 +237,7 @@ impl Engine {
         }
         let seq = Sequencer {
             shared: shared.clone(),
+            online,
             touch: 0,
             resync: None,
             sinks,
@@ -232,9 +262,33 @@ impl Engine {
         let _ = self.tx.send(Command::Close).await;
     }
 
-    /// All online users, consistent with the returned `seq`.
-    pub async fn snapshot(&self) -> Result<Snapshot, EngineClosed> {
-        self.ask(Command::Snapshot).await
+    /// All online users, consistent with the returned `seq`: snapshot(S) + every change after
+    /// S is the live state. At most one request per `seq` reaches the sequencer (which answers
+    /// with an O(1) clone); the others share it.
+    pub async fn snapshot(&self) -> Result<Arc<Snapshot>, EngineClosed> {
+        let seq = self.seq();
+        if let Some(s) = self.cached_snapshot(seq) {
+            return Ok(s);
+        }
+        let snap = self.ask(Command::Snapshot).await?;
+        let mut last = self
+            .shared
+            .last_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if last.as_ref().is_none_or(|l| l.seq < snap.seq) {
+            *last = Some(snap.clone());
+        }
+        Ok(snap)
+    }
+
+    fn cached_snapshot(&self, seq: u64) -> Option<Arc<Snapshot>> {
+        let last = self
+            .shared
+            .last_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        last.as_ref().filter(|l| l.seq == seq).cloned()
     }
 
     /// Every user the engine knows (online or offline), for probing after a reconnect.
@@ -324,6 +378,8 @@ struct Resync {
 
 struct Sequencer {
     shared: Arc<Shared>,
+    /// The online users, kept in step with `shared.map`; snapshots are clones of it.
+    online: OnlineMap,
     touch: u64,
     resync: Option<Resync>,
     sinks: Vec<Arc<dyn ChangeSink>>,
@@ -341,19 +397,12 @@ impl Sequencer {
                 }
                 Command::Close => break,
                 Command::Snapshot(reply) => {
-                    let mut users: Vec<Arc<UserPresence>> = self
-                        .shared
-                        .map
-                        .iter()
-                        .filter(|e| e.value().online)
-                        .map(|e| e.value().clone())
-                        .collect();
-                    users.sort_by(|a, b| a.jid.cmp(&b.jid));
-                    let _ = reply.send(Snapshot {
+                    // O(1): the map is persistent; the reader pays for what it does with it.
+                    let _ = reply.send(Arc::new(Snapshot {
                         epoch: self.shared.epoch.clone(),
                         seq: self.shared.seq.load(Ordering::Acquire),
-                        users,
-                    });
+                        users: self.online.clone(),
+                    }));
                 }
                 Command::KnownUsers(reply) => {
                     let mut users: Vec<UserJid> =
@@ -463,6 +512,11 @@ impl Sequencer {
                 change: &change,
             });
         }
+        if next.online {
+            self.online.insert(ev.jid.clone(), next.clone());
+        } else {
+            self.online.remove(&ev.jid);
+        }
         if self.shared.map.insert(ev.jid.clone(), next).is_none() {
             self.metrics.known_users.set(self.shared.map.len() as i64);
         }
@@ -474,10 +528,7 @@ impl Sequencer {
 
 /// A reference map of the live state, rebuilt from a snapshot plus changes (used by tests and
 /// by clients that mirror the stream).
-pub fn replay(
-    snapshot: &[Arc<UserPresence>],
-    changes: &[Arc<Change>],
-) -> HashMap<UserJid, Arc<UserPresence>> {
+pub fn replay(snapshot: &Snapshot, changes: &[Arc<Change>]) -> HashMap<UserJid, Arc<UserPresence>> {
     let mut state: HashMap<UserJid, Arc<UserPresence>> = snapshot
         .iter()
         .map(|u| (u.jid.clone(), u.clone()))

@@ -400,14 +400,13 @@ mod tests {
         assert!(stats.by_show.len() >= 3, "several shows: {stats:?}");
         assert!(stats.by_domain.len() == 3, "{stats:?}");
         let snap = engine.snapshot().await.unwrap();
-        assert!(snap.users.iter().any(|u| {
+        assert!(snap.iter().any(|u| {
             u.resources
                 .iter()
                 .any(|r| r.client.as_deref() == Some("Conversations"))
         }));
         assert!(
-            snap.users
-                .iter()
+            snap.iter()
                 .any(|u| u.resources.iter().any(|r| r.idle_since.is_some()))
         );
         assert!(engine.seq() > 300, "changes keep coming: {}", engine.seq());

@@ -1,0 +1,312 @@
+//! The holes an attacker or a careless client could find (issue 9), each closed and proven
+//! through the public interface: real HTTP and WebSocket clients on a real socket.
+
+mod common;
+
+use common::*;
+use futures::{SinkExt, StreamExt};
+use presence_bridge::app::Ingest;
+use presence_bridge::presence::Show;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+async fn app() -> TestApp {
+    TestApp::start(test_config(), Ingest::None).await
+}
+
+/// Reads until the server closes; returns the text frames seen and the close code.
+async fn until_close(ws: &mut Ws) -> (Vec<serde_json::Value>, Option<u16>) {
+    let mut frames = Vec::new();
+    let code = tokio::time::timeout(PATIENCE, async {
+        while let Some(m) = ws.next().await {
+            match m {
+                Ok(Message::Text(t)) => frames.push(serde_json::from_str(&t).unwrap()),
+                Ok(Message::Close(f)) => return f.map(|f| u16::from(f.code)),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    })
+    .await
+    .expect("the server closes the session");
+    (frames, code)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_flood_is_cut_off_with_an_error_frame_and_1008() {
+    init_logs();
+    let app = app().await;
+    for i in 0..300u64 {
+        app.engine()
+            .apply(event(
+                u128::from(i),
+                &format!("u{i}@flood.test"),
+                "r",
+                chrono::Utc::now(),
+                available(Show::Chat, "here", 0, None),
+            ))
+            .await
+            .unwrap();
+    }
+    app.engine().barrier().await.unwrap();
+    let t = token("presence:read", None);
+    let mut ws = app.ws(&format!("token={t}"), None).await;
+    // Thousands of subscribes as fast as the socket takes them.
+    let sub = json!({"type": "subscribe"}).to_string();
+    for _ in 0..2000 {
+        if ws.send(Message::text(sub.clone())).await.is_err() {
+            break;
+        }
+    }
+    let (frames, code) = until_close(&mut ws).await;
+    let snapshots = frames.iter().filter(|f| f["type"] == "snapshot").count();
+    assert!(
+        snapshots <= 21,
+        "one snapshot on connect, at most one per message in the burst: {snapshots}"
+    );
+    let last = frames.last().expect("an error frame before the close");
+    assert_eq!(
+        (last["type"].as_str(), last["error"].as_str()),
+        (Some("error"), Some("rate_limited"))
+    );
+    assert_eq!(code, Some(1008));
+    // Everyone else is served.
+    assert_eq!(app.get("/api/v1/stats", Some(&t)).0, 200);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_methods_get_405_or_404_and_never_add_metric_series() {
+    init_logs();
+    let app = app().await;
+    let before = metrics_text(app.port);
+    for i in 0..200 {
+        let method = format!("X{}{i}", "Y".repeat(500));
+        let r = request(app.port, &method, "/api/v1/stats", &[], None);
+        assert_eq!(r.status, 405, "{}", r.head);
+        assert!(
+            r.head.to_lowercase().contains("allow: get, head"),
+            "{}",
+            r.head
+        );
+        assert_eq!(r.json()["error"], "method_not_allowed");
+        let r = request(app.port, &method, "/nowhere", &[], None);
+        assert_eq!(r.status, 404);
+    }
+    let after = metrics_text(app.port);
+    assert!(
+        !after.contains("YYYY"),
+        "no made-up method becomes a label value"
+    );
+    let series = |t: &str| {
+        t.lines()
+            .filter(|l| l.starts_with("presence_bridge_http_requests_total{"))
+            .count()
+    };
+    assert!(
+        series(&after) <= series(&before) + 3,
+        "a bounded number of new series: {} → {}",
+        series(&before),
+        series(&after)
+    );
+    assert!(after.contains("method=\"other\""));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_answers_like_get_without_a_body_and_wrong_methods_get_405_with_allow() {
+    init_logs();
+    let app = app().await;
+    let t = token("presence:read", None);
+    let auth = format!("Bearer {t}");
+    for path in ["/healthz", "/readyz", "/metrics", "/api/v1/stats", "/"] {
+        let r = request(app.port, "HEAD", path, &[("Authorization", &auth)], None);
+        assert_eq!(r.status, 200, "HEAD {path}: {}", r.head);
+        assert!(r.text.is_empty(), "HEAD {path} has no body");
+    }
+    let r = request(app.port, "DELETE", "/api/v1/presence/a@b.test", &[], None);
+    assert_eq!(r.status, 405);
+    assert!(
+        r.head.to_lowercase().contains("allow: get, head"),
+        "{}",
+        r.head
+    );
+    let r = request(app.port, "GET", "/api/v1/last-seen", &[], None);
+    assert_eq!(r.status, 405);
+    assert!(r.head.to_lowercase().contains("allow: post"), "{}", r.head);
+    assert_eq!(r.json()["error"], "method_not_allowed");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_scheme_is_case_insensitive() {
+    init_logs();
+    let app = app().await;
+    let t = token("presence:read", None);
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let auth = format!("{scheme} {t}");
+        let r = request(
+            app.port,
+            "GET",
+            "/api/v1/stats",
+            &[("Authorization", &auth)],
+            None,
+        );
+        assert_eq!(r.status, 200, "{scheme}");
+    }
+    let r = request(
+        app.port,
+        "GET",
+        "/api/v1/stats",
+        &[("Authorization", &format!("Basic {t}"))],
+        None,
+    );
+    assert_eq!(r.status, 401);
+    app.stop().await;
+}
+
+/// A token with the given claims, signed with the test secret.
+fn signed(claims: serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(API_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbf_is_enforced_aud_may_be_an_array_and_sub_must_not_be_empty() {
+    init_logs();
+    let mut cfg = test_config();
+    cfg.auth.audience = Some("presence-bridge".into());
+    let app = TestApp::start(cfg, Ingest::None).await;
+    let now = chrono::Utc::now().timestamp();
+    let base = json!({"sub": "idp-user", "exp": now + 300, "scope": "presence:read"});
+    let with = |extra: serde_json::Value| {
+        let mut c = base.clone();
+        c.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        signed(c)
+    };
+    let status = |t: &str| app.get("/api/v1/stats", Some(t));
+    assert_eq!(
+        status(&with(json!({"aud": ["other-api", "presence-bridge"]}))).0,
+        200,
+        "aud as an array"
+    );
+    assert_eq!(status(&with(json!({"aud": "presence-bridge"}))).0, 200);
+    let (code, body, _) = status(&with(json!({"aud": ["other-api"]})));
+    assert_eq!(code, 401, "{body}");
+    let (code, body, _) = status(&with(json!({"aud": "presence-bridge", "nbf": now + 3600})));
+    assert_eq!(code, 401, "not valid for another hour: {body}");
+    assert!(body["message"].as_str().unwrap().contains("not valid yet"));
+    assert_eq!(
+        status(&with(json!({"aud": "presence-bridge", "nbf": now - 10}))).0,
+        200
+    );
+    let (code, body, _) = status(&with(json!({"aud": "presence-bridge", "sub": " "})));
+    assert_eq!(code, 401, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("empty sub"));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_3500_jid_subscribe_in_one_frame_is_served() {
+    init_logs();
+    let app = app().await;
+    let t = token("presence:read", None);
+    let mut ws = app.ws(&format!("token={t}"), None).await;
+    assert_eq!(next_frame(&mut ws).await["type"], "snapshot");
+    let jids: Vec<String> = (0..3500)
+        .map(|i| format!("someone-{i}@example.com"))
+        .collect();
+    let msg = json!({"type": "subscribe", "jids": jids}).to_string();
+    assert!(msg.len() > 64 << 10, "more than the old 64 KiB frame limit");
+    ws.send(Message::text(msg)).await.unwrap();
+    assert_eq!(next_frame(&mut ws).await["type"], "snapshot");
+    ws.send(Message::text(json!({"type": "ping"}).to_string()))
+        .await
+        .unwrap();
+    assert_eq!(next_frame(&mut ws).await["type"], "pong");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_message_over_the_limit_gets_an_error_frame_and_1009() {
+    init_logs();
+    let app = app().await;
+    let t = token("presence:read", None);
+    let mut ws = app.ws(&format!("token={t}"), None).await;
+    assert_eq!(next_frame(&mut ws).await["type"], "snapshot");
+    let _ = ws.send(Message::text("x".repeat(300 << 10))).await;
+    let (frames, code) = until_close(&mut ws).await;
+    let last = frames.last().expect("an error frame");
+    assert_eq!(last["error"], "message_too_big");
+    assert_eq!(code, Some(1009));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_close_is_answered_with_its_code() {
+    init_logs();
+    let app = app().await;
+    let t = token("presence:read", None);
+    let mut ws = app.ws(&format!("token={t}"), None).await;
+    assert_eq!(next_frame(&mut ws).await["type"], "snapshot");
+    ws.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::Away,
+        reason: "bye".into(),
+    })))
+    .await
+    .unwrap();
+    let (_, code) = until_close(&mut ws).await;
+    assert_eq!(code, Some(1001));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_websocket_cap_answers_429_with_retry_after() {
+    init_logs();
+    let mut cfg = test_config();
+    cfg.http.ws_max_per_token = 1;
+    let app = TestApp::start(cfg, Ingest::None).await;
+    let t = token("presence:read", None);
+    let _first = app.ws(&format!("token={t}"), None).await;
+    let r = request(
+        app.port,
+        "GET",
+        &format!("/api/v1/ws?token={t}"),
+        &[
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+        None,
+    );
+    assert_eq!(r.status, 429, "{}", r.head);
+    assert!(r.head.to_lowercase().contains("retry-after:"), "{}", r.head);
+    assert_eq!(r.json()["error"], "too_many_connections");
+    app.stop().await;
+}
+
+#[test]
+fn token_with_an_out_of_range_ttl_exits_2() {
+    for ttl in ["18446744073709551615", "315360001", "0"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_presence-bridge"))
+            .current_dir(std::env::temp_dir())
+            .args(["token", "--sub", "ops", "--ttl", ttl])
+            .env("PRESENCE_BRIDGE__XMPP__PASSWORD", "x")
+            .env("PRESENCE_BRIDGE__AUTH__JWT_SECRET", "s3cret-for-tests")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "--ttl {ttl}");
+        assert!(out.stdout.is_empty(), "no token printed for --ttl {ttl}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--ttl"));
+    }
+}
