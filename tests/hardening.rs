@@ -1,5 +1,6 @@
 //! The holes an attacker or a careless client could find (issue 9), each closed and proven
 //! through the public interface: real HTTP and WebSocket clients on a real socket.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
