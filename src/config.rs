@@ -46,9 +46,48 @@ impl ConfigError {
 }
 
 /// A string that must never be shown: `Debug`, `Display` and `Serialize` print `***`.
-#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret(String);
+
+/// The secret keys: read from the environment as raw strings (never parsed as numbers or
+/// booleans), and never echoed in an error.
+pub const SECRET_KEYS: [(&str, &str); 3] = [
+    ("xmpp", "password"),
+    ("auth", "jwt_secret"),
+    ("store", "postgres_url"),
+];
+
+/// Reads a secret as text. A TOML integer or boolean is taken as its text (`123456`, `true`);
+/// a float is refused (its text would not survive), and no error shows the value.
+struct SecretText;
+
+impl serde::de::Visitor<'_> for SecretText {
+    type Value = String;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string (quote it)")
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+        Ok(v.to_owned())
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<String, E> {
+        Err(E::custom("a number with a fraction; quote it as a string"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(SecretText).map(Secret)
+    }
+}
 
 impl Secret {
     /// Wraps a secret value.
@@ -84,9 +123,14 @@ impl Serialize for Secret {
 }
 
 /// A Postgres URL: shown with its password masked (`postgres://user:***@host/db`).
-#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct DbUrl(String);
+
+impl<'de> Deserialize<'de> for DbUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(SecretText).map(DbUrl)
+    }
+}
 
 impl DbUrl {
     /// Wraps a connection string.
@@ -115,36 +159,115 @@ impl Serialize for DbUrl {
     }
 }
 
-/// `scheme://user:password@host` → `scheme://user:***@host`; key=value strings mask `password=`.
-fn mask_url_password(url: &str) -> String {
-    if let Some(scheme_end) = url.find("://") {
-        let rest = &url[scheme_end + 3..];
-        let authority_end = rest.find('/').unwrap_or(rest.len());
-        let authority = &rest[..authority_end];
-        if let Some(at) = authority.rfind('@') {
-            let userinfo = &authority[..at];
-            if let Some(colon) = userinfo.find(':') {
-                return format!(
-                    "{}{}:***{}",
-                    &url[..scheme_end + 3],
-                    &userinfo[..colon],
-                    &rest[at..]
-                );
+/// Masks every password in a Postgres connection string, URL or libpq key=value form. It
+/// errs on the side of hiding: in a URL the user info ends at the *last* `@`, so a password
+/// holding `/`, `?` or `@` is hidden whole (a query holding `@` would hide the host too, which
+/// is harmless); `password=` query parameters are masked as well.
+pub fn mask_url_password(url: &str) -> String {
+    match url.find("://") {
+        Some(i) => mask_uri(&url[..i + 3], &url[i + 3..]),
+        None => mask_keyword_values(url),
+    }
+}
+
+fn mask_uri(scheme: &str, rest: &str) -> String {
+    let (userinfo, after) = match rest.rfind('@') {
+        Some(at) => (Some(&rest[..at]), &rest[at..]),
+        None => (None, rest),
+    };
+    let mut out = String::from(scheme);
+    if let Some(u) = userinfo {
+        match u.split_once(':') {
+            Some((user, _)) => {
+                out.push_str(user);
+                out.push_str(":***");
+            }
+            None => out.push_str(u),
+        }
+    }
+    match after.split_once('?') {
+        Some((before, query)) => {
+            out.push_str(before);
+            out.push('?');
+            let params: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => p.to_owned(),
+                })
+                .collect();
+            out.push_str(&params.join("&"));
+        }
+        None => out.push_str(after),
+    }
+    out
+}
+
+/// libpq `key = value` pairs; values may be single-quoted with `\'` and `\\` escapes. A
+/// string that does not parse cleanly is not shown at all (a half-understood string could
+/// show part of a password).
+fn mask_keyword_values(s: &str) -> String {
+    const UNPARSEABLE: &str = "(not a valid connection string; not shown)";
+    let b = s.as_bytes();
+    let mut out = String::with_capacity(s.len());
+    let mut i = 0;
+    while i < b.len() {
+        // Whitespace between pairs, kept as is.
+        let start = i;
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        out.push_str(&s[start..i]);
+        if i == b.len() {
+            break;
+        }
+        // The key, up to `=` or whitespace.
+        let key_start = i;
+        while i < b.len() && b[i] != b'=' && !b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let key = &s[key_start..i];
+        // Spaces, `=`, spaces.
+        let eq_start = i;
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if key.is_empty() || i == b.len() || b[i] != b'=' {
+            return UNPARSEABLE.into();
+        }
+        i += 1;
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let separator = &s[eq_start..i];
+        // The value: quoted (with escapes) or up to whitespace.
+        let value_start = i;
+        if i < b.len() && b[i] == b'\'' {
+            i += 1;
+            while i < b.len() && b[i] != b'\'' {
+                i += if b[i] == b'\\' { 2 } else { 1 };
+            }
+            if i >= b.len() {
+                return UNPARSEABLE.into();
+            }
+            i += 1;
+            if i < b.len() && !b[i].is_ascii_whitespace() {
+                return UNPARSEABLE.into();
+            }
+        } else {
+            while i < b.len() && !b[i].is_ascii_whitespace() {
+                i += 1;
             }
         }
-        return url.to_owned();
+        out.push_str(key);
+        out.push_str(separator);
+        if key.eq_ignore_ascii_case("password") {
+            out.push_str("***");
+        } else {
+            out.push_str(s.get(value_start..i).unwrap_or(""));
+        }
     }
-    // libpq key/value form: mask the value of password=...
-    url.split_whitespace()
-        .map(|part| {
-            if part.starts_with("password=") {
-                "password=***".to_owned()
-            } else {
-                part.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    out
 }
 
 /// The whole configuration. Every key is documented in `config/bridge.example.toml`.
@@ -584,7 +707,28 @@ impl Config {
                 path.display()
             )));
         }
-        fig = fig.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        // Secrets from the environment are taken as raw text: figment would parse
+        // `123456` as a number and `true` as a boolean (and echo them in a type error).
+        let is_secret = |k: &str| {
+            SECRET_KEYS
+                .iter()
+                .any(|(sec, key)| k.eq_ignore_ascii_case(&format!("{sec}__{key}")))
+        };
+        fig = fig.merge(
+            Env::prefixed(ENV_PREFIX)
+                .filter(move |k| !is_secret(k.as_str()))
+                .split("__"),
+        );
+        let mut raw = serde_json::Map::new();
+        for (section, key) in SECRET_KEYS {
+            let var = format!("{ENV_PREFIX}{}__{}", section, key).to_uppercase();
+            if let Ok(v) = std::env::var(&var) {
+                raw.insert(section.to_owned(), serde_json::json!({ key: v }));
+            }
+        }
+        if !raw.is_empty() {
+            fig = fig.merge(Serialized::defaults(serde_json::Value::Object(raw)));
+        }
         Self::from_figment(&fig)
     }
 
@@ -687,12 +831,20 @@ fn read_secret_file(key: &str, path: &Path) -> Result<String, ConfigError> {
     Ok(value)
 }
 
-/// Turns a figment error into a one-line message that names the key.
+/// Turns a figment error into a one-line message that names the key. For a secret key the
+/// message never carries the value (figment's type errors quote what they found).
 fn figment_error(e: figment::Error) -> ConfigError {
     let mut msgs = Vec::new();
     for err in e {
         let key = err.path.join(".");
-        let kind = err.kind.to_string();
+        let secret = SECRET_KEYS
+            .iter()
+            .any(|(section, k)| key == format!("{section}.{k}"));
+        let kind = if secret {
+            "invalid value (not shown: it is a secret); write it as a string".to_owned()
+        } else {
+            err.kind.to_string()
+        };
         if key.is_empty() {
             // unknown_field errors carry the field in the kind text.
             msgs.push(kind);
@@ -859,7 +1011,80 @@ mod tests {
     }
 
     #[test]
+    fn secrets_from_the_environment_are_raw_text_and_never_echoed() {
+        Jail::expect_with(|jail| {
+            jail.set_env("PRESENCE_BRIDGE__AUTH__JWT_SECRET", "123456789");
+            jail.set_env("PRESENCE_BRIDGE__XMPP__PASSWORD", "007");
+            let cfg = Config::load(Path::new("none.toml"), false).unwrap();
+            assert_eq!(cfg.auth.jwt_secret.expose(), "123456789");
+            assert_eq!(cfg.xmpp.password.expose(), "007", "not the number 7");
+            jail.set_env("PRESENCE_BRIDGE__XMPP__PASSWORD", "true");
+            let cfg = Config::load(Path::new("none.toml"), false).unwrap();
+            assert_eq!(cfg.xmpp.password.expose(), "true");
+            jail.set_env("PRESENCE_BRIDGE__XMPP__PASSWORD", "1.50");
+            let cfg = Config::load(Path::new("none.toml"), false).unwrap();
+            assert_eq!(cfg.xmpp.password.expose(), "1.50");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            // In a file: integers and booleans are their text; anything else is refused
+            // without showing the value.
+            jail.create_file("n.toml", "[xmpp]\npassword = 424242\n")?;
+            let cfg = Config::load(Path::new("n.toml"), true).unwrap();
+            assert_eq!(cfg.xmpp.password.expose(), "424242");
+            jail.create_file("f.toml", "[xmpp]\npassword = 3.14159\n")?;
+            let err = Config::load(Path::new("f.toml"), true)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains("xmpp.password"), "{err}");
+            assert!(!err.contains("3.14"), "the value is not echoed: {err}");
+            jail.create_file(
+                "a.toml",
+                "[auth]\njwt_secret = [\"s3cr3t-in-array\"]\n[xmpp]\npassword = \"x\"\n",
+            )?;
+            let err = Config::load(Path::new("a.toml"), true)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains("auth.jwt_secret"), "{err}");
+            assert!(!err.contains("s3cr3t"), "the value is not echoed: {err}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn url_masking_variants() {
+        for (url, shown) in [
+            (
+                "postgres://app:pa/ss?w@rd@db.internal:5432/presence",
+                "postgres://app:***@db.internal:5432/presence",
+            ),
+            (
+                "postgres://app@db/presence?sslmode=require&password=hunter2",
+                "postgres://app@db/presence?sslmode=require&password=***",
+            ),
+            (
+                "host=db user=app password = 'it''s a secret' dbname=presence",
+                "(not a valid connection string; not shown)",
+            ),
+            (
+                "host=db password='unterminated dbname=presence",
+                "(not a valid connection string; not shown)",
+            ),
+            (
+                "host=db password='with spaces and \\' quote' dbname=presence",
+                "host=db password=*** dbname=presence",
+            ),
+            (
+                "host=db PASSWORD=plain dbname=presence",
+                "host=db PASSWORD=*** dbname=presence",
+            ),
+        ] {
+            let masked = mask_url_password(url);
+            assert_eq!(masked, shown, "{url}");
+        }
+
         assert_eq!(
             mask_url_password("postgres://u@h/db"),
             "postgres://u@h/db".to_string()

@@ -311,3 +311,31 @@ fn token_with_an_out_of_range_ttl_exits_2() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("--ttl"));
     }
 }
+
+#[test]
+fn check_config_takes_numeric_secrets_from_the_environment_and_never_prints_them() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_presence-bridge"))
+        .current_dir(std::env::temp_dir())
+        .arg("check-config")
+        .env("PRESENCE_BRIDGE__XMPP__PASSWORD", "98765")
+        .env("PRESENCE_BRIDGE__AUTH__JWT_SECRET", "123456789")
+        .env(
+            "PRESENCE_BRIDGE__STORE__POSTGRES_URL",
+            "postgres://app:pa/ss@w0rd@db.internal/presence?password=qu3ry",
+        )
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    for secret in ["98765", "123456789", "pa/ss", "w0rd", "qu3ry"] {
+        assert!(!text.contains(secret), "{secret} printed:\n{text}");
+    }
+    assert!(
+        text.contains("postgres://app:***@db.internal/presence?password=***"),
+        "{text}"
+    );
+}
