@@ -339,3 +339,36 @@ fn check_config_takes_numeric_secrets_from_the_environment_and_never_prints_them
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jid_with_the_root_dot_is_the_same_user() {
+    init_logs();
+    let app = app().await;
+    app.engine()
+        .apply(event(
+            1,
+            "dot@trail.test.",
+            "r",
+            chrono::Utc::now(),
+            available(Show::Away, "here", 0, None),
+        ))
+        .await
+        .unwrap();
+    app.engine().barrier().await.unwrap();
+    let t = token("presence:read", None);
+    for path in [
+        "/api/v1/presence/dot@trail.test",
+        "/api/v1/presence/dot@trail.test.",
+        "/api/v1/last-seen/DOT@Trail.Test.",
+    ] {
+        let (code, body, _) = app.get(path, Some(&t));
+        assert_eq!(code, 200, "{path}: {body}");
+        assert_eq!(body["jid"], "dot@trail.test", "{path}");
+    }
+    assert_eq!(
+        app.get("/api/v1/presence/dot@trail.test..", Some(&t)).0,
+        400,
+        "two dots is not a domain"
+    );
+    app.stop().await;
+}

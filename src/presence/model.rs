@@ -28,19 +28,26 @@ pub enum JidError {
 impl UserJid {
     /// Parses and normalises (nodeprep/nameprep via the `jid` crate, then lower-case local and
     /// domain parts). A resource, if present, is dropped.
+    ///
+    /// A fully qualified domain with its root dot (`user@example.com.`, RFC 7622 §3.2) is the
+    /// same user as without it: the dot is removed before parsing (the `jid` crate keeps it on
+    /// some paths and moves it into the resource on others).
     pub fn parse(s: &str) -> Result<Self, JidError> {
-        let jid = jid::Jid::new(s).map_err(|e| JidError::Invalid(format!("{s:?}: {e}")))?;
+        let normal = strip_root_dot(s);
+        let jid = jid::Jid::new(&normal).map_err(|e| JidError::Invalid(format!("{s:?}: {e}")))?;
         Self::from_jid(&jid).ok_or_else(|| JidError::NoLocalPart(s.to_owned()))
     }
 
-    /// The user part of an already parsed JID; `None` for a domain JID.
+    /// The user part of an already parsed JID; `None` for a domain JID (or a domain that
+    /// still ends in a dot after the root dot is removed).
     pub fn from_jid(jid: &jid::Jid) -> Option<Self> {
         let node = jid.node()?;
-        let s = format!(
-            "{}@{}",
-            node.as_str().to_lowercase(),
-            jid.domain().as_str().to_lowercase()
-        );
+        let domain = jid.domain().as_str();
+        let domain = domain.strip_suffix('.').unwrap_or(domain);
+        if domain.is_empty() || domain.ends_with('.') {
+            return None;
+        }
+        let s = format!("{}@{}", node.as_str().to_lowercase(), domain.to_lowercase());
         Some(Self(Arc::from(s)))
     }
 
@@ -52,6 +59,20 @@ impl UserJid {
     /// The domain part.
     pub fn domain(&self) -> &str {
         self.0.rsplit_once('@').map(|(_, d)| d).unwrap_or(&self.0)
+    }
+}
+
+/// `local@domain./resource` → `local@domain/resource` (one root dot, RFC 7622 §3.2).
+fn strip_root_dot(s: &str) -> std::borrow::Cow<'_, str> {
+    let (bare, resource) = match s.find('/') {
+        Some(i) => s.split_at(i),
+        None => (s, ""),
+    };
+    match bare.strip_suffix('.') {
+        Some(b) if !b.ends_with('.') && !b.ends_with('@') && !b.is_empty() => {
+            std::borrow::Cow::Owned(format!("{b}{resource}"))
+        }
+        _ => std::borrow::Cow::Borrowed(s),
     }
 }
 

@@ -7,6 +7,7 @@ use std::collections::HashSet;
 
 use chrono::{DateTime, Duration as ChronoDuration, NaiveDateTime, Utc};
 use minidom::Element;
+use xmpp_parsers::jid::Jid;
 use xmpp_parsers::message::Message;
 use xmpp_parsers::presence::{Presence, Show as XShow, Type};
 
@@ -126,7 +127,7 @@ impl Translator {
         if p.statuses.values().any(|s| s.len() > self.max_status_bytes) {
             return Err(Dropped::Oversized("status text too long"));
         }
-        let resource = from.resource().map(|r| r.as_str().to_owned());
+        let resource = resource_of(from);
         let event = |resource: String, kind: EventKind| {
             let (at, cause) = match delay_stamp(&p.payloads) {
                 // A stamp in the future is clock skew: never let it move time forward.
@@ -184,6 +185,15 @@ impl Translator {
             Type::Unsubscribed => Inbound::Unsubscribed(user),
         })
     }
+}
+
+/// The resource of a full JID. The `jid` crate parses `user@example.com./r` (a root dot,
+/// RFC 7622 §3.2) as resource `/r`; a resource can legally begin with `/` only as `a@b//r`,
+/// which no server assigns, so one leading `/` is taken for that artefact and removed.
+fn resource_of(from: &Jid) -> Option<String> {
+    let r = from.resource()?.as_str();
+    let r = r.strip_prefix('/').unwrap_or(r);
+    (!r.is_empty()).then(|| r.to_owned())
 }
 
 /// XEP-0203 `<delay stamp>` (or legacy XEP-0091 `jabber:x:delay`), UTC.
@@ -710,6 +720,33 @@ mod robustness {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
+        /// The translator (stanzas) and the REST parser (`UserJid::parse`) agree on every
+        /// user, with or without the root dot, in any case; the resource survives as sent.
+        #[test]
+        fn translator_and_rest_parser_agree_on_every_jid(
+            local in "[a-zA-Z0-9_-]{1,12}",
+            labels in proptest::collection::vec("[a-z0-9]{1,8}", 1..4),
+            upper in any::<bool>(),
+            dot in any::<bool>(),
+            resource in "[a-zA-Z0-9][a-zA-Z0-9 ._-]{0,10}[a-zA-Z0-9]",
+        ) {
+            let mut domain = labels.join(".");
+            if upper { domain = domain.to_uppercase(); }
+            let dot = if dot { "." } else { "" };
+            let cfg = XmppConfig { domains: vec![labels.join(".")], ..XmppConfig::default() };
+            let xml = format!("<presence xmlns='jabber:component:accept' from='{local}@{domain}{dot}/{resource}' to='bridge.localhost'/>");
+            let rest = UserJid::parse(&format!("{local}@{domain}{dot}")).unwrap();
+            prop_assert_eq!(rest.as_str(), format!("{}@{}", local.to_lowercase(), labels.join(".")));
+            let p = parse_presence(&xml).unwrap();
+            match Translator::new(&cfg).presence(&p, Utc::now()) {
+                Ok(Inbound::Event(ev)) => {
+                    prop_assert_eq!(&ev.jid, &rest);
+                    prop_assert_eq!(ev.resource, resource);
+                }
+                other => prop_assert!(false, "{xml}: {other:?}"),
+            }
+        }
+
         #[test]
         fn arbitrary_text_never_panics(s in ".{0,400}") {
             run(&s);
