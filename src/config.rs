@@ -418,8 +418,12 @@ fn at_least_one(key: &str, v: usize) -> Result<(), ConfigError> {
 pub struct HttpConfig {
     /// Listen address.
     pub bind: String,
-    /// WebSocket Origin allow-list; empty means same-origin only.
+    /// WebSocket Origin allow-list (the public origins of the dashboard, e.g.
+    /// `https://presence.example.com`); the bridge's own address is always allowed.
     pub allowed_origins: Vec<String>,
+    /// Take the public host and scheme from `X-Forwarded-Host`/`X-Forwarded-Proto`/`Forwarded`
+    /// for the same-origin check: only behind a reverse proxy that sets them.
+    pub trust_forwarded_headers: bool,
     /// PEM certificate chain; with `tls_key`, the server speaks HTTPS/WSS.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `tls_cert`.
@@ -450,6 +454,7 @@ impl Default for HttpConfig {
         Self {
             bind: "127.0.0.1:8080".into(),
             allowed_origins: Vec::new(),
+            trust_forwarded_headers: false,
             tls_cert: None,
             tls_key: None,
             body_limit_bytes: 256 * 1024,

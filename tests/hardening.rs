@@ -284,7 +284,6 @@ async fn the_websocket_cap_answers_429_with_retry_after() {
         &format!("/api/v1/ws?token={t}"),
         &[
             ("Upgrade", "websocket"),
-            ("Connection", "Upgrade"),
             ("Sec-WebSocket-Version", "13"),
             ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
         ],
@@ -369,6 +368,80 @@ async fn a_jid_with_the_root_dot_is_the_same_user() {
         app.get("/api/v1/presence/dot@trail.test..", Some(&t)).0,
         400,
         "two dots is not a domain"
+    );
+    app.stop().await;
+}
+
+/// A raw WebSocket handshake with these extra headers: the status code (the connection is
+/// dropped right after the status line; a 101 never ends on its own).
+fn handshake(port: u16, token: &str, extra: &[(&str, &str)]) -> u16 {
+    use std::io::{BufRead, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut req = format!(
+        "GET /api/v1/ws?token={token} HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    );
+    if !extra.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("Host: 127.0.0.1:{port}\r\n"));
+    }
+    for (k, v) in extra {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_origin_check_trusts_neither_host_nor_forwarded_headers_and_checks_the_scheme() {
+    init_logs();
+    let app = app().await;
+    let t = token("presence:read", None);
+    let own = format!("http://127.0.0.1:{}", app.port);
+    let evil = format!("evil.example:{}", app.port);
+    let evil_origin = format!("http://{evil}");
+    let local = format!("http://localhost:{}", app.port);
+    let https_own = format!("https://127.0.0.1:{}", app.port);
+    assert_eq!(handshake(app.port, &t, &[("Origin", &own)]), 101);
+    assert_eq!(handshake(app.port, &t, &[("Origin", &local)]), 101);
+    // DNS rebinding: the page's own name resolves to the bridge; Host and Origin agree.
+    assert_eq!(
+        handshake(app.port, &t, &[("Origin", &evil_origin), ("Host", &evil)]),
+        403
+    );
+    assert_eq!(
+        handshake(
+            app.port,
+            &t,
+            &[("Origin", &evil_origin), ("X-Forwarded-Host", &evil)]
+        ),
+        403
+    );
+    assert_eq!(handshake(app.port, &t, &[("Origin", &https_own)]), 403);
+    app.stop().await;
+
+    // Behind a proxy that says so, the forwarded origin is the public one.
+    let mut cfg = test_config();
+    cfg.http.trust_forwarded_headers = true;
+    let app = TestApp::start(cfg, Ingest::None).await;
+    let public = "presence.example.com";
+    assert_eq!(
+        handshake(
+            app.port,
+            &t,
+            &[
+                ("Origin", "https://presence.example.com"),
+                ("X-Forwarded-Host", public),
+                ("X-Forwarded-Proto", "https")
+            ]
+        ),
+        101
     );
     app.stop().await;
 }

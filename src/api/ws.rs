@@ -121,9 +121,12 @@ fn split(s: &Option<String>) -> Option<Vec<String>> {
     })
 }
 
-/// Origin check: requests without Origin (non-browser clients) pass; browsers must be
-/// same-origin or in `http.allowed_origins` (`*` allows any).
-fn origin_ok(req: &HttpRequest, allowed: &[String]) -> bool {
+/// Origin check: requests without Origin (non-browser clients) pass; a browser's Origin
+/// must be in `http.allowed_origins` (`*` allows any) or be this server itself: the scheme
+/// it serves and the address the connection arrived on (`localhost` too on a loopback
+/// address). The `Host` header is not trusted (a DNS-rebinding page controls it), nor are
+/// `X-Forwarded-Host`/`Forwarded` unless `http.trust_forwarded_headers` says a proxy sets them.
+fn origin_ok(req: &HttpRequest, http: &crate::config::HttpConfig) -> bool {
     let Some(origin) = req
         .headers()
         .get(actix_web::http::header::ORIGIN)
@@ -131,16 +134,29 @@ fn origin_ok(req: &HttpRequest, allowed: &[String]) -> bool {
     else {
         return true;
     };
-    if allowed
+    let origin = origin.trim_end_matches('/');
+    if http
+        .allowed_origins
         .iter()
-        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+        .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin))
     {
         return true;
     }
-    let host = req.connection_info().host().to_owned();
-    origin
-        .split_once("://")
-        .is_some_and(|(_, rest)| rest.trim_end_matches('/').eq_ignore_ascii_case(&host))
+    let scheme = if http.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let local = req.app_config().local_addr();
+    let mut same = vec![format!("{scheme}://{local}")];
+    if local.ip().is_loopback() {
+        same.push(format!("{scheme}://localhost:{}", local.port()));
+    }
+    if http.trust_forwarded_headers {
+        let info = req.connection_info();
+        same.push(format!("{}://{}", info.scheme(), info.host()));
+    }
+    same.iter().any(|s| s.eq_ignore_ascii_case(origin))
 }
 
 /// Holds one of a token's connection slots; released on drop.
@@ -186,7 +202,7 @@ pub async fn ws(
     st: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let perms = require(authenticate(&req, true)?, Scope::PresenceRead)?;
-    if !origin_ok(&req, &st.http.allowed_origins) {
+    if !origin_ok(&req, &st.http) {
         return Err(
             ApiError::forbidden("this Origin is not allowed (http.allowed_origins)")
                 .with_code("forbidden_origin"),
