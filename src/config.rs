@@ -437,6 +437,9 @@ pub struct HttpConfig {
     pub rate_limit_per_ip: u32,
     /// Burst allowance of the per-token limit (the per-IP burst is twice this).
     pub rate_limit_burst: u32,
+    /// How often the rate limiters forget keys whose quota has fully replenished.
+    #[serde(with = "secs")]
+    pub rate_limit_prune_secs: Duration,
     /// Concurrent WebSocket connections per token subject.
     pub ws_max_per_token: usize,
     /// Seconds between server pings on WebSockets; a peer silent for three intervals is closed.
@@ -461,6 +464,7 @@ impl Default for HttpConfig {
             rate_limit_per_token: 2000,
             rate_limit_per_ip: 5000,
             rate_limit_burst: 4000,
+            rate_limit_prune_secs: Duration::from_secs(60),
             ws_max_per_token: 32,
             ws_ping_secs: Duration::from_secs(20),
             ws_send_timeout_secs: Duration::from_secs(10),

@@ -445,3 +445,37 @@ async fn the_origin_check_trusts_neither_host_nor_forwarded_headers_and_checks_t
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_keys_are_forgotten_once_their_quota_is_back() {
+    init_logs();
+    let mut cfg = test_config();
+    cfg.http.rate_limit_per_token = 1;
+    cfg.http.rate_limit_burst = 5;
+    cfg.http.rate_limit_prune_secs = std::time::Duration::from_millis(200);
+    let app = TestApp::start(cfg, Ingest::None).await;
+    let keys = || {
+        metric(
+            &metrics_text(app.port),
+            "presence_bridge_rate_limiter_keys{limiter=\"token\"}",
+        )
+    };
+    // 300 subjects, one request each: 300 keys, each a second from a full quota.
+    for i in 0..300 {
+        let t = presence_bridge::api::auth::mint(
+            API_SECRET,
+            &presence_bridge::api::auth::claims(
+                &format!("client-{i}"),
+                "presence:read",
+                None,
+                300,
+                &presence_bridge::config::AuthConfig::default(),
+            ),
+        )
+        .unwrap();
+        assert_eq!(app.get("/api/v1/stats", Some(&t)).0, 200);
+    }
+    eventually("the live keys are counted", || keys() >= 100).await;
+    eventually("replenished keys are forgotten", || keys() == 0).await;
+    app.stop().await;
+}

@@ -84,6 +84,11 @@ async fn every_documented_metric_is_exported_with_a_live_value() {
         ..test_config()
     };
     cfg.http.ws_send_timeout_secs = Duration::from_secs(30);
+    // The default rate limits, pruned often enough to be seen.
+    let defaults = presence_bridge::config::HttpConfig::default();
+    cfg.http.rate_limit_per_token = defaults.rate_limit_per_token;
+    cfg.http.rate_limit_per_ip = defaults.rate_limit_per_ip;
+    cfg.http.rate_limit_prune_secs = Duration::from_millis(200);
     // A feed of 1024 changes per subscriber, so that falling behind is quick to provoke.
     cfg.presence.ring_size = 1024;
     let app = TestApp::start(cfg, Ingest::Xmpp).await;
@@ -225,6 +230,7 @@ async fn every_documented_metric_is_exported_with_a_live_value() {
         "presence_bridge_xmpp_stale",
         "presence_bridge_xmpp_privilege",
         "presence_bridge_ws_sessions",
+        "presence_bridge_rate_limiter_keys",
         "presence_bridge_store_queue_depth",
         "presence_bridge_store_spooled_events",
         "presence_bridge_store_spooling",

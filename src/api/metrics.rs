@@ -5,7 +5,8 @@
 //! their metrics where things happen (see [`crate::telemetry`]).
 
 use prometheus::{
-    Encoder, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry, TextEncoder,
+    Encoder, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry,
+    TextEncoder,
 };
 
 use crate::telemetry::{self, LATENCY_BUCKETS};
@@ -29,6 +30,8 @@ pub struct ApiMetrics {
     pub http_requests: IntCounterVec,
     /// HTTP latency by route.
     pub http_latency: HistogramVec,
+    /// Keys held by each rate limiter after its last pruning.
+    pub rate_limiter_keys: IntGaugeVec,
 }
 
 impl ApiMetrics {
@@ -80,6 +83,12 @@ impl ApiMetrics {
                 "HTTP request latency by route",
                 &["route"],
                 &LATENCY_BUCKETS,
+            ),
+            rate_limiter_keys: telemetry::gauge_vec(
+                r,
+                "presence_bridge_rate_limiter_keys",
+                "Keys (tokens, IPs) each rate limiter holds after its last pruning",
+                &["limiter"],
             ),
         }
     }

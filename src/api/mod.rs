@@ -407,6 +407,7 @@ pub fn serve(
     tls: Option<rustls::ServerConfig>,
 ) -> std::io::Result<Server> {
     let http = state.http.clone();
+    let state_for_pruning = state.clone();
     let data = web::Data::from(state);
     let auth = web::Data::new(auth);
     let per_token = if http.rate_limit_per_token == 0 {
@@ -431,6 +432,30 @@ pub fn serve(
             .key_extractor(IpKey)
             .finish()
     };
+    let mut prunes: Vec<Prune> = Vec::new();
+    if let Some(c) = &per_token {
+        let l = c.limiter();
+        prunes.push((
+            "token",
+            Box::new(move || {
+                l.retain_recent();
+                l.shrink_to_fit();
+                l.len()
+            }),
+        ));
+    }
+    if let Some(c) = &per_ip {
+        let l = c.limiter();
+        prunes.push((
+            "ip",
+            Box::new(move || {
+                l.retain_recent();
+                l.shrink_to_fit();
+                l.len()
+            }),
+        ));
+    }
+    spawn_limiter_pruning(&state_for_pruning, prunes);
     let body_limit = http.body_limit_bytes;
     let server = HttpServer::new(move || {
         let api = web::scope("/api/v1")
@@ -505,6 +530,35 @@ pub fn serve(
         None => server.listen(listener)?,
     };
     Ok(server.run())
+}
+
+/// Prunes one limiter and says how many keys it still holds.
+type Prune = (&'static str, Box<dyn Fn() -> usize + Send>);
+
+/// Every `http.rate_limit_prune_secs`, forgets the rate-limit keys whose quota has fully
+/// replenished (a key is a token hash or an IP: without this, every token ever seen stays in
+/// memory), and reports how many are live. A task of `state.tasks`, ended by shutdown.
+fn spawn_limiter_pruning(state: &Arc<AppState>, prunes: Vec<Prune>) {
+    if prunes.is_empty() {
+        return;
+    }
+    let state = state.clone();
+    let tasks = state.tasks.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(state.http.rate_limit_prune_secs);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = state.shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    for (name, prune) in &prunes {
+                        let live = prune();
+                        state.metrics.rate_limiter_keys.with_label_values(&[name]).set(live as i64);
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// A placeholder config for a disabled limiter (`Condition` needs a value of the same type).
