@@ -9,24 +9,71 @@ mod common;
 use std::io::BufRead;
 use std::process::{Command, Stdio};
 
-use common::repo;
+use common::*;
+use presence_bridge::app::Ingest;
+use presence_bridge::presence::Show;
 
-#[test]
-fn dashboard_in_headless_chromium() {
-    let browser_dir = repo().join("tests/browser");
+/// Installs playwright-core if needed; the folder of the browser scripts.
+fn browser_dir() -> std::path::PathBuf {
+    let dir = repo().join("tests/browser");
     assert!(
         std::path::Path::new("/usr/bin/chromium").exists()
             || std::env::var_os("CHROMIUM").is_some(),
         "Chromium is missing: run scripts/test.sh (it installs Debian's chromium)"
     );
-    if !browser_dir.join("node_modules/playwright-core").exists() {
+    if !dir.join("node_modules/playwright-core").exists() {
         let ok = Command::new("npm")
             .args(["ci", "--no-audit", "--no-fund"])
-            .current_dir(&browser_dir)
+            .current_dir(&dir)
             .status()
             .expect("npm");
         assert!(ok.success(), "npm ci in tests/browser failed");
     }
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_text_is_shown_without_bidi_overrides_or_invisible_characters() {
+    let dir = browser_dir();
+    let app = TestApp::start(test_config(), Ingest::None).await;
+    let raw = "\u{202E}gnp.exe\u{200B} back\u{2066} soon\u{FEFF}";
+    app.engine()
+        .apply(event(
+            1,
+            "bidi@example.com",
+            "phone",
+            chrono::Utc::now(),
+            available(Show::Chat, raw, 0, None),
+        ))
+        .await
+        .unwrap();
+    app.engine().barrier().await.unwrap();
+    let t = token("admin", None);
+    // The API keeps the raw text (history and integrations see what was sent).
+    let (_, body, _) = app.get("/api/v1/presence/bidi@example.com", Some(&t));
+    assert_eq!(body["status"], raw);
+    let url = format!("http://127.0.0.1:{}/#token={t}", app.port);
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(dir.join("status_text.mjs"))
+            .args([url.as_str(), "bidi@example.com", "gnp.exe back soon"])
+            .output()
+            .expect("node")
+    })
+    .await
+    .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.contains("ALL OK"), "{text}");
+    app.stop().await;
+}
+
+#[test]
+fn dashboard_in_headless_chromium() {
+    let browser_dir = browser_dir();
     let mut demo = Command::new(env!("CARGO_BIN_EXE_presence-bridge"))
         .args(["demo", "--users", "300", "--bind", "127.0.0.1:0"])
         .stdout(Stdio::piped())

@@ -479,3 +479,34 @@ async fn rate_limit_keys_are_forgotten_once_their_quota_is_back() {
     eventually("replenished keys are forgotten", || keys() == 0).await;
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_backdate_its_live_presence_with_a_delay_stamp() {
+    init_logs();
+    let ej = Ejabberd::shared();
+    let lease = lease_component();
+    let user = ej.user("backdate", &lease.domain);
+    let cfg = xmpp_cfg(&ej, &lease);
+    let window = cfg.resync_grace_secs;
+    let bridge = TestApp::xmpp(cfg).await;
+    bridge.connected().await;
+    bridge.wait_status("resync over", |s| !s.resyncing).await;
+    // Past the window in which the server answers the bridge.
+    tokio::time::sleep(window + std::time::Duration::from_millis(200)).await;
+    let before = chrono::Utc::now();
+    let mut c = Client::login(ej.c2s, &user, "r").await;
+    c.send(
+        "<presence><show>chat</show><delay xmlns='urn:xmpp:delay' from='localhost' stamp='1970-01-01T00:00:00Z'/></presence>",
+    )
+    .await;
+    let p = bridge.wait_user(&user, "online", |p| p.online).await;
+    let since = p.online_since.expect("online since");
+    assert!(
+        since >= before - chrono::Duration::seconds(1),
+        "online_since is when the bridge heard it, not the client's stamp: {since}"
+    );
+    assert_eq!(p.resources[0].since, since);
+    c.unavailable(None).await;
+    bridge.wait_user(&user, "offline", |p| !p.online).await;
+    bridge.stop().await;
+}

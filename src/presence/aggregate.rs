@@ -17,6 +17,20 @@ pub fn best_resource(resources: &[ResourcePresence]) -> Option<&ResourcePresence
         .max_by_key(|r| (r.priority, r.show.availability(), r.touched))
 }
 
+/// The earliest time `ev` may claim: a resource cannot have come online before the user was
+/// last seen going offline (a stale or backdated `<delay>` stamp would otherwise rewrite
+/// history and `online_since`). `Some(t)` when `ev.at` must move forward to `t`.
+pub fn not_before(prev: Option<&UserPresence>, ev: &PresenceEvent) -> Option<DateTime<Utc>> {
+    let p = prev?;
+    let EventKind::Available(_) = ev.kind else {
+        return None;
+    };
+    if p.resources.iter().any(|r| r.resource == ev.resource) {
+        return None;
+    }
+    p.last_seen.filter(|seen| *seen > ev.at)
+}
+
 /// Applies `ev` to `prev` (the user's current state, if known).
 ///
 /// Returns `None` when the event changes nothing (a duplicate, an unavailable for a resource
@@ -171,6 +185,27 @@ mod tests {
             received_at: t(at),
             cause: Cause::Stanza,
         }
+    }
+
+    #[test]
+    fn a_stamp_before_the_last_offline_is_moved_to_it() {
+        let (_, online) = apply(None, &avail("phone", Show::Chat, 0, "hi", 100), 1).expect("on");
+        let (_, offline) = apply(Some(&online), &gone("phone", 200), 2).expect("off");
+        // A probe answer stamped long before the user was last seen offline.
+        let stale = avail("laptop", Show::Away, 0, "old", 50);
+        assert_eq!(not_before(Some(&offline), &stale), Some(t(200)));
+        assert_eq!(
+            not_before(Some(&offline), &avail("laptop", Show::Away, 0, "new", 300)),
+            None
+        );
+        assert_eq!(not_before(None, &stale), None);
+        // An update of a resource that is online keeps its own `since`.
+        let (_, back) =
+            apply(Some(&offline), &avail("laptop", Show::Away, 0, "x", 300), 3).expect("back");
+        assert_eq!(
+            not_before(Some(&back), &avail("laptop", Show::Dnd, 0, "y", 10)),
+            None
+        );
     }
 
     #[test]

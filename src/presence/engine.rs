@@ -481,6 +481,14 @@ impl Sequencer {
     fn apply(&mut self, ev: &PresenceEvent) {
         self.touch += 1;
         let prev = self.shared.map.get(&ev.jid).map(|e| e.value().clone());
+        let clamped;
+        let ev = match aggregate::not_before(prev.as_deref(), ev) {
+            Some(at) => {
+                clamped = PresenceEvent { at, ..ev.clone() };
+                &clamped
+            }
+            None => ev,
+        };
         let Some((op, next)) = aggregate::apply(prev.as_deref(), ev, self.touch) else {
             return;
         };

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use xmpp_parsers::jid::{BareJid, Jid};
 use xmpp_parsers::presence::{Presence, Show as XShow, Type};
 
-use super::xmpp::translate::{Inbound, Translator};
+use super::xmpp::translate::{Delay, Inbound, Translator};
 use crate::config::XmppConfig;
 use crate::presence::Engine;
 
@@ -340,7 +340,8 @@ impl Simulator {
 
     async fn feed(&self, engine: &Engine, stanzas: Vec<Presence>) -> bool {
         for p in stanzas {
-            if let Ok(Inbound::Event(ev)) = self.translator.presence(&p, Utc::now())
+            if let Ok(Inbound::Event(ev)) =
+                self.translator.presence(&p, Utc::now(), Delay::Untrusted)
                 && engine.apply(ev).await.is_err()
             {
                 return false;

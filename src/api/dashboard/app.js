@@ -7,6 +7,11 @@ const $ = (id) => document.getElementById(id);
 const SHOW_ORDER = { chat: 0, available: 1, away: 2, xa: 3, dnd: 4, offline: 5 };
 const SHOW_WORD = { chat: 'chat', available: 'available', away: 'away', xa: 'extended away', dnd: 'busy', offline: 'offline' };
 const TOKEN_KEY = 'presence-bridge-token';
+// Status text is what a user typed: shown without bidirectional overrides, embeddings and
+// isolates (which can reverse what follows, e.g. "gnp.exe"), and without zero-width and other
+// invisible characters. The API and the history keep the raw text.
+const INVISIBLE = /[\u00AD\u061C\u180E\u200B-\u200F\u202A-\u202E\u2060-\u2064\u2066-\u2069\uFEFF]/g;
+const shown = (text) => (text || '').replace(INVISIBLE, '');
 
 const st = {
   token: null,
@@ -251,7 +256,7 @@ function renderRows() {
     b.className = 'user row';
     b.dataset.jid = u.jid;
     const since = u.online_since ? 'online for ' + relative(u.online_since) : '';
-    b.setAttribute('aria-label', u.jid + ', ' + SHOW_WORD[u.show] + (u.status ? ', ' + u.status : '') + ', ' + u.resources.length + ' device(s), ' + since);
+    b.setAttribute('aria-label', u.jid + ', ' + SHOW_WORD[u.show] + (u.status ? ', ' + shown(u.status) : '') + ', ' + u.resources.length + ' device(s), ' + since);
     if (now - (st.flash.get(u.jid) || 0) < 1200) b.classList.add('flash');
     const show = cell('c-show', 'show show-' + u.show, SHOW_WORD[u.show]);
     const idle = u.resources.filter((r) => r.idle_since).map((r) => r.idle_since).sort()[0];
@@ -262,7 +267,7 @@ function renderRows() {
       s.textContent = '· idle ' + relative(idle);
       jid.appendChild(s);
     }
-    const status = cell('c-status', 'status', u.status || '');
+    const status = cell('c-status', 'status', shown(u.status));
     const dev = cell('c-dev', 'devices', '');
     for (const r of u.resources) {
       const d = document.createElement('span');
@@ -380,7 +385,7 @@ function renderDetail(u) {
     s.className = 'show show-' + u.show;
     s.textContent = SHOW_WORD[u.show];
     add('show', s);
-    add('status', u.status || '—');
+    add('status', shown(u.status) || '—');
     add('priority', String(u.priority));
     add('online since', u.online_since ? new Date(u.online_since).toLocaleString() + ' (' + relative(u.online_since) + ')' : '—');
     add('last change', u.last_change ? new Date(u.last_change).toLocaleString() : '—');
@@ -393,7 +398,7 @@ function renderDetail(u) {
   const tb = document.createElement('tbody');
   for (const r of (u ? u.resources : [])) {
     const tr = document.createElement('tr');
-    for (const v of [r.resource, r.client || '—', SHOW_WORD[r.show], r.status || '—', String(r.priority), relative(r.since), r.idle_since ? relative(r.idle_since) : '—']) {
+    for (const v of [r.resource, r.client || '—', SHOW_WORD[r.show], shown(r.status) || '—', String(r.priority), relative(r.since), r.idle_since ? relative(r.idle_since) : '—']) {
       const td = document.createElement('td');
       td.textContent = v;
       tr.appendChild(td);
@@ -425,7 +430,7 @@ async function loadDetailExtras(jid) {
     ul.className = 'timeline';
     for (const e of r.events) {
       const li = document.createElement('li');
-      li.textContent = new Date(e.at).toLocaleString() + ' — ' + e.resource + ': ' + (e.kind === 'available' ? (SHOW_WORD[e.show] || 'available') : 'went offline') + (e.status ? ' “' + e.status + '”' : '');
+      li.textContent = new Date(e.at).toLocaleString() + ' — ' + e.resource + ': ' + (e.kind === 'available' ? (SHOW_WORD[e.show] || 'available') : 'went offline') + (e.status ? ' “' + shown(e.status) + '”' : '');
       ul.appendChild(li);
     }
     out.replaceChildren(ul);
@@ -449,7 +454,7 @@ $('lookup-form').addEventListener('submit', async (e) => {
     for (const x of r.results) {
       const tr = document.createElement('tr');
       const seen = x.online ? 'online now (since ' + relative(x.online_since) + ')' : (x.last_seen ? new Date(x.last_seen).toLocaleString() + ' (' + relative(x.last_seen) + ' ago)' : '—');
-      for (const v of [x.jid, x.online ? 'yes' : 'no', seen, x.status || '—']) {
+      for (const v of [x.jid, x.online ? 'yes' : 'no', seen, shown(x.status) || '—']) {
         const td = document.createElement('td');
         td.textContent = v;
         tr.appendChild(td);

@@ -503,6 +503,7 @@ impl Supervisor {
             .and_then(|d| BareJid::new(d).ok())
             .map(Into::into);
         let mut ping_id: u64 = 0;
+        let trust_until = Instant::now() + self.cfg.resync_grace_secs;
 
         loop {
             tokio::select! {
@@ -549,7 +550,7 @@ impl Supervisor {
                     match el {
                         XmppStreamElement::Stanza(Stanza::Presence(p)) => {
                             self.metrics.presence_in.inc();
-                            let replies = match self.on_presence(&p).await {
+                            let replies = match self.on_presence(&p, trust_until).await {
                                 Ok(r) => r,
                                 Err(()) => return SessionEnd::Cancelled,
                             };
@@ -588,8 +589,16 @@ impl Supervisor {
     }
 
     /// Translates and applies one presence; returns the stanzas to send back (without `from`).
-    async fn on_presence(&self, p: &Presence) -> Result<Vec<Presence>, ()> {
-        let inbound = match self.translator.presence(p, Utc::now()) {
+    /// Delay stamps are trusted only while the server is answering the bridge: during the
+    /// resync round after a connect (probe answers; Prosody's pushed state) or, without
+    /// probes, for `xmpp.resync_grace_secs` after the connect.
+    async fn on_presence(&self, p: &Presence, trust_until: Instant) -> Result<Vec<Presence>, ()> {
+        let delay = if self.status.borrow().resyncing || Instant::now() < trust_until {
+            translate::Delay::Trusted
+        } else {
+            translate::Delay::Untrusted
+        };
+        let inbound = match self.translator.presence(p, Utc::now(), delay) {
             Ok(i) => i,
             Err(d) => {
                 match d {

@@ -6,4 +6,4 @@ pub mod translate;
 pub use component::{
     ComponentHandle, ConnectionStatus, FatalError, SpawnOptions, XmppMetrics, spawn,
 };
-pub use translate::{Dropped, Inbound, Translator};
+pub use translate::{Delay, Dropped, Inbound, Translator};

@@ -114,8 +114,15 @@ impl Translator {
         (!trimmed.is_empty()).then(|| trimmed.to_owned())
     }
 
-    /// Translates one presence stanza read at `received_at`.
-    pub fn presence(&self, p: &Presence, received_at: DateTime<Utc>) -> Result<Inbound, Dropped> {
+    /// Translates one presence stanza read at `received_at`. A XEP-0203 `<delay>` moves the
+    /// event back in time only when `delay` is [`Delay::Trusted`]: a client can put any stamp in
+    /// its own live presence (its `from` does not tell a server's stamp from a client's).
+    pub fn presence(
+        &self,
+        p: &Presence,
+        received_at: DateTime<Utc>,
+        delay: Delay,
+    ) -> Result<Inbound, Dropped> {
         let from = p.from.as_ref().ok_or(Dropped::NoFrom)?;
         let user = UserJid::from_jid(from).ok_or_else(|| Dropped::NotUser(from.to_string()))?;
         if !self.domains.contains(user.domain()) {
@@ -128,8 +135,12 @@ impl Translator {
             return Err(Dropped::Oversized("status text too long"));
         }
         let resource = resource_of(from);
+        let stamp = match delay {
+            Delay::Trusted => delay_stamp(&p.payloads),
+            Delay::Untrusted => None,
+        };
         let event = |resource: String, kind: EventKind| {
-            let (at, cause) = match delay_stamp(&p.payloads) {
+            let (at, cause) = match stamp {
                 // A stamp in the future is clock skew: never let it move time forward.
                 Some(stamp) => (stamp.min(received_at), Cause::Probe),
                 None => (received_at, Cause::Stanza),
@@ -147,7 +158,7 @@ impl Translator {
         Ok(match p.type_ {
             Type::None => {
                 let resource = resource.ok_or_else(|| Dropped::NoResource(user.to_string()))?;
-                let at = delay_stamp(&p.payloads).map_or(received_at, |s| s.min(received_at));
+                let at = stamp.map_or(received_at, |s| s.min(received_at));
                 let availability = Availability {
                     show: match p.show {
                         None => Show::Available,
@@ -185,6 +196,16 @@ impl Translator {
             Type::Unsubscribed => Inbound::Unsubscribed(user),
         })
     }
+}
+
+/// Whether a presence's `<delay>` stamp may say when it really happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delay {
+    /// The server is answering the bridge (a probe answer, or the state a server pushes right
+    /// after connect): the stamp is the server's record of the resource's last change.
+    Trusted,
+    /// Live presence: the stamp is whatever the client wrote; the receive time is used.
+    Untrusted,
 }
 
 /// The resource of a full JID. The `jid` crate parses `user@example.com./r` (a root dot,
@@ -342,9 +363,10 @@ mod tests {
             .unwrap_or_default()
     }
 
+    /// As a probe answer (delay stamps trusted).
     fn run(xml: &str) -> Result<Inbound, Dropped> {
         let p = parse_presence(xml).unwrap_or_else(|e| panic!("{e}: {xml}"));
-        tr().presence(&p, now())
+        tr().presence(&p, now(), Delay::Trusted)
     }
 
     fn event(xml: &str) -> PresenceEvent {
@@ -446,6 +468,20 @@ mod tests {
             "<presence {NS} from='bob@localhost/laptop'><delay stamp='yesterday' xmlns='urn:xmpp:delay'/></presence>"
         ));
         assert_eq!((e.at, e.cause), (now(), Cause::Stanza));
+    }
+
+    #[test]
+    fn live_presence_with_a_backdated_delay_is_taken_at_its_receive_time() {
+        let xml = format!(
+            "<presence {NS} from='mallory@localhost/r'><delay stamp='1970-01-01T00:00:00Z' xmlns='urn:xmpp:delay' from='localhost'/><show>chat</show></presence>"
+        );
+        let p = parse_presence(&xml).unwrap();
+        match tr().presence(&p, now(), Delay::Untrusted) {
+            Ok(Inbound::Event(e)) => {
+                assert_eq!((e.at, e.cause), (now(), Cause::Stanza));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -714,7 +750,7 @@ mod robustness {
 
     fn run(xml: &str) {
         if let Ok(p) = parse_presence(xml) {
-            let _ = tr().presence(&p, Utc::now());
+            let _ = tr().presence(&p, Utc::now(), Delay::Trusted);
         }
     }
 
@@ -738,7 +774,7 @@ mod robustness {
             let rest = UserJid::parse(&format!("{local}@{domain}{dot}")).unwrap();
             prop_assert_eq!(rest.as_str(), format!("{}@{}", local.to_lowercase(), labels.join(".")));
             let p = parse_presence(&xml).unwrap();
-            match Translator::new(&cfg).presence(&p, Utc::now()) {
+            match Translator::new(&cfg).presence(&p, Utc::now(), Delay::Untrusted) {
                 Ok(Inbound::Event(ev)) => {
                     prop_assert_eq!(&ev.jid, &rest);
                     prop_assert_eq!(ev.resource, resource);
