@@ -7,12 +7,15 @@
 #     each, and tests that stop Postgres run their own throwaway clusters);
 #   - Debian's Chromium and the pinned playwright-core npm package for the dashboard test
 #     (screenshots in target/test-artifacts/);
+#   - after the suite: schemathesis (pinned, in a venv under target/) against the running
+#     service's OpenAPI document with all checks on (scripts/schemathesis.sh), and, when
+#     CI=true (or PB_FUZZ=1), every fuzz target for FUZZ_SECS=60 s (scripts/fuzz-smoke.sh);
 # and stops what it started. PB_KEEP_SERVERS=1 leaves the shared ejabberd running for the next
 # run; PB_SKIP_LINT=1 skips fmt/clippy. Extra arguments go to the test runner.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-scripts/install-deps.sh ejabberd postgres chromium node
+scripts/install-deps.sh ejabberd postgres chromium node python-venv
 scripts/start-postgres.sh
 # playwright-core (pinned in tests/browser/package-lock.json) drives Debian's Chromium; it
 # never downloads a browser of its own.
@@ -41,4 +44,12 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   echo "(cargo-nextest not found: using cargo test)"
   cargo test --workspace --no-fail-fast "$@"
+fi
+
+echo "== API properties (schemathesis)"
+scripts/schemathesis.sh target/debug/presence-bridge
+
+if [ "${CI:-}" = true ] || [ "${PB_FUZZ:-0}" = 1 ]; then
+  echo "== fuzz smoke runs"
+  scripts/fuzz-smoke.sh
 fi

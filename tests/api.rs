@@ -817,8 +817,47 @@ fn openapi_document_lists_the_contract_routes() {
         "/api/v1/last-seen",
         "/api/v1/history/{jid}",
         "/api/v1/stats",
+        "/api/v1/stats/concurrency",
+        "/api/v1/ws",
+        "/api/v1/openapi.json",
     ] {
         assert!(doc["paths"].get(p).is_some(), "missing {p}");
+    }
+    // Every operation documents its answers; every JSON answer has a schema; every
+    // authenticated operation documents 401, 403 and 429 (with Retry-After).
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            let responses = op["responses"].as_object().unwrap();
+            assert!(!responses.is_empty(), "{method} {path}");
+            for (code, r) in responses {
+                if let Some(json) = r["content"].get("application/json") {
+                    assert!(
+                        json.get("schema").is_some(),
+                        "{method} {path} {code}: no schema"
+                    );
+                }
+            }
+            if op.get("security").is_some() {
+                for code in ["401", "403", "429"] {
+                    assert!(responses.contains_key(code), "{method} {path}: no {code}");
+                }
+                assert!(
+                    responses["429"]["headers"].get("Retry-After").is_some(),
+                    "{method} {path}: 429 without Retry-After"
+                );
+            }
+        }
+    }
+    for jid_path in [
+        "/api/v1/presence/{jid}",
+        "/api/v1/last-seen/{jid}",
+        "/api/v1/history/{jid}",
+    ] {
+        let params = doc["paths"][jid_path]["get"]["parameters"]
+            .as_array()
+            .unwrap();
+        let jid = params.iter().find(|p| p["name"] == "jid").unwrap();
+        assert_eq!(jid["schema"]["format"], "jid", "{jid_path}");
     }
 }
 

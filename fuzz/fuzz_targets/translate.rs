@@ -1,15 +1,19 @@
-//! Fuzz the stanza path: bytes → XML → presence → engine event. Must never panic.
-//!   cargo fuzz run translate      (from the repo root; see fuzz/README.md)
+//! The stanza path: bytes → XML → presence → engine event (with and without trusted delay
+//! stamps). Must never panic.
+//!   RUSTC_BOOTSTRAP=1 cargo fuzz run translate      (see fuzz/README.md)
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use presence_bridge::config::XmppConfig;
-use presence_bridge::xmpp::translate::{Translator, parse_presence};
+use presence_bridge::sources::xmpp::translate::{Delay, Translator, parse_presence};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(p) = parse_presence(text) {
         let t = Translator::new(&XmppConfig::default());
-        let _ = t.presence(&p, chrono::Utc::now());
+        let _ = t.presence(&p, chrono::Utc::now(), Delay::Trusted);
+        let _ = t.presence(&p, chrono::Utc::now(), Delay::Untrusted);
     }
 });

@@ -13,7 +13,7 @@ use crate::store::reads::{self, HistoryEvent, HistoryPage, HistoryQuery, LastSee
 use crate::store::{StoreError, StoreHandle};
 
 /// `GET /api/v1/last-seen/{jid}` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct LastSeen {
     /// Bare JID.
     pub jid: String,
@@ -116,10 +116,11 @@ pub async fn last_seen(
 }
 
 /// A page of history (contract §4): the store's rows, written in the contract's shape.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct HistoryBody {
     /// Events in the requested order.
     #[serde(serialize_with = "history_events")]
+    #[schema(value_type = Vec<HistoryEntry>)]
     pub events: Vec<HistoryEvent>,
     /// Cursor for the next page, if there is one.
     pub next_cursor: Option<String>,
@@ -132,6 +133,27 @@ impl From<HistoryPage> for HistoryBody {
             next_cursor: p.next_cursor,
         }
     }
+}
+
+/// The shape [`history_events`] writes, for the OpenAPI document only.
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct HistoryEntry {
+    /// When it happened (RFC 3339, milliseconds).
+    at: DateTime<Utc>,
+    /// Resource.
+    resource: String,
+    /// `available` or `unavailable`.
+    #[schema(pattern = "^(available|unavailable)$")]
+    kind: String,
+    /// Show of an available event.
+    show: Option<crate::presence::Show>,
+    /// Status text.
+    status: Option<String>,
+    /// Priority of an available event.
+    priority: Option<i16>,
+    /// Why: `stanza`, `probe`, `resync`, `shutdown`.
+    cause: String,
 }
 
 /// `{"at","resource","kind","show","status","priority","cause"}` per row; `cause` (stanza,

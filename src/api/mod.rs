@@ -167,8 +167,8 @@ async fn style_css() -> HttpResponse {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "presence-bridge", description = "Live XMPP presence: REST and WebSocket (contract v1)"),
-    paths(rest::healthz, rest::readyz, rest::metrics, rest::list, rest::one, rest::last_seen, rest::last_seen_bulk, rest::history, rest::stats, rest::concurrency),
-    components(schemas(ErrorBody, rest::Ready, rest::PresenceList, rest::BulkBody, rest::StatsBody, Sample)),
+    paths(rest::healthz, rest::readyz, rest::metrics, rest::list, rest::one, rest::last_seen, rest::last_seen_bulk, rest::history, rest::stats, rest::concurrency, ws::ws, openapi_doc),
+    components(schemas(ErrorBody, rest::Health, rest::Ready, rest::PresenceList, rest::BulkBody, rest::BulkAnswer, rest::StatsBody, rest::ConcurrencyBody, rest::Order, rest::BareJidText, Sample, crate::presence::UserPresence, crate::presence::ResourcePresence, crate::presence::Show, lookup::LastSeen, lookup::HistoryBody, lookup::HistoryEntry)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -196,6 +196,8 @@ pub fn openapi_json() -> String {
     ApiDoc::openapi().to_pretty_json().unwrap_or_default()
 }
 
+/// `GET /api/v1/openapi.json`: this document.
+#[utoipa::path(get, path = "/api/v1/openapi.json", responses((status = 200, description = "The OpenAPI document of this API", body = Object, content_type = "application/json")))]
 async fn openapi_doc() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/json")

@@ -15,7 +15,7 @@ use super::error::ApiError;
 use super::lookup;
 use crate::presence::{Show, UserJid, UserPresence};
 use crate::store::StoreMode;
-use crate::store::reads::{HistoryQuery, Order};
+use crate::store::reads::{self, HistoryQuery};
 
 type State = web::Data<AppState>;
 
@@ -25,10 +25,17 @@ pub fn parse_jid(s: &str) -> Result<UserJid, ApiError> {
 }
 
 /// `GET /healthz`.
-#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "The process runs")))]
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "The process runs: `{\"status\":\"ok\"}`", body = Health)))]
 #[route("/healthz", method = "GET", method = "HEAD")]
 pub async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+    HttpResponse::Ok().json(Health { status: "ok" })
+}
+
+/// `/healthz` body.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    pub status: &'static str,
 }
 
 /// `/readyz` body.
@@ -58,7 +65,7 @@ pub struct Ready {
 }
 
 /// `GET /readyz`.
-#[utoipa::path(get, path = "/readyz", responses((status = 200, body = Ready), (status = 503, body = Ready)))]
+#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "Connected and the store accepts writes", body = Ready), (status = 503, description = "Not ready (XMPP disconnected)", body = Ready)))]
 #[route("/readyz", method = "GET", method = "HEAD")]
 pub async fn readyz(st: State) -> HttpResponse {
     let status = st.component.as_ref().map(|c| c.status());
@@ -108,12 +115,24 @@ pub async fn readyz(st: State) -> HttpResponse {
 }
 
 /// `GET /metrics`.
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
 #[route("/metrics", method = "GET", method = "HEAD")]
 pub async fn metrics(st: State) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(super::metrics::render(&st.registry))
+}
+
+/// A bare JID in a path (`local@domain`, lower-cased on the way in; a trailing root dot is
+/// the same user). The OpenAPI format `jid` means an RFC 7622 bare JID: a localpart (PRECIS
+/// UsernameCaseMapped) and a domain (IDNA), which no regular expression captures exactly;
+/// anything else is answered 400 `invalid_jid`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct JidPath {
+    /// Bare JID.
+    #[param(format = "jid", example = "alice@example.com")]
+    pub jid: String,
 }
 
 /// Query of `GET /api/v1/presence`.
@@ -122,10 +141,13 @@ pub struct ListQuery {
     /// Only users of this domain.
     pub domain: Option<String>,
     /// Only users with this aggregate show.
+    #[param(value_type = Option<crate::presence::Show>)]
     pub show: Option<String>,
-    /// Page size (default 1000, max 10000).
+    /// Page size.
+    #[param(minimum = 1, maximum = 10000, default = 1000)]
     pub limit: Option<usize>,
-    /// Cursor from the previous page.
+    /// Cursor from the previous page (`next_cursor`).
+    #[param(pattern = "^([0-9a-fA-F]{2})*$")]
     pub cursor: Option<String>,
 }
 
@@ -137,7 +159,7 @@ pub struct PresenceList {
     /// The snapshot's seq.
     pub seq: u64,
     /// Online users, sorted by JID.
-    #[schema(value_type = Vec<Object>)]
+    #[schema(value_type = Vec<crate::presence::UserPresence>)]
     pub users: Vec<Arc<UserPresence>>,
     /// Cursor for the next page.
     pub next_cursor: Option<String>,
@@ -167,11 +189,11 @@ fn unhex(s: &str) -> Option<String> {
         .step_by(2)
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect();
-    String::from_utf8(bytes?).ok()
+    Some(String::from_utf8_lossy(&bytes?).into_owned())
 }
 
 /// `GET /api/v1/presence`.
-#[utoipa::path(get, path = "/api/v1/presence", params(ListQuery), responses((status = 200, body = PresenceList), (status = 401, body = super::error::ErrorBody), (status = 403, body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/presence", params(ListQuery), responses((status = 200, description = "Online users, one page", body = PresenceList), (status = 400, description = "A bad parameter, JID or body (`invalid_parameter`, `invalid_jid`, `invalid_cursor`, `invalid_body`)", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks the scope", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait")))), security(("bearer" = [])))]
 #[route("/presence", method = "GET", method = "HEAD")]
 pub async fn list(
     st: State,
@@ -186,14 +208,12 @@ pub async fn list(
             "limit must be 1..=10000",
         ));
     }
-    let bad_cursor =
-        || ApiError::bad_request("invalid_cursor", "cursor is not one this bridge issued");
-    let after = match q.cursor.as_deref() {
-        Some(c) => Some(
-            unhex(c)
-                .and_then(|j| UserJid::parse(&j).ok())
-                .ok_or_else(bad_cursor)?,
-        ),
+    // The cursor is the last JID of the previous page in hex; the next page starts after it
+    // in JID order. Any hex text is a position (an empty one is the start).
+    let after = match q.cursor.as_deref().filter(|c| !c.is_empty()) {
+        Some(c) => Some(UserJid::bound(&unhex(c).ok_or_else(|| {
+            ApiError::bad_request("invalid_cursor", "cursor is not one this bridge issued")
+        })?)),
         None => None,
     };
     let domain = q.domain.as_deref().map(str::to_lowercase);
@@ -234,14 +254,14 @@ fn visible(p: &Permissions, jid: &UserJid) -> Result<(), ApiError> {
 }
 
 /// `GET /api/v1/presence/{jid}`.
-#[utoipa::path(get, path = "/api/v1/presence/{jid}", params(("jid" = String, Path, description = "Bare JID")), responses((status = 200, description = "UserPresence"), (status = 400, body = super::error::ErrorBody), (status = 404, body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/presence/{jid}", params(JidPath), responses((status = 200, description = "The user's presence", body = crate::presence::UserPresence), (status = 400, description = "A bad parameter, JID or body (`invalid_parameter`, `invalid_jid`, `invalid_cursor`, `invalid_body`)", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks the scope", body = super::error::ErrorBody), (status = 404, description = "Never seen (or outside the token's domains): `unknown_jid`", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait")))), security(("bearer" = [])))]
 #[route("/presence/{jid}", method = "GET", method = "HEAD")]
 pub async fn one(
     st: State,
     PresenceRead(p): PresenceRead,
-    jid: web::Path<String>,
+    jid: web::Path<JidPath>,
 ) -> Result<HttpResponse, ApiError> {
-    let jid = parse_jid(&jid)?;
+    let jid = parse_jid(&jid.jid)?;
     visible(&p, &jid)?;
     let u = st
         .engine
@@ -251,14 +271,14 @@ pub async fn one(
 }
 
 /// `GET /api/v1/last-seen/{jid}`.
-#[utoipa::path(get, path = "/api/v1/last-seen/{jid}", params(("jid" = String, Path, description = "Bare JID")), responses((status = 200, description = "LastSeen"), (status = 400, body = super::error::ErrorBody), (status = 404, body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/last-seen/{jid}", params(JidPath), responses((status = 200, description = "When the user was last seen", body = super::lookup::LastSeen), (status = 400, description = "A bad parameter, JID or body (`invalid_parameter`, `invalid_jid`, `invalid_cursor`, `invalid_body`)", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks the scope", body = super::error::ErrorBody), (status = 404, description = "Never seen (or outside the token's domains): `unknown_jid`", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 503, description = "The history store is unavailable (`store_unavailable`)", body = super::error::ErrorBody)), security(("bearer" = [])))]
 #[route("/last-seen/{jid}", method = "GET", method = "HEAD")]
 pub async fn last_seen(
     st: State,
     PresenceRead(p): PresenceRead,
-    jid: web::Path<String>,
+    jid: web::Path<JidPath>,
 ) -> Result<HttpResponse, ApiError> {
-    let jid = parse_jid(&jid)?;
+    let jid = parse_jid(&jid.jid)?;
     visible(&p, &jid)?;
     lookup::last_seen_one(&st.engine, st.store.as_ref(), &jid)
         .await?
@@ -271,14 +291,30 @@ pub async fn last_seen(
 #[serde(deny_unknown_fields)]
 pub struct BulkBody {
     /// Up to 1000 bare JIDs.
+    #[schema(max_items = 1000, value_type = Vec<BareJidText>, example = json!(["alice@example.com", "bob@example.com"]))]
     pub jids: Vec<String>,
+}
+
+/// A bare JID as text (`local@domain`), for the OpenAPI document.
+#[derive(Debug, utoipa::ToSchema)]
+#[schema(value_type = String, format = "jid", example = "alice@example.com")]
+pub struct BareJidText(#[allow(dead_code)] String);
+
+/// Answer of `POST /api/v1/last-seen`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct BulkAnswer {
+    /// The known users, in request order.
+    pub results: Vec<super::lookup::LastSeen>,
+    /// The JIDs never seen (or outside the token's domains).
+    #[schema(value_type = Vec<String>)]
+    pub unknown: Vec<UserJid>,
 }
 
 /// Most JIDs per bulk request.
 pub const BULK_MAX: usize = 1000;
 
 /// `POST /api/v1/last-seen`.
-#[utoipa::path(post, path = "/api/v1/last-seen", request_body = BulkBody, responses((status = 200, description = "{results, unknown}"), (status = 400, body = super::error::ErrorBody), (status = 413, body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/api/v1/last-seen", request_body = BulkBody, responses((status = 200, description = "The known users in request order, and the unknown JIDs", body = BulkAnswer), (status = 400, description = "A bad parameter, JID or body (`invalid_parameter`, `invalid_jid`, `invalid_cursor`, `invalid_body`)", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks the scope", body = super::error::ErrorBody), (status = 413, description = "Body larger than `http.body_limit_bytes`", body = super::error::ErrorBody), (status = 415, description = "Body is not `application/json`", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 503, description = "The history store is unavailable (`store_unavailable`)", body = super::error::ErrorBody)), security(("bearer" = [])))]
 #[post("/last-seen")]
 pub async fn last_seen_bulk(
     st: State,
@@ -306,21 +342,26 @@ pub async fn last_seen_bulk(
     }
     let (results, mut unknown) = lookup::last_seen(&st.engine, st.store.as_ref(), &jids).await?;
     unknown.extend(hidden);
-    Ok(HttpResponse::Ok().json(serde_json::json!({"results": results, "unknown": unknown})))
+    Ok(HttpResponse::Ok().json(BulkAnswer { results, unknown }))
 }
 
 /// Query of `GET /api/v1/history/{jid}`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub struct HistoryParams {
     /// From (RFC 3339, inclusive).
+    #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
     pub from: Option<String>,
     /// To (RFC 3339, exclusive).
+    #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
     pub to: Option<String>,
-    /// Page size (default 100, max 1000).
+    /// Page size.
+    #[param(minimum = 1, maximum = 1000, default = 100)]
     pub limit: Option<i64>,
-    /// `asc` or `desc` (default).
+    /// Oldest first (`asc`) or newest first (`desc`, the default).
+    #[param(value_type = Option<Order>)]
     pub order: Option<String>,
-    /// Cursor from the previous page.
+    /// Cursor from the previous page (`next_cursor`).
+    #[param(pattern = r"^[0-9a-f]{1,15}\.[0-9a-f]{32}$")]
     pub cursor: Option<String>,
 }
 
@@ -340,15 +381,15 @@ fn parse_time(name: &str, v: &Option<String>) -> Result<Option<DateTime<Utc>>, A
 }
 
 /// `GET /api/v1/history/{jid}`.
-#[utoipa::path(get, path = "/api/v1/history/{jid}", params(("jid" = String, Path, description = "Bare JID"), HistoryParams), responses((status = 200, description = "{events, next_cursor}"), (status = 400, body = super::error::ErrorBody), (status = 501, body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/history/{jid}", params(JidPath, HistoryParams), responses((status = 200, description = "One page of the user's history", body = super::lookup::HistoryBody), (status = 400, description = "A bad parameter, JID or body (`invalid_parameter`, `invalid_jid`, `invalid_cursor`, `invalid_body`)", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks the scope", body = super::error::ErrorBody), (status = 404, description = "Never seen (or outside the token's domains): `unknown_jid`", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No Postgres configured: no history is kept (`history_disabled`)", body = super::error::ErrorBody), (status = 503, description = "The history store is unavailable (`store_unavailable`)", body = super::error::ErrorBody)), security(("bearer" = [])))]
 #[route("/history/{jid}", method = "GET", method = "HEAD")]
 pub async fn history(
     st: State,
     HistoryRead(p): HistoryRead,
-    jid: web::Path<String>,
+    jid: web::Path<JidPath>,
     q: web::Query<HistoryParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let jid = parse_jid(&jid)?;
+    let jid = parse_jid(&jid.jid)?;
     visible(&p, &jid)?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
@@ -358,8 +399,8 @@ pub async fn history(
         ));
     }
     let order = match q.order.as_deref() {
-        None | Some("desc") => Order::Desc,
-        Some("asc") => Order::Asc,
+        None | Some("desc") => reads::Order::Desc,
+        Some("asc") => reads::Order::Asc,
         Some(o) => {
             return Err(ApiError::bad_request(
                 "invalid_parameter",
@@ -400,7 +441,7 @@ pub struct StatsBody {
 }
 
 /// `GET /api/v1/stats`.
-#[utoipa::path(get, path = "/api/v1/stats", responses((status = 200, body = StatsBody)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/stats", responses((status = 200, description = "Online counts", body = StatsBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks the scope", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait")))), security(("bearer" = [])))]
 #[route("/stats", method = "GET", method = "HEAD")]
 pub async fn stats(st: State, PresenceRead(p): PresenceRead) -> Result<HttpResponse, ApiError> {
     let body = if p.is_restricted() {
@@ -437,9 +478,28 @@ pub async fn stats(st: State, PresenceRead(p): PresenceRead) -> Result<HttpRespo
     Ok(HttpResponse::Ok().json(body))
 }
 
+/// `GET /api/v1/stats/concurrency` body.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ConcurrencyBody {
+    /// Seconds between samples.
+    pub interval_secs: u64,
+    /// Samples, oldest first (none for a token limited to some domains).
+    pub samples: Vec<super::Sample>,
+}
+
+/// A history order, for the OpenAPI document.
+#[derive(Debug, utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum Order {
+    /// Oldest first.
+    Asc,
+    /// Newest first.
+    Desc,
+}
+
 /// `GET /api/v1/stats/concurrency`: online counts over the last hour (every 10 s), for the
 /// dashboard's sparkline. Totals only: a token limited to some domains gets no samples.
-#[utoipa::path(get, path = "/api/v1/stats/concurrency", responses((status = 200, description = "{interval_secs, samples}")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/stats/concurrency", responses((status = 200, description = "Online counts over the last hour", body = ConcurrencyBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks the scope", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait")))), security(("bearer" = [])))]
 #[route("/stats/concurrency", method = "GET", method = "HEAD")]
 pub async fn concurrency(st: State, PresenceRead(p): PresenceRead) -> HttpResponse {
     let samples: Vec<super::Sample> = if p.is_restricted() {
@@ -452,7 +512,8 @@ pub async fn concurrency(st: State, PresenceRead(p): PresenceRead) -> HttpRespon
             .cloned()
             .collect()
     };
-    HttpResponse::Ok().json(
-        serde_json::json!({"interval_secs": super::SAMPLE_EVERY.as_secs(), "samples": samples}),
-    )
+    HttpResponse::Ok().json(ConcurrencyBody {
+        interval_secs: super::SAMPLE_EVERY.as_secs(),
+        samples,
+    })
 }

@@ -67,17 +67,26 @@ impl Bucket {
 /// ends, which the bridge cannot predict; a few seconds keeps retries from hammering.
 const CAP_RETRY_AFTER_SECS: u64 = 5;
 
-#[derive(Debug, Deserialize)]
-struct WsQuery {
+/// Query of `GET /api/v1/ws`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct WsQuery {
+    /// The token (browsers cannot set the Authorization header on a WebSocket).
+    #[serde(default)]
+    #[allow(dead_code)]
+    token: Option<String>,
+    /// Resume after this seq (with `epoch`).
     since: Option<u64>,
+    /// The epoch of `since`.
     epoch: Option<String>,
+    /// Only these users (comma-separated bare JIDs).
     jids: Option<String>,
+    /// Only these domains (comma-separated).
     domains: Option<String>,
 }
 
 /// What a session shows: the token's domains always, narrowed by the client's filter.
 #[derive(Debug, Clone, Default)]
-struct Filter {
+pub struct Filter {
     jids: Option<HashSet<UserJid>>,
     domains: Option<HashSet<String>>,
 }
@@ -194,7 +203,15 @@ impl Drop for Slot {
     }
 }
 
-/// `GET /api/v1/ws`.
+/// `GET /api/v1/ws`: the live feed (contract §5). Upgrades to a WebSocket; see the README
+/// for the frames.
+#[utoipa::path(get, path = "/api/v1/ws", params(WsQuery), responses(
+    (status = 101, description = "Switching to the WebSocket protocol"),
+    (status = 400, description = "Not a WebSocket handshake, or a bad parameter or JID", body = super::error::ErrorBody),
+    (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody),
+    (status = 403, description = "The token lacks the scope, or the Origin is not allowed", body = super::error::ErrorBody),
+    (status = 429, description = "Rate limited, or too many connections for this token", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+), security(("bearer" = [])))]
 #[get("/ws")]
 pub async fn ws(
     req: HttpRequest,
@@ -276,6 +293,35 @@ enum ClientMsg {
         domains: Option<Vec<String>>,
     },
     Ping,
+}
+
+/// A message a WebSocket client may send (contract §5).
+#[derive(Debug)]
+pub enum ClientMessage {
+    /// Replace the filter (answered with a new snapshot).
+    Subscribe(Filter),
+    /// Answered with `{"type":"pong"}`.
+    Ping,
+}
+
+/// Parses one client text message into what the session does, or the `(code, message)` of
+/// the `error` frame it answers with. Never panics (fuzzed: `fuzz/fuzz_targets/ws_message.rs`).
+pub fn parse_client_message(text: &str) -> Result<ClientMessage, (&'static str, String)> {
+    match serde_json::from_str::<ClientMsg>(text) {
+        Ok(ClientMsg::Ping) => Ok(ClientMessage::Ping),
+        Ok(ClientMsg::Subscribe { jids, domains }) => Filter::new(jids, domains)
+            .map(ClientMessage::Subscribe)
+            .map_err(|bad| {
+                (
+                    "invalid_jid",
+                    format!("{bad:?} is not a valid user JID; filter unchanged"),
+                )
+            }),
+        Err(e) => Err((
+            "bad_message",
+            format!("expected {{\"type\":\"subscribe\"|\"ping\",...}}: {e}"),
+        )),
+    }
 }
 
 enum End {
@@ -432,16 +478,13 @@ async fn session_loop(
                     return Ok(Some(CloseReason { code: CloseCode::Policy, description: Some("too many messages".into()) }));
                 }
                 match msg {
-                    Some(Ok(AggregatedMessage::Text(t))) => match serde_json::from_str::<ClientMsg>(&t) {
-                        Ok(ClientMsg::Ping) => conn.send(r#"{"type":"pong"}"#.to_owned()).await?,
-                        Ok(ClientMsg::Subscribe { jids, domains }) => match Filter::new(jids, domains) {
-                            Ok(f) => {
-                                *filter = f;
-                                conn.snapshot(&mut sub, perms, filter).await?;
-                            }
-                            Err(bad) => conn.error("invalid_jid", &format!("{bad:?} is not a valid user JID; filter unchanged")).await?,
-                        },
-                        Err(e) => conn.error("bad_message", &format!("expected {{\"type\":\"subscribe\"|\"ping\",...}}: {e}")).await?,
+                    Some(Ok(AggregatedMessage::Text(t))) => match parse_client_message(&t) {
+                        Ok(ClientMessage::Ping) => conn.send(r#"{"type":"pong"}"#.to_owned()).await?,
+                        Ok(ClientMessage::Subscribe(f)) => {
+                            *filter = f;
+                            conn.snapshot(&mut sub, perms, filter).await?;
+                        }
+                        Err((code, message)) => conn.error(code, &message).await?,
                     },
                     Some(Ok(AggregatedMessage::Binary(_))) => conn.error("bad_message", "binary frames are not supported").await?,
                     Some(Ok(AggregatedMessage::Ping(b))) => {

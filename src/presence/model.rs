@@ -51,6 +51,11 @@ impl UserJid {
         Some(Self(Arc::from(s)))
     }
 
+    /// A position in JID order for `text`, which need not be a valid JID (a page cursor).
+    pub fn bound(text: &str) -> Self {
+        Self(Arc::from(text))
+    }
+
     /// `local@domain`.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -102,7 +107,19 @@ impl Serialize for UserJid {
 }
 
 /// Availability, ordered from most to least available (the RFC 6121 tie-break order).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Show {
     /// Free for chat.
@@ -253,7 +270,7 @@ pub fn new_event_id() -> u128 {
 }
 
 /// The presence of one resource of a user (contract §3 `resources[]`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ResourcePresence {
     /// Resource part of the full JID.
     pub resource: String,
@@ -278,9 +295,10 @@ pub struct ResourcePresence {
 }
 
 /// The aggregated presence of one bare JID (contract §3 `UserPresence`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct UserPresence {
     /// Bare JID.
+    #[schema(value_type = String, example = "alice@example.com")]
     pub jid: UserJid,
     /// At least one resource online.
     pub online: bool,
