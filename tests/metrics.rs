@@ -150,11 +150,7 @@ async fn every_documented_metric_is_exported_with_a_live_value() {
         app.component().metrics().parse_errors.get() >= 1
     })
     .await;
-    c.send(&format!(
-        "<presence><status>{}</status></presence>",
-        "x".repeat(6000)
-    ))
-    .await;
+    c.oversized_presence().await;
     c.presence(Some("away"), Some("after garbage"), 1, None)
         .await;
     app.wait_user(&user, "away", |p| p.show == Show::Away).await;

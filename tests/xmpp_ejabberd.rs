@@ -309,11 +309,7 @@ async fn malformed_presence_is_skipped_and_the_connection_survives() {
         .await;
     c.send("<presence><priority>300</priority><status>bad priority</status></presence>")
         .await;
-    c.send(&format!(
-        "<presence><status>{}</status></presence>",
-        "x".repeat(6000)
-    ))
-    .await;
+    c.oversized_presence().await;
     c.presence(Some("away"), Some("after garbage"), 1, None)
         .await;
     let p = bridge

@@ -80,6 +80,16 @@ impl Client {
         self.send(&x).await;
     }
 
+    /// A presence whose status is over the bridge's 4 KiB limit (the server forwards it; the
+    /// bridge drops it as oversized).
+    pub async fn oversized_presence(&mut self) {
+        self.send(&format!(
+            "<presence><status>{}</status></presence>",
+            "x".repeat(6000)
+        ))
+        .await;
+    }
+
     pub async fn unavailable(&mut self, status: Option<&str>) {
         match status {
             Some(s) => {
