@@ -57,16 +57,19 @@ async fn a_subscribe_flood_is_cut_off_with_an_error_frame_and_1008() {
     let mut ws = app.ws(&format!("token={t}"), None).await;
     // Thousands of subscribes as fast as the socket takes them.
     let sub = json!({"type": "subscribe"}).to_string();
+    let started = std::time::Instant::now();
     for _ in 0..2000 {
         if ws.send(Message::text(sub.clone())).await.is_err() {
             break;
         }
     }
     let (frames, code) = until_close(&mut ws).await;
+    // The budget: one snapshot on connect, a burst of 20 messages, then 10 a second.
+    let budget = 1 + 20 + (10.0 * started.elapsed().as_secs_f64()).ceil() as usize;
     let snapshots = frames.iter().filter(|f| f["type"] == "snapshot").count();
     assert!(
-        snapshots <= 21,
-        "one snapshot on connect, at most one per message in the burst: {snapshots}"
+        snapshots <= budget,
+        "snapshots are bounded by the message budget ({budget}), not by the 2000 messages sent: {snapshots}"
     );
     let last = frames.last().expect("an error frame before the close");
     assert_eq!(
@@ -460,7 +463,7 @@ async fn rate_limit_keys_are_forgotten_once_their_quota_is_back() {
             "presence_bridge_rate_limiter_keys{limiter=\"token\"}",
         )
     };
-    // 300 subjects, one request each: 300 keys, each a second from a full quota.
+    // 300 subjects, three requests each: 300 keys, each about three seconds from a full quota.
     for i in 0..300 {
         let t = presence_bridge::api::auth::mint(
             API_SECRET,
@@ -473,9 +476,11 @@ async fn rate_limit_keys_are_forgotten_once_their_quota_is_back() {
             ),
         )
         .unwrap();
-        assert_eq!(app.get("/api/v1/stats", Some(&t)).0, 200);
+        for _ in 0..3 {
+            assert_eq!(app.get("/api/v1/stats", Some(&t)).0, 200);
+        }
     }
-    eventually("the live keys are counted", || keys() >= 100).await;
+    eventually("the live keys are counted", || keys() >= 50).await;
     eventually("replenished keys are forgotten", || keys() == 0).await;
     app.stop().await;
 }
