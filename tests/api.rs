@@ -319,6 +319,8 @@ async fn resume_with_since_gets_exactly_the_missed_changes() {
     for i in 100..200 {
         change(&engine, i, "d@x.test").await;
     }
+    // Applied, not just queued: only then is seq 2 out of the ring.
+    engine.barrier().await.unwrap();
     let mut ws = api
         .ws(&format!("token={t}&since=2&epoch={epoch}"), None)
         .await;

@@ -7,24 +7,21 @@
 
 pub mod auth;
 pub mod error;
+pub mod limits;
 pub mod lookup;
 pub mod metrics;
 pub mod rest;
 pub mod ws;
 
-use std::hash::{Hash, Hasher};
-use std::net::{IpAddr, TcpListener};
+use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_governor::governor::NotUntil;
-use actix_governor::governor::clock::{Clock, DefaultClock, QuantaInstant};
-use actix_governor::{Governor, GovernorConfigBuilder, KeyExtractor, SimpleKeyExtractionError};
 use actix_web::body::MessageBody;
 use actix_web::dev::{Server, ServiceRequest, ServiceResponse};
 use actix_web::http::StatusCode;
 use actix_web::middleware::{Compress, Next, from_fn};
-use actix_web::{App, HttpRequest, HttpResponse, HttpResponseBuilder, HttpServer, web};
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use dashmap::DashMap;
 use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
@@ -282,74 +279,6 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
     .error_response()
 }
 
-/// Rate-limit key: the bearer token (hashed) when there is one, else the peer address.
-#[derive(Debug, Clone, Copy)]
-struct TokenKey;
-
-/// Rate-limit key: the peer address.
-#[derive(Debug, Clone, Copy)]
-struct IpKey;
-
-fn peer_ip(req: &ServiceRequest) -> Result<IpAddr, SimpleKeyExtractionError<&'static str>> {
-    req.peer_addr()
-        .map(|a| a.ip())
-        .ok_or_else(|| SimpleKeyExtractionError::new("cannot determine the peer address"))
-}
-
-fn limited(negative: &NotUntil<QuantaInstant>, mut response: HttpResponseBuilder) -> HttpResponse {
-    let wait = negative
-        .wait_time_from(DefaultClock::default().now())
-        .as_secs()
-        .max(1);
-    response
-        .insert_header(("Retry-After", wait.to_string()))
-        .json(ErrorBody {
-            error: "rate_limited".into(),
-            message: format!("too many requests; retry in {wait} s"),
-        })
-}
-
-impl KeyExtractor for TokenKey {
-    type Key = (u8, u64);
-    type KeyExtractionError = SimpleKeyExtractionError<&'static str>;
-    fn extract(&self, req: &ServiceRequest) -> Result<Self::Key, Self::KeyExtractionError> {
-        match auth::bearer(req.request(), true) {
-            Some(t) => {
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                t.hash(&mut h);
-                Ok((1, h.finish()))
-            }
-            None => {
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                peer_ip(req)?.hash(&mut h);
-                Ok((0, h.finish()))
-            }
-        }
-    }
-    fn exceed_rate_limit_response(
-        &self,
-        negative: &NotUntil<QuantaInstant>,
-        response: HttpResponseBuilder,
-    ) -> HttpResponse {
-        limited(negative, response)
-    }
-}
-
-impl KeyExtractor for IpKey {
-    type Key = IpAddr;
-    type KeyExtractionError = SimpleKeyExtractionError<&'static str>;
-    fn extract(&self, req: &ServiceRequest) -> Result<Self::Key, Self::KeyExtractionError> {
-        peer_ip(req)
-    }
-    fn exceed_rate_limit_response(
-        &self,
-        negative: &NotUntil<QuantaInstant>,
-        response: HttpResponseBuilder,
-    ) -> HttpResponse {
-        limited(negative, response)
-    }
-}
-
 /// Counts requests and latency by route pattern (not by raw path: JIDs are unbounded).
 async fn observe(
     req: ServiceRequest,
@@ -412,63 +341,12 @@ pub fn serve(
     let state_for_pruning = state.clone();
     let data = web::Data::from(state);
     let auth = web::Data::new(auth);
-    let per_token = if http.rate_limit_per_token == 0 {
-        None
-    } else {
-        GovernorConfigBuilder::default()
-            .period(Duration::from_secs_f64(
-                1.0 / f64::from(http.rate_limit_per_token),
-            ))
-            .burst_size(http.rate_limit_burst.max(1))
-            .key_extractor(TokenKey)
-            .finish()
-    };
-    let per_ip = if http.rate_limit_per_ip == 0 {
-        None
-    } else {
-        GovernorConfigBuilder::default()
-            .period(Duration::from_secs_f64(
-                1.0 / f64::from(http.rate_limit_per_ip),
-            ))
-            .burst_size(http.rate_limit_burst.saturating_mul(2).max(1))
-            .key_extractor(IpKey)
-            .finish()
-    };
-    let mut prunes: Vec<Prune> = Vec::new();
-    if let Some(c) = &per_token {
-        let l = c.limiter();
-        prunes.push((
-            "token",
-            Box::new(move || {
-                l.retain_recent();
-                l.shrink_to_fit();
-                l.len()
-            }),
-        ));
-    }
-    if let Some(c) = &per_ip {
-        let l = c.limiter();
-        prunes.push((
-            "ip",
-            Box::new(move || {
-                l.retain_recent();
-                l.shrink_to_fit();
-                l.len()
-            }),
-        ));
-    }
-    spawn_limiter_pruning(&state_for_pruning, prunes);
+    let limits = web::Data::new(self::limits::Limits::new(&http));
+    spawn_limiter_pruning(&state_for_pruning, limits.clone());
     let body_limit = http.body_limit_bytes;
     let server = HttpServer::new(move || {
         let api = web::scope("/api/v1")
-            .wrap(actix_web::middleware::Condition::new(
-                per_token.is_some(),
-                Governor::new(per_token.as_ref().unwrap_or(&default_governor(TokenKey))),
-            ))
-            .wrap(actix_web::middleware::Condition::new(
-                per_ip.is_some(),
-                Governor::new(per_ip.as_ref().unwrap_or(&default_governor(IpKey))),
-            ))
+            .wrap(from_fn(self::limits::enforce))
             .service(rest::list)
             .service(rest::one)
             .service(rest::last_seen)
@@ -481,6 +359,7 @@ pub fn serve(
         App::new()
             .app_data(data.clone())
             .app_data(auth.clone())
+            .app_data(limits.clone())
             .app_data(web::JsonConfig::default().limit(body_limit).error_handler({
                 let f = json_error("invalid_body");
                 move |e, _| {
@@ -534,14 +413,11 @@ pub fn serve(
     Ok(server.run())
 }
 
-/// Prunes one limiter and says how many keys it still holds.
-type Prune = (&'static str, Box<dyn Fn() -> usize + Send>);
-
 /// Every `http.rate_limit_prune_secs`, forgets the rate-limit keys whose quota has fully
 /// replenished (a key is a token hash or an IP: without this, every token ever seen stays in
 /// memory), and reports how many are live. A task of `state.tasks`, ended by shutdown.
-fn spawn_limiter_pruning(state: &Arc<AppState>, prunes: Vec<Prune>) {
-    if prunes.is_empty() {
+fn spawn_limiter_pruning(state: &Arc<AppState>, limits: web::Data<self::limits::Limits>) {
+    if limits.is_empty() {
         return;
     }
     let state = state.clone();
@@ -553,30 +429,11 @@ fn spawn_limiter_pruning(state: &Arc<AppState>, prunes: Vec<Prune>) {
             tokio::select! {
                 _ = state.shutdown.cancelled() => return,
                 _ = tick.tick() => {
-                    for (name, prune) in &prunes {
-                        let live = prune();
+                    for (name, live) in limits.prune() {
                         state.metrics.rate_limiter_keys.with_label_values(&[name]).set(live as i64);
                     }
                 }
             }
         }
     });
-}
-
-/// A placeholder config for a disabled limiter (`Condition` needs a value of the same type).
-fn default_governor<K: KeyExtractor>(
-    k: K,
-) -> actix_governor::GovernorConfig<
-    K,
-    actix_governor::governor::middleware::NoOpMiddleware<QuantaInstant>,
-> {
-    GovernorConfigBuilder::default()
-        .key_extractor(k)
-        .finish()
-        .unwrap_or_else(unreachable_config)
-}
-
-#[allow(clippy::panic)]
-fn unreachable_config<T>() -> T {
-    panic!("the default governor configuration is always valid")
 }
