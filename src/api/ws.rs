@@ -63,6 +63,11 @@ impl Bucket {
     }
 }
 
+/// Longest a server-initiated close waits for the client to stop sending.
+const CLOSE_DRAIN: Duration = Duration::from_secs(2);
+/// Quiet that tells the client has stopped sending.
+const CLOSE_QUIET: Duration = Duration::from_millis(100);
+
 /// `Retry-After` when a token is at its connection cap: a slot frees when one of its sessions
 /// ends, which the bridge cannot predict; a few seconds keeps retries from hammering.
 const CAP_RETRY_AFTER_SECS: u64 = 5;
@@ -333,6 +338,8 @@ struct Conn {
     st: Arc<AppState>,
     session: Session,
     send_timeout: Duration,
+    /// The client sent its Close first: answering it completes the closing handshake.
+    peer_closed: bool,
 }
 
 impl Conn {
@@ -418,6 +425,7 @@ async fn run(
         st: st.clone(),
         session: session.clone(),
         send_timeout: st.http.ws_send_timeout_secs,
+        peer_closed: false,
     };
     let end = session_loop(&st, &perms, &mut filter, resume, &mut conn, &mut stream).await;
     let reason = match end {
@@ -431,6 +439,25 @@ async fn run(
         Ok(Some(r)) => Some(r),
         _ => None,
     };
+    if !conn.peer_closed {
+        // Before closing, let the client finish what it is sending: actix closes the socket
+        // right after our Close frame, and a socket closed with unread input is answered with
+        // a reset, which makes a client that is still sending (a flood, an oversized message)
+        // lose the error and Close frames it has not read yet. Bounded: 100 ms of quiet, its
+        // own Close, or CLOSE_DRAIN.
+        let deadline = Instant::now() + CLOSE_DRAIN;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match tokio::time::timeout(CLOSE_QUIET.min(left), stream.next()).await {
+                Ok(Some(Ok(AggregatedMessage::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => break,
+                Ok(Some(Ok(_))) => continue,
+                Err(_) => break,
+            }
+        }
+    }
     let _ = tokio::time::timeout(Duration::from_secs(1), session.close(reason)).await;
     st.metrics.ws_sessions.dec();
 }
@@ -493,12 +520,16 @@ async fn session_loop(
                     Some(Ok(AggregatedMessage::Pong(_))) => {}
                     // The client closes: answer with its code (RFC 6455 §5.5.1), 1000 without one.
                     Some(Ok(AggregatedMessage::Close(reason))) => {
+                        conn.peer_closed = true;
                         return Ok(Some(CloseReason {
                             code: reason.map_or(CloseCode::Normal, |r| r.code),
                             description: None,
                         }));
                     }
-                    None => return Ok(None),
+                    None => {
+                        conn.peer_closed = true;
+                        return Ok(None);
+                    }
                     Some(Err(e)) if too_big(&e) => {
                         st.metrics.ws_closed.with_label_values(&["too_big"]).inc();
                         let limit = st.http.body_limit_bytes;
