@@ -1,6 +1,6 @@
 #!/bin/bash
 # Installs what the test suite needs from Debian's packages, only what is missing.
-#   scripts/install-deps.sh [ejabberd] [postgres] [chromium] [node] [python-venv] [wrk] ...   (no argument: ejabberd postgres)
+#   scripts/install-deps.sh [ejabberd] [postgres] [chromium] [node] [python-venv] [curl] [wrk] ...   (no argument: ejabberd postgres)
 set -euo pipefail
 want=("$@"); [ ${#want[@]} -gt 0 ] || want=(ejabberd postgres)
 pkgs=()
@@ -10,6 +10,7 @@ for w in "${want[@]}"; do
     wrk) command -v wrk >/dev/null || pkgs+=(wrk) ;;
     chromium) [ -x /usr/bin/chromium ] || pkgs+=(chromium) ;;
     node) command -v npm >/dev/null || pkgs+=(nodejs npm) ;;
+    curl) command -v curl >/dev/null || pkgs+=(curl) ;;
     python-venv) python3 -m venv --help >/dev/null 2>&1 || pkgs+=(python3-venv) ;;
     postgres) { command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; } || pkgs+=(postgresql) ;;
     *) echo "install-deps: unknown component $w" >&2; exit 2 ;;

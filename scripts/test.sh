@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-scripts/install-deps.sh ejabberd postgres chromium node python-venv
+scripts/install-deps.sh ejabberd postgres chromium node python-venv curl
 scripts/start-postgres.sh
 # playwright-core (pinned in tests/browser/package-lock.json) drives Debian's Chromium; it
 # never downloads a browser of its own.

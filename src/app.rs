@@ -340,14 +340,7 @@ impl App {
             _ = self.cancel.cancelled() => return Ok(()),
         };
         self.component_task = None;
-        match ended {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(fatal)) => Err(fatal.into()),
-            Err(e) => Err(AppError::Task {
-                what: "the XMPP component",
-                cause: e.to_string(),
-            }),
-        }
+        component_ended(ended)
     }
 
     /// Stops everything, in dependency order, under one deadline (10 s plus
@@ -360,14 +353,7 @@ impl App {
         self.cancel.cancel();
         if let Some(t) = self.component_task.take() {
             match tokio::time::timeout_at(deadline, t).await {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(fatal))) => result = Err(fatal.into()),
-                Ok(Err(e)) => {
-                    result = Err(AppError::Task {
-                        what: "the XMPP component",
-                        cause: e.to_string(),
-                    })
-                }
+                Ok(ended) => result = component_ended(ended),
                 Err(_) => {
                     tracing::warn!("the XMPP component did not stop within the shutdown deadline")
                 }
@@ -403,6 +389,20 @@ impl App {
             }
         }
         result
+    }
+}
+
+/// How the XMPP component's task ended, as the App reports it.
+fn component_ended(
+    r: Result<Result<(), FatalError>, tokio::task::JoinError>,
+) -> Result<(), AppError> {
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(fatal)) => Err(fatal.into()),
+        Err(e) => Err(AppError::Task {
+            what: "the XMPP component",
+            cause: e.to_string(),
+        }),
     }
 }
 

@@ -1,7 +1,7 @@
 //! Last-seen and history answers (contract §4): the live map first (exact for this run), then
 //! Postgres rows, shaped for JSON here rather than in the store.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::ser::SerializeStruct;
@@ -97,7 +97,8 @@ pub async fn last_seen(
     }
     if let Some(store) = store {
         let rows = reads::last_seen(store.pool(), &ask).await?;
-        let asked: HashMap<&str, &str> = ask.iter().map(|a| (*a, *a)).collect();
+        // Rows come back in any order; key them by the request's own JID text.
+        let asked: HashSet<&str> = ask.iter().copied().collect();
         for r in rows {
             if let Some(key) = asked.get(r.jid.as_str()) {
                 found.insert(key, LastSeen::from_row(r, now));

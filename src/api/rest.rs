@@ -211,9 +211,9 @@ pub async fn list(
     // The cursor is the last JID of the previous page in hex; the next page starts after it
     // in JID order. Any hex text is a position (an empty one is the start).
     let after = match q.cursor.as_deref().filter(|c| !c.is_empty()) {
-        Some(c) => Some(UserJid::bound(&unhex(c).ok_or_else(|| {
+        Some(c) => Some(unhex(c).ok_or_else(|| {
             ApiError::bad_request("invalid_cursor", "cursor is not one this bridge issued")
-        })?)),
+        })?),
         None => None,
     };
     let domain = q.domain.as_deref().map(str::to_lowercase);

@@ -88,11 +88,12 @@ impl Snapshot {
         self.users.values()
     }
 
-    /// Online users with a JID after `jid`, in JID order (cursor pages).
-    pub fn after<'a>(&'a self, jid: &UserJid) -> impl Iterator<Item = &'a Arc<UserPresence>> {
+    /// Online users whose JID sorts after `text` (which need not be a JID: a page cursor),
+    /// in JID order.
+    pub fn after<'a>(&'a self, text: &'a str) -> impl Iterator<Item = &'a Arc<UserPresence>> {
         use std::ops::Bound;
         self.users
-            .range((Bound::Excluded(jid.clone()), Bound::Unbounded))
+            .range::<_, str>((Bound::Excluded(text), Bound::Unbounded))
             .map(|(_, u)| u)
     }
 }

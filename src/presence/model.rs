@@ -51,11 +51,6 @@ impl UserJid {
         Some(Self(Arc::from(s)))
     }
 
-    /// A position in JID order for `text`, which need not be a valid JID (a page cursor).
-    pub fn bound(text: &str) -> Self {
-        Self(Arc::from(text))
-    }
-
     /// `local@domain`.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -78,6 +73,14 @@ fn strip_root_dot(s: &str) -> std::borrow::Cow<'_, str> {
             std::borrow::Cow::Owned(format!("{b}{resource}"))
         }
         _ => std::borrow::Cow::Borrowed(s),
+    }
+}
+
+/// A `UserJid` orders, compares and hashes exactly as its text does (the derives go through
+/// `Arc<str>`), so maps keyed by it can be searched with any `&str` — a page cursor, say.
+impl std::borrow::Borrow<str> for UserJid {
+    fn borrow(&self) -> &str {
+        &self.0
     }
 }
 
