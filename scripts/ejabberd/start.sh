@@ -83,7 +83,7 @@ wait_ready() {
       return 0
     fi
     if [ -f "$EJ_RUN_DIR/ejabberd.pid" ] && ! kill -0 "$(cat "$EJ_RUN_DIR/ejabberd.pid")" 2>/dev/null; then
-      echo "ejabberd process died; see $EJ_RUN_DIR/logs/" >&2; tail -20 "$EJ_RUN_DIR/logs/"*.log >&2 || true; return 1
+      echo "ejabberd process died; see $EJ_RUN_DIR/logs/" >&2; tail -n 20 "$EJ_RUN_DIR/logs/"*.log >&2 || true; return 1
     fi
     sleep 0.3
   done
@@ -118,6 +118,9 @@ start_node() {
       exit 1
     fi
   done
+  # A node killed without ejabberdctl stop (a machine or session that ended) leaves its pid
+  # file behind; wait_ready would read that dead pid as "the new node died".
+  rm -f "$EJ_RUN_DIR/ejabberd.pid"
   [ "$EJ_FRESH" = 1 ] && rm -rf "$EJ_RUN_DIR/spool" && mkdir -p "$EJ_RUN_DIR/spool" && chown ejabberd:ejabberd "$EJ_RUN_DIR/spool"
   install_config
   ejctl start 9>&-
