@@ -26,7 +26,10 @@ async fn main() {
         .map(|i| {
             let now = Utc::now();
             let kind = if i % 10 == 9 {
-                EventKind::Unavailable { status: None }
+                EventKind::Unavailable {
+                    status: None,
+                    reason: None,
+                }
             } else {
                 EventKind::Available(Availability {
                     show: shows[(i % 5) as usize],

@@ -57,6 +57,7 @@ fn events(n: u64, id_base: u64, churn: bool) -> Vec<StoredEvent> {
                 cause: Cause::Stanza,
                 opened: step == 0,
                 closed: step == 2,
+                end_reason: None,
                 user: UserAfter {
                     online: available,
                     online_since: available.then_some(at),

@@ -33,6 +33,8 @@ use crate::api::auth::Auth;
 use crate::api::{self, AppState};
 use crate::config::{Config, ConfigError};
 use crate::presence::{ChangeSink, Engine, EngineMetrics, EngineOptions};
+use crate::sources::amqp::{self, AmqpMetrics};
+use crate::sources::reconcile::{ReconcileMetrics, Reconciler};
 use crate::sources::simulator::Simulator;
 use crate::sources::xmpp::{self, ComponentHandle, FatalError, SpawnOptions, XmppMetrics};
 use crate::store::{self, StoreError, StoreHandle, StoreMetrics};
@@ -219,6 +221,12 @@ impl AppBuilder {
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
         let (component, component_task) = match ingest {
+            Ingest::Xmpp if !cfg.xmpp_enabled() => {
+                tracing::info!(
+                    "[amqp] is set and xmpp.password is not: running without the XMPP component"
+                );
+                (None, None)
+            }
             Ingest::Xmpp => {
                 tracing::info!(
                     server = %cfg.xmpp.server,
@@ -245,7 +253,39 @@ impl AppBuilder {
             Ingest::None => (None, None),
         };
 
-        let state = Arc::new(AppState::new(
+        let amqp = match (&cfg.amqp, ingest) {
+            (Some(a), Ingest::Xmpp) => Some(amqp::spawn(
+                a.clone(),
+                cfg.xmpp.domains.clone(),
+                engine.clone(),
+                cancel.clone(),
+                AmqpMetrics::new(&registry),
+                &tasks,
+            )),
+            _ => None,
+        };
+        let reconciler = match (&cfg.reconcile, ingest) {
+            (Some(r), Ingest::Xmpp) => {
+                let rec = Arc::new(
+                    Reconciler::new(
+                        r.clone(),
+                        &cfg.xmpp.domains,
+                        engine.clone(),
+                        component.clone(),
+                        ReconcileMetrics::new(&registry),
+                    )
+                    .map_err(|e| AppError::Task {
+                        what: "the reconciler",
+                        cause: e.to_string(),
+                    })?,
+                );
+                rec.clone().spawn(cancel.clone(), &tasks);
+                Some(rec)
+            }
+            _ => None,
+        };
+
+        let mut state = AppState::new(
             engine.clone(),
             component.clone(),
             store.clone(),
@@ -253,7 +293,10 @@ impl AppBuilder {
             cfg.http.clone(),
             cancel.clone(),
             tasks.clone(),
-        ));
+        );
+        state.amqp = amqp;
+        state.reconciler = reconciler;
+        let state = Arc::new(state);
         api::spawn_sampler(state.clone());
         let server = api::serve(listener, state.clone(), auth, tls).map_err(AppError::Http)?;
         let server_handle = server.handle();

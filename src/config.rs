@@ -51,10 +51,12 @@ pub struct Secret(String);
 
 /// The secret keys: read from the environment as raw strings (never parsed as numbers or
 /// booleans), and never echoed in an error.
-pub const SECRET_KEYS: [(&str, &str); 3] = [
+pub const SECRET_KEYS: [(&str, &str); 5] = [
     ("xmpp", "password"),
     ("auth", "jwt_secret"),
     ("store", "postgres_url"),
+    ("amqp", "url"),
+    ("reconcile", "password"),
 ];
 
 /// Reads a secret as text. A TOML integer or boolean is taken as its text (`123456`, `true`);
@@ -286,6 +288,164 @@ pub struct Config {
     pub presence: PresenceConfig,
     /// Logging.
     pub log: LogConfig,
+    /// `[amqp]`: MongooseIM's event pusher as a second ingest source (contract §9).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amqp: Option<AmqpConfig>,
+    /// `[reconcile]`: comparison with the server's own session list (contract §10).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reconcile: Option<ReconcileConfig>,
+}
+
+/// `[amqp]`: consume `mod_event_pusher_rabbit`'s presence exchange.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    /// `amqp://user:pass@host:port/vhost` (`amqps://` for TLS); shown masked.
+    pub url: DbUrl,
+    /// File holding the URL (alternative to `url`).
+    pub url_file: Option<PathBuf>,
+    /// The topic exchange MongooseIM publishes presence to.
+    pub exchange: String,
+    /// Declare the exchange durable. MongooseIM declares it non-durable by default
+    /// (`presence_exchange.durable = false`); both sides must agree or the broker refuses.
+    pub exchange_durable: bool,
+    /// The durable queue this bridge binds to the exchange and consumes.
+    pub queue: String,
+    /// Binding key (`#` = every user).
+    pub binding_key: String,
+    /// Unacknowledged messages in flight (AMQP prefetch).
+    pub prefetch: u16,
+    /// First reconnect delay (doubles per failure, with jitter).
+    #[serde(with = "secs")]
+    pub reconnect_min_secs: Duration,
+    /// Upper bound of the reconnect delay.
+    #[serde(with = "secs")]
+    pub reconnect_max_secs: Duration,
+    /// Largest accepted message body in bytes; a bigger one is malformed.
+    pub max_message_bytes: usize,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: DbUrl::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            url_file: None,
+            exchange: "presence".into(),
+            exchange_durable: false,
+            queue: "presence-bridge".into(),
+            binding_key: "#".into(),
+            prefetch: 200,
+            reconnect_min_secs: Duration::from_millis(500),
+            reconnect_max_secs: Duration::from_secs(30),
+            max_message_bytes: 4096,
+        }
+    }
+}
+
+impl AmqpConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let u = self.url.expose();
+        if !(u.starts_with("amqp://") || u.starts_with("amqps://")) {
+            return Err(ConfigError::invalid(
+                "amqp.url",
+                "must be an amqp:// or amqps:// URL",
+            ));
+        }
+        for (key, v) in [
+            ("amqp.exchange", &self.exchange),
+            ("amqp.queue", &self.queue),
+            ("amqp.binding_key", &self.binding_key),
+        ] {
+            if v.trim().is_empty() || v.len() > 255 {
+                return Err(ConfigError::invalid(key, "must be 1..=255 characters"));
+            }
+        }
+        at_least_one("amqp.prefetch", self.prefetch as usize)?;
+        at_least_one("amqp.max_message_bytes", self.max_message_bytes)?;
+        if self.reconnect_max_secs < self.reconnect_min_secs {
+            return Err(ConfigError::invalid(
+                "amqp.reconnect_max_secs",
+                "must be >= amqp.reconnect_min_secs",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Which server's session list the reconciler reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReconcileKind {
+    /// ejabberd's REST API: `POST {url}/connected_users_info`.
+    #[default]
+    Ejabberd,
+    /// MongooseIM's GraphQL admin API: `session.listSessions(domain)` at `{url}`.
+    Mongooseim,
+}
+
+/// `[reconcile]`: compare the presence map with the server's own session list.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconcileConfig {
+    /// `ejabberd` or `mongooseim`.
+    pub kind: ReconcileKind,
+    /// ejabberd: the REST API base (`http://127.0.0.1:5280/api`); MongooseIM: the GraphQL
+    /// admin endpoint (`http://127.0.0.1:5551/api/graphql`).
+    pub url: String,
+    /// HTTP basic auth user (when set).
+    pub user: Option<String>,
+    /// HTTP basic auth password.
+    pub password: Secret,
+    /// File holding the password (alternative to `password`).
+    pub password_file: Option<PathBuf>,
+    /// Seconds between runs (a run also follows every XMPP (re)connect).
+    #[serde(with = "secs")]
+    pub interval_secs: Duration,
+    /// Seconds one request to the server may take.
+    #[serde(with = "secs")]
+    pub timeout_secs: Duration,
+    /// Corrections (probes or closes) per second, at most: no correction storm.
+    pub max_corrections_per_sec: u32,
+    /// Largest accepted answer in bytes.
+    pub max_response_bytes: usize,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        Self {
+            kind: ReconcileKind::Ejabberd,
+            url: "http://127.0.0.1:5280/api".into(),
+            user: None,
+            password: Secret::default(),
+            password_file: None,
+            interval_secs: Duration::from_secs(60),
+            timeout_secs: Duration::from_secs(10),
+            max_corrections_per_sec: 100,
+            max_response_bytes: 64 << 20,
+        }
+    }
+}
+
+impl ReconcileConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            return Err(ConfigError::invalid(
+                "reconcile.url",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if self.user.is_none() && !self.password.is_empty() {
+            return Err(ConfigError::invalid(
+                "reconcile.user",
+                "is required when reconcile.password is set",
+            ));
+        }
+        at_least_one(
+            "reconcile.max_corrections_per_sec",
+            self.max_corrections_per_sec as usize,
+        )?;
+        at_least_one("reconcile.max_response_bytes", self.max_response_bytes)
+    }
 }
 
 /// `[xmpp]`: the XEP-0114 component connection.
@@ -322,6 +482,11 @@ pub struct XmppConfig {
     /// Upper bound of the reconnect delay in seconds.
     #[serde(with = "secs")]
     pub reconnect_max_secs: Duration,
+    /// First delay after a `<conflict/>` stream error (another connection holds the component
+    /// domain); doubles per conflict in a row up to 8×. Longer than the normal backoff: two
+    /// bridges under MongooseIM's `kick_old` would otherwise kick each other every few seconds.
+    #[serde(with = "secs")]
+    pub conflict_backoff_secs: Duration,
     /// Probes sent per second during a resync (protects the server from a probe storm).
     pub probe_rate_per_sec: u32,
     /// Longest accepted `<status/>` text in bytes; a longer one marks the stanza oversized.
@@ -347,6 +512,7 @@ impl Default for XmppConfig {
             connect_timeout_secs: Duration::from_secs(10),
             reconnect_min_secs: Duration::from_millis(500),
             reconnect_max_secs: Duration::from_secs(30),
+            conflict_backoff_secs: Duration::from_secs(60),
             probe_rate_per_sec: 2000,
             max_status_bytes: 4096,
             max_payloads: 32,
@@ -356,6 +522,22 @@ impl Default for XmppConfig {
 }
 
 impl XmppConfig {
+    fn validate_domains(&self) -> Result<(), ConfigError> {
+        if self.domains.is_empty() {
+            return Err(ConfigError::invalid(
+                "xmpp.domains",
+                "must list at least one user domain",
+            ));
+        }
+        if let Some(d) = self.domains.iter().find(|d| !is_domain(d)) {
+            return Err(ConfigError::invalid(
+                "xmpp.domains",
+                format!("{d:?} is not a domain"),
+            ));
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         match self.server.rsplit_once(':') {
             Some((host, port)) if !host.trim().is_empty() && port.parse::<u16>().is_ok() => {}
@@ -375,21 +557,10 @@ impl XmppConfig {
         if self.password.is_empty() {
             return Err(ConfigError::invalid(
                 "xmpp.password",
-                "is required (or xmpp.password_file)",
+                "is required (or xmpp.password_file; or configure [amqp] to run without XMPP)",
             ));
         }
-        if self.domains.is_empty() {
-            return Err(ConfigError::invalid(
-                "xmpp.domains",
-                "must list at least one user domain",
-            ));
-        }
-        if let Some(d) = self.domains.iter().find(|d| !is_domain(d)) {
-            return Err(ConfigError::invalid(
-                "xmpp.domains",
-                format!("{d:?} is not a domain"),
-            ));
-        }
+        self.validate_domains()?;
         if self.reconnect_max_secs < self.reconnect_min_secs {
             return Err(ConfigError::invalid(
                 "xmpp.reconnect_max_secs",
@@ -759,6 +930,22 @@ impl Config {
             }
             self.xmpp.password = Secret::new(read_secret_file("xmpp.password_file", path)?);
         }
+        if let Some(a) = &mut self.amqp
+            && let Some(path) = &a.url_file
+        {
+            a.url = DbUrl(read_secret_file("amqp.url_file", path)?.trim().to_owned());
+        }
+        if let Some(r) = &mut self.reconcile
+            && let Some(path) = &r.password_file
+        {
+            if !r.password.is_empty() {
+                return Err(ConfigError::invalid(
+                    "reconcile.password_file",
+                    "set either reconcile.password or reconcile.password_file, not both",
+                ));
+            }
+            r.password = Secret::new(read_secret_file("reconcile.password_file", path)?);
+        }
         if let Some(path) = &self.auth.jwt_secret_file {
             if !self.auth.jwt_secret.is_empty() {
                 return Err(ConfigError::invalid(
@@ -784,7 +971,17 @@ impl Config {
     /// Checks every value that can be checked without connecting anywhere (durations are
     /// checked as they are read: see [`secs`]).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.xmpp.validate()?;
+        if self.xmpp_enabled() {
+            self.xmpp.validate()?;
+        } else {
+            self.xmpp.validate_domains()?;
+        }
+        if let Some(a) = &self.amqp {
+            a.validate()?;
+        }
+        if let Some(r) = &self.reconcile {
+            r.validate()?;
+        }
         self.http.validate()?;
         self.auth.validate()?;
         self.store.validate()?;
@@ -796,6 +993,13 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The XMPP component runs unless `[amqp]` is set and `[xmpp]` has no password: an
+    /// operator may run MongooseIM's event pusher alone (contract §9). `xmpp.domains` still
+    /// says which users are tracked.
+    pub fn xmpp_enabled(&self) -> bool {
+        self.amqp.is_none() || !self.xmpp.password.is_empty()
     }
 
     /// The effective configuration as TOML, secrets masked.

@@ -344,6 +344,11 @@ scoped_extractor!(
     Scope::HistoryRead,
     "A request whose token has `history:read` (or `admin`)."
 );
+scoped_extractor!(
+    AdminScope,
+    Scope::Admin,
+    "A request whose token has `admin`."
+);
 
 #[cfg(test)]
 mod tests {

@@ -60,6 +60,10 @@ pub struct AppState {
     pub tasks: TaskTracker,
     /// Online counts sampled every [`SAMPLE_EVERY`] over the last hour (dashboard sparkline).
     pub samples: std::sync::Mutex<std::collections::VecDeque<Sample>>,
+    /// The AMQP consumer, when `[amqp]` is set.
+    pub amqp: Option<crate::sources::amqp::AmqpHandle>,
+    /// The reconciler, when `[reconcile]` is set.
+    pub reconciler: Option<Arc<crate::sources::reconcile::Reconciler>>,
 }
 
 /// How often the concurrency is sampled.
@@ -102,6 +106,8 @@ impl AppState {
             shutdown,
             tasks,
             samples: Default::default(),
+            amqp: None,
+            reconciler: None,
         }
     }
 
@@ -164,8 +170,8 @@ async fn style_css() -> HttpResponse {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "presence-bridge", description = "Live XMPP presence: REST and WebSocket (contract v1)"),
-    paths(rest::healthz, rest::readyz, rest::metrics, rest::list, rest::one, rest::last_seen, rest::last_seen_bulk, rest::history, rest::stats, rest::concurrency, ws::ws, openapi_doc),
-    components(schemas(ErrorBody, rest::Health, rest::Ready, rest::PresenceList, rest::BulkBody, rest::BulkAnswer, rest::StatsBody, rest::ConcurrencyBody, rest::Order, rest::BareJidText, Sample, crate::presence::UserPresence, crate::presence::ResourcePresence, crate::presence::Show, lookup::LastSeen, lookup::HistoryBody, lookup::HistoryEntry)),
+    paths(rest::healthz, rest::readyz, rest::metrics, rest::list, rest::one, rest::last_seen, rest::last_seen_bulk, rest::history, rest::stats, rest::concurrency, rest::admin_reconcile, ws::ws, openapi_doc),
+    components(schemas(ErrorBody, rest::Health, rest::Ready, rest::PresenceList, rest::BulkBody, rest::BulkAnswer, rest::StatsBody, rest::ConcurrencyBody, rest::Order, rest::BareJidText, Sample, crate::presence::UserPresence, crate::presence::ResourcePresence, crate::presence::Show, lookup::LastSeen, lookup::HistoryBody, lookup::HistoryEntry, crate::sources::reconcile::Outcome)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -224,6 +230,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("/api/v1/stats", "GET, HEAD"),
     ("/api/v1/stats/concurrency", "GET, HEAD"),
     ("/api/v1/ws", "GET"),
+    ("/api/v1/admin/reconcile", "POST"),
 ];
 
 /// The methods `path` answers, if it is a route at all.
@@ -354,6 +361,7 @@ pub fn serve(
             .service(rest::history)
             .service(rest::concurrency)
             .service(rest::stats)
+            .service(rest::admin_reconcile)
             .service(ws::ws)
             .route("/openapi.json", get_or_head().to(openapi_doc));
         App::new()

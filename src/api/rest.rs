@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
-use super::auth::{HistoryRead, Permissions, PresenceRead};
+use super::auth::{AdminScope, HistoryRead, Permissions, PresenceRead};
 use super::error::ApiError;
 use super::lookup;
 use crate::presence::{Show, UserJid, UserPresence};
@@ -58,6 +58,9 @@ pub struct Ready {
     pub xmpp_since: Option<DateTime<Utc>>,
     /// XEP-0356 permissions granted, as `access:type`.
     pub privileges: Vec<String>,
+    /// `connected` / `disconnected`, when `[amqp]` is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amqp: Option<&'static str>,
     /// The engine's epoch and seq.
     pub epoch: String,
     /// Last seq.
@@ -69,10 +72,13 @@ pub struct Ready {
 #[route("/readyz", method = "GET", method = "HEAD")]
 pub async fn readyz(st: State) -> HttpResponse {
     let status = st.component.as_ref().map(|c| c.status());
-    let (xmpp, xmpp_ok) = match &status {
-        Some(s) if s.connected => ("connected", true),
-        Some(_) => ("disconnected", false),
-        None => ("simulated", true),
+    let amqp = st.amqp.as_ref().map(|a| a.status().connected);
+    let (xmpp, xmpp_ok) = match (&status, amqp) {
+        (Some(s), _) if s.connected => ("connected", true),
+        (Some(_), _) => ("disconnected", false),
+        // The event pusher alone: ready while it consumes.
+        (None, Some(a)) => ("disabled", a),
+        (None, None) => ("simulated", true),
     };
     let store_status = st.store.as_ref().map(|s| s.status());
     let (store, spooled) = match &store_status {
@@ -102,6 +108,7 @@ pub async fn readyz(st: State) -> HttpResponse {
                     .collect()
             })
             .unwrap_or_default(),
+        amqp: amqp.map(|a| if a { "connected" } else { "disconnected" }),
         epoch: st.engine.epoch().to_string(),
         seq: st.engine.seq(),
     };
@@ -516,4 +523,36 @@ pub async fn concurrency(st: State, PresenceRead(p): PresenceRead) -> HttpRespon
         interval_secs: super::SAMPLE_EVERY.as_secs(),
         samples,
     })
+}
+
+/// `POST /api/v1/admin/reconcile`: one reconcile run (contract §8, §10), waiting for a run in
+/// progress to end first.
+#[utoipa::path(post, path = "/api/v1/admin/reconcile", responses((status = 200, description = "What the run did", body = crate::sources::reconcile::Outcome), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks the admin scope", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "`reconcile_disabled`: no [reconcile] section", body = super::error::ErrorBody), (status = 502, description = "`reconcile_failed`: the server's session list could not be read", body = super::error::ErrorBody), (status = 503, description = "`xmpp_disconnected`: nothing can be corrected while the component is down", body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[post("/admin/reconcile")]
+pub async fn admin_reconcile(
+    st: State,
+    AdminScope(p): AdminScope,
+) -> Result<HttpResponse, ApiError> {
+    use crate::sources::reconcile::ReconcileError;
+    let Some(rec) = &st.reconciler else {
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "reconcile_disabled",
+            "no reconciler is configured ([reconcile] in the config)",
+        ));
+    };
+    tracing::info!(sub = %p.sub, "admin: reconcile requested");
+    match rec.run().await {
+        Ok(outcome) => Ok(HttpResponse::Ok().json(outcome)),
+        Err(ReconcileError::Disconnected) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "xmpp_disconnected",
+            "the XMPP component is disconnected; nothing is corrected until it is back",
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "reconcile_failed",
+            crate::config::mask_url_password(&e.to_string()),
+        )),
+    }
 }

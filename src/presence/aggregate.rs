@@ -22,7 +22,7 @@ pub fn best_resource(resources: &[ResourcePresence]) -> Option<&ResourcePresence
 /// history and `online_since`). `Some(t)` when `ev.at` must move forward to `t`.
 pub fn not_before(prev: Option<&UserPresence>, ev: &PresenceEvent) -> Option<DateTime<Utc>> {
     let p = prev?;
-    let EventKind::Available(_) = ev.kind else {
+    let (EventKind::Available(_) | EventKind::Present(_)) = ev.kind else {
         return None;
     };
     if p.resources.iter().any(|r| r.resource == ev.resource) {
@@ -47,41 +47,50 @@ pub fn apply(
     let mut goodbye_status = None;
 
     match &ev.kind {
-        EventKind::Available(a) => match resources.iter_mut().find(|r| r.resource == ev.resource) {
-            Some(r) => {
-                if r.show == a.show
-                    && r.status == a.status
-                    && r.priority == a.priority
-                    && r.client == a.client
-                    && r.idle_since == a.idle_since
-                {
-                    return None;
+        EventKind::Present(_) if resources.iter().any(|r| r.resource == ev.resource) => {
+            return None;
+        }
+        EventKind::Available(a) | EventKind::Present(a) => {
+            match resources.iter_mut().find(|r| r.resource == ev.resource) {
+                Some(r) => {
+                    if r.show == a.show
+                        && r.status == a.status
+                        && r.priority == a.priority
+                        && r.client == a.client
+                        && r.idle_since == a.idle_since
+                    {
+                        return None;
+                    }
+                    r.show = a.show;
+                    r.status.clone_from(&a.status);
+                    r.priority = a.priority;
+                    r.client.clone_from(&a.client);
+                    r.idle_since = a.idle_since;
+                    r.touched = touch;
                 }
-                r.show = a.show;
-                r.status.clone_from(&a.status);
-                r.priority = a.priority;
-                r.client.clone_from(&a.client);
-                r.idle_since = a.idle_since;
-                r.touched = touch;
+                None => {
+                    resources.push(ResourcePresence {
+                        resource: ev.resource.clone(),
+                        show: a.show,
+                        status: a.status.clone(),
+                        priority: a.priority,
+                        client: a.client.clone(),
+                        since: ev.at,
+                        idle_since: a.idle_since,
+                        touched: touch,
+                    });
+                    resources.sort_by(|x, y| x.resource.cmp(&y.resource));
+                }
             }
-            None => {
-                resources.push(ResourcePresence {
-                    resource: ev.resource.clone(),
-                    show: a.show,
-                    status: a.status.clone(),
-                    priority: a.priority,
-                    client: a.client.clone(),
-                    since: ev.at,
-                    idle_since: a.idle_since,
-                    touched: touch,
-                });
-                resources.sort_by(|x, y| x.resource.cmp(&y.resource));
-            }
-        },
-        EventKind::Unavailable { status } => {
+        }
+        EventKind::Unavailable { status, reason } => {
             let pos = resources.iter().position(|r| r.resource == ev.resource)?;
-            resources.remove(pos);
-            goodbye_status = status.clone();
+            let gone = resources.remove(pos);
+            // A server-generated unavailable says nothing of the user: keep what they said last.
+            goodbye_status = match (status, reason) {
+                (None, Some(_)) => gone.status,
+                _ => status.clone(),
+            };
         }
         EventKind::AllUnavailable { status } => {
             if resources.is_empty() {
@@ -180,11 +189,51 @@ mod tests {
             resource: res.into(),
             kind: EventKind::Unavailable {
                 status: Some("bye".into()),
+                reason: None,
             },
             at: t(at),
             received_at: t(at),
             cause: Cause::Stanza,
         }
+    }
+
+    #[test]
+    fn present_only_brings_a_resource_online_never_overwrites_it() {
+        let mut confirm = avail("phone", Show::Available, 0, "", 300);
+        let EventKind::Available(a) = confirm.kind.clone() else {
+            unreachable!()
+        };
+        confirm.kind = EventKind::Present(Availability { status: None, ..a });
+        // XMPP said away first: the event pusher's "present" changes nothing.
+        let (_, away) = apply(None, &avail("phone", Show::Away, 0, "lunch", 100), 1).expect("on");
+        assert!(apply(Some(&away), &confirm, 2).is_none());
+        // Nothing known yet: it brings the resource online as available.
+        let (op, on) = apply(None, &confirm, 3).expect("on");
+        assert_eq!(
+            (op, on.show, on.online),
+            (Op::Online, Show::Available, true)
+        );
+        // And XMPP's later word still wins.
+        let (op, away) =
+            apply(Some(&on), &avail("phone", Show::Away, 0, "lunch", 400), 4).expect("update");
+        assert_eq!((op, away.show), (Op::Update, Show::Away));
+    }
+
+    #[test]
+    fn a_server_generated_unavailable_keeps_the_users_last_status() {
+        let (_, online) =
+            apply(None, &avail("phone", Show::Away, 0, "In a meeting", 100), 1).expect("on");
+        let mut dropped = gone("phone", 200);
+        dropped.kind = EventKind::Unavailable {
+            status: None,
+            reason: Some("socket_closed".into()),
+        };
+        let (op, offline) = apply(Some(&online), &dropped, 2).expect("off");
+        assert_eq!(op, Op::Offline);
+        assert_eq!(offline.status.as_deref(), Some("In a meeting"));
+        // A user's own goodbye text still wins.
+        let (_, offline) = apply(Some(&online), &gone("phone", 200), 2).expect("off");
+        assert_eq!(offline.status.as_deref(), Some("bye"));
     }
 
     #[test]

@@ -457,7 +457,10 @@ impl Sequencer {
                             id: new_event_id(),
                             jid,
                             resource,
-                            kind: EventKind::Unavailable { status: None },
+                            kind: EventKind::Unavailable {
+                                status: None,
+                                reason: None,
+                            },
                             at: offline_at,
                             received_at: now,
                             cause: Cause::Resync,

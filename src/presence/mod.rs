@@ -150,7 +150,10 @@ mod proptests {
             Step::Gone { user, res } => (
                 user,
                 format!("r{res}"),
-                EventKind::Unavailable { status: None },
+                EventKind::Unavailable {
+                    status: None,
+                    reason: None,
+                },
             ),
             Step::AllGone { user } => (
                 user,

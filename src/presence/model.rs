@@ -227,6 +227,10 @@ pub enum Cause {
     Resync,
     /// Closed by the bridge on shutdown.
     Shutdown,
+    /// Found or closed by comparing with the server's own session list (contract §10).
+    Reconcile,
+    /// From MongooseIM's event pusher over AMQP (contract §9).
+    Amqp,
 }
 
 /// What happened to a resource.
@@ -234,10 +238,18 @@ pub enum Cause {
 pub enum EventKind {
     /// The resource is (still) online with this availability.
     Available(Availability),
+    /// The resource is online; this availability applies only if it was not online already
+    /// (a source that knows *that* a session exists, not its show/status: MongooseIM's event
+    /// pusher). Decided by the sequencer, so it never overwrites what XMPP said.
+    Present(Availability),
     /// The resource is gone; `status` is the goodbye text, if any.
     Unavailable {
-        /// Status text of the unavailable presence.
+        /// Status text of the unavailable presence (what the user said).
         status: Option<String>,
+        /// The server's reason when the server generated the unavailable itself
+        /// (MongooseIM `Shutdown by reason: socket_closed`, Prosody `Disconnected: closed`):
+        /// the session's end cause, not something the user said.
+        reason: Option<String>,
     },
     /// Every resource of the user is gone (presence error from the bare JID).
     AllUnavailable {

@@ -2,11 +2,28 @@
 //! and knows nothing of the store or the API.
 //!
 //! - [`xmpp`]: the XEP-0114 component (supervisor + translator) — the primary source.
+//! - [`amqp`]: MongooseIM's event pusher (`mod_event_pusher_rabbit`) over AMQP (contract §9).
+//! - [`reconcile`]: compares the map with the server's own session list (contract §10).
 //! - [`simulator`]: `demo`'s simulated population, which builds real `<presence/>` stanzas and
 //!   sends them through the XMPP translator, so the demo exercises the same rules.
 //!
-//! A new source (the AMQP consumer, the reconciler) is a new module here, started by
-//! the composition root (`app`).
+//! A new source is a new module here, started by the composition root (`app`).
 
+pub mod amqp;
+pub mod reconcile;
 pub mod simulator;
 pub mod xmpp;
+
+use crate::presence::UserJid;
+
+/// Splits a JID as a server reports it (`alice@localhost/phone`) into the normalised user and
+/// the resource (`None` for a bare JID). `None` for anything that is not a user's JID.
+pub fn parse_full_jid(s: &str) -> Option<(UserJid, Option<String>)> {
+    let jid = jid::Jid::new(s.trim()).ok()?;
+    let user = UserJid::from_jid(&jid)?;
+    let resource = jid
+        .resource()
+        .map(|r| r.as_str().to_owned())
+        .filter(|r| !r.is_empty());
+    Some((user, resource))
+}

@@ -150,6 +150,10 @@ pub struct StoredEvent {
     pub opened: bool,
     /// This event took the resource offline (closes its session).
     pub closed: bool,
+    /// The server's reason for a session end it generated (e.g. `socket_closed`): recorded as
+    /// the session's `end_reason`. Absent in spools written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_reason: Option<String>,
     /// The user's aggregate after the event (for last-seen).
     pub user: UserAfter,
 }
@@ -402,10 +406,11 @@ pub fn stored_events(
         cause: ev.cause,
         opened: false,
         closed: false,
+        end_reason: None,
         user: user.clone(),
     };
     match &ev.kind {
-        EventKind::Available(a) => vec![StoredEvent {
+        EventKind::Available(a) | EventKind::Present(a) => vec![StoredEvent {
             available: true,
             show: Some(a.show),
             status: a.status.clone(),
@@ -415,9 +420,10 @@ pub fn stored_events(
             opened: !had(&ev.resource),
             ..base(&ev.resource, ev.id)
         }],
-        EventKind::Unavailable { status } => vec![StoredEvent {
+        EventKind::Unavailable { status, reason } => vec![StoredEvent {
             status: status.clone(),
             closed: true,
+            end_reason: reason.clone(),
             ..base(&ev.resource, ev.id)
         }],
         EventKind::AllUnavailable { status } => prev
@@ -504,6 +510,7 @@ pub(crate) mod tests {
                     cause: Cause::Stanza,
                     opened: available,
                     closed: !available,
+                    end_reason: None,
                     user: UserAfter {
                         online: available,
                         online_since: available.then_some(at),

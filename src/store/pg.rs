@@ -154,6 +154,8 @@ fn cause_str(c: Cause) -> &'static str {
         Cause::Probe => "probe",
         Cause::Resync => "resync",
         Cause::Shutdown => "shutdown",
+        Cause::Reconcile => "reconcile",
+        Cause::Amqp => "amqp",
     }
 }
 
@@ -298,7 +300,7 @@ async fn stage_and_insert(
     Ok(())
 }
 
-struct SessionRow {
+struct SessionRow<'a> {
     id: Uuid,
     jid: String,
     resource: String,
@@ -306,6 +308,7 @@ struct SessionRow {
     started: DateTime<Utc>,
     ended: Option<DateTime<Utc>>,
     cause: Option<&'static str>,
+    reason: Option<&'a str>,
 }
 
 async fn write_sessions(
@@ -316,7 +319,8 @@ async fn write_sessions(
     let mut open: HashMap<(&str, &str), usize> = HashMap::new();
     // Closes of sessions opened in an earlier batch: at most one per resource per batch
     // (a second close needs an open in between, which would be in this batch).
-    let mut closes: HashMap<(&str, &str), (DateTime<Utc>, &'static str)> = HashMap::new();
+    type Close<'a> = (DateTime<Utc>, &'static str, Option<&'a str>);
+    let mut closes: HashMap<(&str, &str), Close<'_>> = HashMap::new();
     for e in batch {
         let key = (e.jid.as_str(), e.resource.as_str());
         if e.closed {
@@ -324,9 +328,14 @@ async fn write_sessions(
                 Some(i) => {
                     rows[i].ended = Some(e.at);
                     rows[i].cause = Some(cause_str(e.cause));
+                    rows[i].reason = e.end_reason.as_deref();
                 }
                 None => {
-                    closes.entry(key).or_insert((e.at, cause_str(e.cause)));
+                    closes.entry(key).or_insert((
+                        e.at,
+                        cause_str(e.cause),
+                        e.end_reason.as_deref(),
+                    ));
                 }
             }
         }
@@ -340,22 +349,25 @@ async fn write_sessions(
                 started: e.at,
                 ended: None,
                 cause: None,
+                reason: None,
             });
         }
     }
     if !closes.is_empty() {
-        let (mut j, mut r, mut a, mut c) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for ((jid, res), (at, cause)) in &closes {
+        let (mut j, mut r, mut a, mut c, mut why) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for ((jid, res), (at, cause, reason)) in &closes {
             j.push(*jid);
             r.push(*res);
             a.push(*at);
             c.push(*cause);
+            why.push(*reason);
         }
         tx.execute(
-            "UPDATE presence_sessions s SET ended_at = u.at, end_cause = u.cause \
-             FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::text[]) AS u(jid, resource, at, cause) \
+            "UPDATE presence_sessions s SET ended_at = u.at, end_cause = u.cause, end_reason = u.reason \
+             FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[]) AS u(jid, resource, at, cause, reason) \
              WHERE s.jid = u.jid AND s.resource = u.resource AND s.ended_at IS NULL",
-            &[&j, &r, &a, &c],
+            &[&j, &r, &a, &c, &why],
         )
         .await?;
     }
@@ -367,13 +379,15 @@ async fn write_sessions(
         let started: Vec<DateTime<Utc>> = rows.iter().map(|s| s.started).collect();
         let ended: Vec<Option<DateTime<Utc>>> = rows.iter().map(|s| s.ended).collect();
         let causes: Vec<Option<&str>> = rows.iter().map(|s| s.cause).collect();
+        let reasons: Vec<Option<&str>> = rows.iter().map(|s| s.reason).collect();
         tx.execute(
-            "INSERT INTO presence_sessions (session_id, jid, resource, client, started_at, ended_at, end_cause) \
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[], $7::text[]) \
+            "INSERT INTO presence_sessions (session_id, jid, resource, client, started_at, ended_at, end_cause, end_reason) \
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[], $7::text[], $8::text[]) \
              ON CONFLICT (session_id) DO UPDATE SET \
                ended_at = COALESCE(presence_sessions.ended_at, EXCLUDED.ended_at), \
-               end_cause = COALESCE(presence_sessions.end_cause, EXCLUDED.end_cause)",
-            &[&ids, &jids, &res, &clients, &started, &ended, &causes],
+               end_cause = COALESCE(presence_sessions.end_cause, EXCLUDED.end_cause), \
+               end_reason = COALESCE(presence_sessions.end_reason, EXCLUDED.end_reason)",
+            &[&ids, &jids, &res, &clients, &started, &ended, &causes, &reasons],
         )
         .await?;
     }

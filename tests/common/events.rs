@@ -42,6 +42,7 @@ pub fn available(show: Show, status: &str, priority: i8, client: Option<&str>) -
 pub fn unavailable(status: &str) -> EventKind {
     EventKind::Unavailable {
         status: Some(status.into()),
+        reason: None,
     }
 }
 
@@ -62,6 +63,7 @@ pub fn stored_event(id: u128, jid: &str, at: DateTime<Utc>) -> StoredEvent {
         cause: Cause::Stanza,
         opened: false,
         closed: false,
+        end_reason: None,
         user: UserAfter {
             online: true,
             online_since: Some(at),

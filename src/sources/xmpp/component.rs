@@ -38,7 +38,7 @@ use xmpp_parsers::stream_error::DefinedCondition as StreamCondition;
 
 use super::translate::{self, Dropped, Inbound, Translator};
 use crate::config::XmppConfig;
-use crate::presence::{Engine, UserJid};
+use crate::presence::{Cause, Engine, UserJid};
 use crate::telemetry;
 
 type Stream = XmppStream<BufStream<TcpStream>>;
@@ -107,6 +107,8 @@ pub struct XmppMetrics {
     pub probes_sent: IntCounter,
     /// Keepalive pings sent.
     pub keepalives_sent: IntCounter,
+    /// `<conflict/>` stream errors (another connection holds the component domain).
+    pub conflicts: IntCounter,
     connected: IntGauge,
     stale: IntGauge,
     reconnects: IntCounter,
@@ -149,6 +151,11 @@ impl XmppMetrics {
                 r,
                 "presence_bridge_xmpp_keepalives_sent_total",
                 "Keepalive pings sent to the XMPP server",
+            ),
+            conflicts: telemetry::counter(
+                r,
+                "presence_bridge_xmpp_conflicts_total",
+                "Component connections refused or ended by the server with <conflict/>",
             ),
             connected: telemetry::gauge(
                 r,
@@ -197,6 +204,7 @@ impl Default for XmppMetrics {
 pub struct ComponentHandle {
     status: watch::Receiver<ConnectionStatus>,
     metrics: XmppMetrics,
+    probes: mpsc::Sender<UserJid>,
 }
 
 impl ComponentHandle {
@@ -212,7 +220,16 @@ impl ComponentHandle {
     pub fn metrics(&self) -> &XmppMetrics {
         &self.metrics
     }
+    /// Queues a probe of `user` for the connected session (the reconciler's "found" direction):
+    /// its answers enter the map with cause `reconcile`. `false` when the queue is full or
+    /// the supervisor has ended; probes queued while disconnected go out after the handshake.
+    pub fn probe(&self, user: &UserJid) -> bool {
+        self.probes.try_send(user.clone()).is_ok()
+    }
 }
+
+/// Queued reconciler probes (beyond that, `probe` refuses and the next run tries again).
+const PROBE_QUEUE: usize = 65_536;
 
 /// What the supervisor needs besides its config and the engine.
 #[derive(Debug, Default)]
@@ -238,6 +255,7 @@ pub fn spawn(
         since: Some(Utc::now()),
         ..ConnectionStatus::default()
     });
+    let (probes_tx, probes_rx) = mpsc::channel(PROBE_QUEUE);
     let sup = Supervisor {
         translator: Translator::new(&cfg),
         cfg,
@@ -247,12 +265,15 @@ pub fn spawn(
         cancel,
         generation: 0,
         tasks: opts.tasks,
+        probes: probes_rx,
+        reconcile_probed: std::collections::HashMap::new(),
     };
     let task = tokio::spawn(sup.run(opts.lost_at));
     (
         ComponentHandle {
             status: status_rx,
             metrics: opts.metrics,
+            probes: probes_tx,
         },
         task,
     )
@@ -269,13 +290,30 @@ pub fn backoff_delay(min: Duration, max: Duration, attempt: u32) -> Duration {
 
 enum ConnectError {
     Fatal(FatalError),
+    /// `<conflict/>`: another connection holds the component domain.
+    Conflict,
     Transient(String),
 }
 
 enum SessionEnd {
     Cancelled,
     Lost(String),
+    /// The server ended the session with `<conflict/>` (MongooseIM `kick_old`: a newer
+    /// connection for the same domain took over).
+    Conflict,
     Fatal(FatalError),
+}
+
+/// What a `<conflict/>` means and what to do about it (logged and shown in `/readyz`).
+fn conflict_message(component: &str, delay: Duration) -> String {
+    format!(
+        "the XMPP server refused or dropped component {component:?} with <conflict/>: another \
+         connection holds this domain (a second bridge with the same xmpp.component, or the \
+         server still holds this bridge's previous connection). Run one bridge per component \
+         domain (replicas: [cluster]); on MongooseIM set conflict_behaviour = \"kick_old\" on the \
+         component listener. Retrying in {}s",
+        delay.as_secs()
+    )
 }
 
 struct Supervisor {
@@ -287,6 +325,9 @@ struct Supervisor {
     cancel: CancellationToken,
     generation: u64,
     tasks: TaskTracker,
+    probes: mpsc::Receiver<UserJid>,
+    /// Users probed for the reconciler, and until when their answers count as `reconcile`.
+    reconcile_probed: std::collections::HashMap<UserJid, Instant>,
 }
 
 impl Supervisor {
@@ -302,6 +343,7 @@ impl Supervisor {
         let min = self.cfg.reconnect_min_secs;
         let max = self.cfg.reconnect_max_secs;
         let mut attempt: u32 = 0;
+        let mut conflicts: u32 = 0;
         let mut ever_connected = false;
         loop {
             let connected = tokio::select! {
@@ -339,8 +381,10 @@ impl Supervisor {
                         s.stale = true;
                         s.resyncing = false;
                     });
+                    let mut conflicted = false;
                     match end {
                         SessionEnd::Cancelled => return Ok(()),
+                        SessionEnd::Conflict => conflicted = true,
                         SessionEnd::Fatal(e) => {
                             self.set_status(|s| s.last_error = Some(e.to_string()));
                             return Err(e);
@@ -354,6 +398,20 @@ impl Supervisor {
                     if started.elapsed() >= max {
                         attempt = 0;
                     }
+                    if !conflicted {
+                        conflicts = 0;
+                    } else if self.conflict_wait(&mut conflicts).await {
+                        return Ok(());
+                    } else {
+                        continue;
+                    }
+                }
+                Ok(Err(ConnectError::Conflict)) => {
+                    self.set_status(|s| s.failed_attempts += 1);
+                    if self.conflict_wait(&mut conflicts).await {
+                        return Ok(());
+                    }
+                    continue;
                 }
                 Ok(Err(ConnectError::Fatal(e))) => {
                     tracing::error!("{e}");
@@ -386,6 +444,24 @@ impl Supervisor {
                 _ = self.cancel.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(delay) => {}
             }
+        }
+    }
+
+    /// Logs a conflict, then waits the conflict backoff. `true` = cancelled meanwhile.
+    async fn conflict_wait(&self, conflicts: &mut u32) -> bool {
+        self.metrics.conflicts.inc();
+        let base = self
+            .cfg
+            .conflict_backoff_secs
+            .max(self.cfg.reconnect_min_secs);
+        let delay = backoff_delay(base, base.saturating_mul(8), *conflicts);
+        *conflicts = conflicts.saturating_add(1);
+        let why = conflict_message(&self.cfg.component, delay);
+        tracing::error!(conflicts_in_a_row = *conflicts, "{why}");
+        self.set_status(|s| s.last_error = Some(why));
+        tokio::select! {
+            _ = self.cancel.cancelled() => true,
+            _ = tokio::time::sleep(delay) => false,
         }
     }
 
@@ -465,6 +541,7 @@ impl Supervisor {
             StreamCondition::HostUnknown | StreamCondition::ImproperAddressing => {
                 ConnectError::Fatal(FatalError::HostUnknown { component })
             }
+            StreamCondition::Conflict => ConnectError::Conflict,
             other => ConnectError::Transient(format!("stream error: {other:?}")),
         }
     }
@@ -476,7 +553,7 @@ impl Supervisor {
         let generation = self.generation;
         let session_cancel = self.cancel.child_token();
         let _stop_resync = session_cancel.clone().drop_guard();
-        let (out_tx, mut out_rx) = mpsc::channel::<Stanza>(256);
+        let (out_tx, mut out_rx) = mpsc::channel::<Element>(256);
         if self.cfg.probe_on_connect {
             if self.engine.resync_begin(generation).await.is_err() {
                 return SessionEnd::Cancelled;
@@ -512,9 +589,22 @@ impl Supervisor {
                     return SessionEnd::Cancelled;
                 }
                 Some(stanza) = out_rx.recv() => {
-                    if let Err(e) = stream.send(&XmppStreamElement::Stanza(stanza)).await {
+                    if let Err(e) = stream.send(&stanza).await {
                         return SessionEnd::Lost(format!("write failed: {e}"));
                     }
+                }
+                Some(user) = self.probes.recv() => {
+                    let Ok(to) = BareJid::new(user.as_str()) else { continue };
+                    let probe = Presence::new(PresenceType::Probe).with_from(component.clone()).with_to(to);
+                    if let Err(e) = stream.send(&outbound(probe)).await {
+                        return SessionEnd::Lost(format!("write failed: {e}"));
+                    }
+                    self.metrics.probes_sent.inc();
+                    let now = Instant::now();
+                    if self.reconcile_probed.len() >= PROBE_QUEUE {
+                        self.reconcile_probed.retain(|_, until| *until > now);
+                    }
+                    self.reconcile_probed.insert(user, now + self.cfg.resync_grace_secs);
                 }
                 item = stream.next() => {
                     let el = match item {
@@ -555,7 +645,7 @@ impl Supervisor {
                                 Err(()) => return SessionEnd::Cancelled,
                             };
                             for r in replies {
-                                if let Err(e) = stream.send(&XmppStreamElement::Stanza(r.with_from(component.clone()).into())).await {
+                                if let Err(e) = stream.send(&outbound(r.with_from(component.clone()))).await {
                                     return SessionEnd::Lost(format!("write failed: {e}"));
                                 }
                             }
@@ -578,6 +668,7 @@ impl Supervisor {
                         XmppStreamElement::StreamError(e) => {
                             return match self.classify(e.0.condition.clone()) {
                                 ConnectError::Fatal(f) => SessionEnd::Fatal(f),
+                                ConnectError::Conflict => SessionEnd::Conflict,
                                 ConnectError::Transient(_) => SessionEnd::Lost(format!("stream error from server: {e}")),
                             };
                         }
@@ -613,7 +704,15 @@ impl Supervisor {
         };
         let to = |j: &UserJid| -> Option<Jid> { BareJid::new(j.as_str()).ok().map(Into::into) };
         Ok(match inbound {
-            Inbound::Event(ev) => {
+            Inbound::Event(mut ev) => {
+                if ev.cause == Cause::Probe
+                    && self
+                        .reconcile_probed
+                        .get(&ev.jid)
+                        .is_some_and(|until| *until > Instant::now())
+                {
+                    ev.cause = Cause::Reconcile;
+                }
                 self.engine.apply(ev).await.map_err(|_| ())?;
                 Vec::new()
             }
@@ -645,6 +744,20 @@ impl Supervisor {
             Inbound::Probe(from) => vec![Presence::available().with_to(from)],
         })
     }
+}
+
+/// A presence as the bridge sends it. xmpp-parsers always writes `<priority>0</priority>`;
+/// RFC 6121 §4.7.2.3 makes 0 the default, and a probe or a subscription answer has no business
+/// carrying a priority at all, so a zero priority is left out.
+fn outbound(p: Presence) -> Element {
+    let mut el: Element = p.into();
+    if el
+        .get_child("priority", xmpp_parsers::ns::DEFAULT_NS)
+        .is_some_and(|c| c.text().trim() == "0")
+    {
+        el.remove_child("priority", xmpp_parsers::ns::DEFAULT_NS);
+    }
+    el
 }
 
 /// Reads until a stream error arrives (used when the server refused our header).
@@ -719,7 +832,7 @@ async fn resync(
     cfg: XmppConfig,
     metrics: XmppMetrics,
     status: watch::Sender<ConnectionStatus>,
-    out: mpsc::Sender<Stanza>,
+    out: mpsc::Sender<Element>,
     generation: u64,
     offline_at: DateTime<Utc>,
     cancel: CancellationToken,
@@ -743,7 +856,7 @@ async fn resync(
                 let probe = Presence::new(PresenceType::Probe)
                     .with_from(component.clone())
                     .with_to(to);
-                out.send(probe.into()).await.ok()?;
+                out.send(outbound(probe)).await.ok()?;
                 metrics.probes_sent.inc();
             }
         }
@@ -780,6 +893,24 @@ mod tests {
         let draws: std::collections::HashSet<_> =
             (0..20).map(|_| backoff_delay(min, max, 10)).collect();
         assert!(draws.len() > 1, "jitter varies the delay");
+    }
+
+    #[test]
+    fn outbound_presence_has_no_zero_priority() {
+        let to: Jid = BareJid::new("alice@localhost").unwrap().into();
+        for p in [
+            Presence::new(PresenceType::Probe),
+            Presence::subscribed(),
+            Presence::subscribe(),
+            Presence::available(),
+            Presence::new(PresenceType::Unsubscribed),
+        ] {
+            let xml = String::from(&outbound(p.with_to(to.clone())));
+            assert!(!xml.contains("priority"), "{xml}");
+            assert!(xml.contains("to='alice@localhost'"), "{xml}");
+        }
+        let xml = String::from(&outbound(Presence::available().with_priority(5)));
+        assert!(xml.contains("<priority>5</priority>"), "{xml}");
     }
 
     #[test]

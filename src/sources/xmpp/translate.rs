@@ -70,6 +70,18 @@ pub struct Translator {
     status_languages: Vec<String>,
 }
 
+/// The reason inside the status text a server writes into an unavailable it generates itself
+/// when a session ends without the client's own unavailable: MongooseIM `Shutdown by reason:
+/// socket_closed` / `stream_end` / `system_shutdown`, Prosody `Disconnected: closed`. That text
+/// is an end cause, not what the user said.
+pub fn server_end_reason(status: &str) -> Option<&str> {
+    ["Shutdown by reason: ", "Disconnected: "]
+        .iter()
+        .find_map(|p| status.strip_prefix(p))
+        .map(str::trim)
+        .filter(|r| !r.is_empty() && r.len() <= 200)
+}
+
 impl Translator {
     /// From the `[xmpp]` config.
     pub fn new(cfg: &XmppConfig) -> Self {
@@ -176,17 +188,29 @@ impl Translator {
             }
             Type::Unavailable => {
                 let resource = resource.ok_or_else(|| Dropped::NoResource(user.to_string()))?;
-                event(
-                    resource,
-                    EventKind::Unavailable {
-                        status: self.default_status(p),
+                let status = self.default_status(p);
+                let kind = match status.as_deref().and_then(server_end_reason) {
+                    Some(reason) => EventKind::Unavailable {
+                        status: None,
+                        reason: Some(reason.to_owned()),
                     },
-                )
+                    None => EventKind::Unavailable {
+                        status,
+                        reason: None,
+                    },
+                };
+                event(resource, kind)
             }
             // RFC 6121 / MongooseIM: an error from the user's JID means that resource (or,
             // from the bare JID, the whole user) is unreachable: it is gone.
             Type::Error => match resource {
-                Some(r) => event(r, EventKind::Unavailable { status: None }),
+                Some(r) => event(
+                    r,
+                    EventKind::Unavailable {
+                        status: None,
+                        reason: Some("presence_error".into()),
+                    },
+                ),
                 None => event(String::new(), EventKind::AllUnavailable { status: None }),
             },
             Type::Probe => Inbound::Probe(from.clone()),
@@ -548,14 +572,46 @@ mod tests {
         let e = event(&format!(
             "<presence {NS} xml:lang='en' to='bridge.localhost' from='alice@localhost/phone' type='unavailable' id='64e2'/>"
         ));
-        assert_eq!(e.kind, EventKind::Unavailable { status: None });
+        assert_eq!(
+            e.kind,
+            EventKind::Unavailable {
+                status: None,
+                reason: None
+            }
+        );
+        // The server's own text is an end cause, not the user's status.
         let e = event(&format!(
             "<presence {NS} to='bridge.localhost' type='unavailable' from='bob@localhost/laptop'><status>Disconnected: closed</status></presence>"
         ));
         assert_eq!(
             e.kind,
             EventKind::Unavailable {
-                status: Some("Disconnected: closed".into())
+                status: None,
+                reason: Some("closed".into())
+            }
+        );
+        // MongooseIM 6.2.1 (shared/xmpp-lab/mongooseim-6.2.1-facts.md).
+        for reason in ["socket_closed", "stream_end", "system_shutdown"] {
+            let e = event(&format!(
+                "<presence {NS} from='carol@localhost/phone' to='bridge.localhost' type='unavailable'><status>Shutdown by reason: {reason}</status></presence>"
+            ));
+            assert_eq!(
+                e.kind,
+                EventKind::Unavailable {
+                    status: None,
+                    reason: Some(reason.into())
+                }
+            );
+        }
+        // What a user says is kept as said.
+        let e = event(&format!(
+            "<presence {NS} from='carol@localhost/phone' type='unavailable'><status>Gone fishing</status></presence>"
+        ));
+        assert_eq!(
+            e.kind,
+            EventKind::Unavailable {
+                status: Some("Gone fishing".into()),
+                reason: None
             }
         );
         let e = event(&format!(
@@ -563,7 +619,13 @@ mod tests {
         ));
         assert_eq!(
             (e.resource.as_str(), e.kind.clone()),
-            ("laptop", EventKind::Unavailable { status: None })
+            (
+                "laptop",
+                EventKind::Unavailable {
+                    status: None,
+                    reason: Some("presence_error".into())
+                }
+            )
         );
         let e = event(&format!(
             "<presence {NS} from='bob@localhost' type='error'><error type='cancel'><item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></presence>"
