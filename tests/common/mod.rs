@@ -5,7 +5,8 @@
 //! - [`xmpp_client`]: a real XMPP client over TCP;
 //! - [`pg`]: Postgres databases and private clusters;
 //! - [`http`]: HTTP, WebSocket and metrics helpers;
-//! - [`events`]: the event builder.
+//! - [`events`]: the event builder;
+//! - [`rabbit`]: RabbitMQ (the machine's broker or a private node) and an event pusher.
 #![allow(dead_code, unused_imports)]
 
 pub mod app;
@@ -13,6 +14,7 @@ pub mod ejabberd;
 pub mod events;
 pub mod http;
 pub mod pg;
+pub mod rabbit;
 pub mod xmpp_client;
 
 use std::net::TcpListener;
@@ -25,6 +27,7 @@ pub use ejabberd::*;
 pub use events::*;
 pub use http::*;
 pub use pg::*;
+pub use rabbit::*;
 pub use xmpp_client::*;
 
 /// Generous upper bound for anything to happen; tests never assert on wall-clock time, they
