@@ -519,3 +519,99 @@ async fn a_client_cannot_backdate_its_live_presence_with_a_delay_stamp() {
     bridge.wait_user(&user, "offline", |p| !p.online).await;
     bridge.stop().await;
 }
+
+/// A XEP-0114 listener standing in for MongooseIM: the first connection completes its
+/// handshake and is then kicked with `<conflict/>` (as `kick_old` does when another bridge
+/// connects); every later one is refused with `<conflict/>` at the handshake (the default
+/// `disconnect` behaviour while another connection holds the domain). Records accept times.
+async fn conflicting_server() -> (
+    u16,
+    std::sync::Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let accepts = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = accepts.clone();
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((mut s, _)) = l.accept().await {
+            seen.lock().unwrap().push(std::time::Instant::now());
+            n += 1;
+            let first = n == 1;
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                let mut read_until = async |pat: &str, buf: &mut Vec<u8>| loop {
+                    if String::from_utf8_lossy(buf).contains(pat) {
+                        return true;
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                };
+                if !read_until("<stream:stream", &mut buf).await {
+                    return;
+                }
+                let _ = s.write_all(b"<?xml version='1.0'?><stream:stream xmlns:stream='http://etherx.jabber.org/streams' xmlns='jabber:component:accept' from='bridge.localhost' id='c0ffee'>").await;
+                let mut buf = Vec::new();
+                loop {
+                    if String::from_utf8_lossy(&buf).contains("</handshake>") {
+                        break;
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                }
+                if first {
+                    let _ = s.write_all(b"<handshake/>").await;
+                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                }
+                let _ = s.write_all(b"<stream:error><conflict xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error></stream:stream>").await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (port, accepts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_is_explained_and_backed_off_harder_than_other_errors() {
+    init_logs();
+    let (port, accepts) = conflicting_server().await;
+    let mut xmpp = xmpp_cfg_at(port, "bridge.localhost");
+    xmpp.reconnect_min_secs = std::time::Duration::from_millis(50);
+    xmpp.reconnect_max_secs = std::time::Duration::from_millis(100);
+    xmpp.conflict_backoff_secs = std::time::Duration::from_secs(2);
+    let app = TestApp::xmpp(xmpp).await;
+    // Kicked after the handshake, refused at the next: both are conflicts.
+    app.connected().await;
+    app.wait_status("kicked", |s| !s.connected).await;
+    eventually("two attempts", || accepts.lock().unwrap().len() >= 3).await;
+    let st = app.component().status();
+    let why = st.last_error.clone().unwrap_or_default();
+    assert!(
+        why.contains("<conflict/>") && why.contains("kick_old"),
+        "{why}"
+    );
+    assert!(
+        metric(
+            &metrics_text(app.port),
+            "presence_bridge_xmpp_conflicts_total"
+        ) >= 2,
+        "{st:?}"
+    );
+    // The normal backoff here is 25–100 ms; after a conflict it is at least half of 2 s, and
+    // doubles with each conflict in a row.
+    let t = accepts.lock().unwrap().clone();
+    let gaps: Vec<_> = t.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps.iter().all(|g| *g >= std::time::Duration::from_secs(1)),
+        "{gaps:?}"
+    );
+    let (code, body, _) = app.get("/readyz", None);
+    assert_eq!((code, body["xmpp"].as_str()), (503, Some("disconnected")));
+    app.stop().await;
+}

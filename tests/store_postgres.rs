@@ -11,7 +11,7 @@ use common::*;
 use deadpool_postgres::Pool;
 use presence_bridge::app::Ingest;
 use presence_bridge::config::{Config, DbUrl, StoreConfig, XmppConfig};
-use presence_bridge::presence::{Engine, PresenceEvent, Show, UserJid};
+use presence_bridge::presence::{Engine, EventKind, PresenceEvent, Show, UserJid};
 use presence_bridge::store::{StoreHandle, StoreMode, pg, reads};
 
 /// The service with a store (and the given source), its spool in a temporary directory.
@@ -586,4 +586,107 @@ fn sigterm_flushes_the_writer_and_records_the_stop() {
         chrono::DateTime::parse_from_rfc3339(&stopped).is_ok(),
         "{stopped:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_end_reason_is_the_sessions_end_cause_and_last_seen_keeps_the_users_status() {
+    init_logs();
+    let pg = Pg::shared("endreason");
+    let r = rig(&pg.url(), |_| {}).await;
+    let user = "reason@localhost";
+    let dropped = |status: Option<&str>, reason: Option<&str>| EventKind::Unavailable {
+        status: status.map(str::to_owned),
+        reason: reason.map(str::to_owned),
+    };
+    // Opened and closed in one batch (the server dropped the TCP connection)…
+    r.engine()
+        .apply(event(
+            1,
+            user,
+            "phone",
+            at(0),
+            available(Show::Away, "In a meeting", 1, None),
+        ))
+        .await
+        .unwrap();
+    r.engine()
+        .apply(event(
+            2,
+            user,
+            "phone",
+            at(10),
+            dropped(None, Some("socket_closed")),
+        ))
+        .await
+        .unwrap();
+    r.engine().barrier().await.unwrap();
+    eventually("first session closed", || {
+        pg.query("SELECT count(*) FROM presence_sessions WHERE ended_at IS NOT NULL") == "1"
+    })
+    .await;
+    // …then one closed in a later batch than it opened, by the user's own goodbye.
+    r.engine()
+        .apply(event(
+            3,
+            user,
+            "laptop",
+            at(20),
+            available(Show::Chat, "back", 1, None),
+        ))
+        .await
+        .unwrap();
+    r.engine().barrier().await.unwrap();
+    eventually("second session open", || {
+        pg.query("SELECT count(*) FROM presence_sessions") == "2"
+    })
+    .await;
+    r.engine()
+        .apply(event(
+            4,
+            user,
+            "laptop",
+            at(30),
+            dropped(Some("off to bed"), None),
+        ))
+        .await
+        .unwrap();
+    r.engine()
+        .apply(event(
+            5,
+            user,
+            "tablet",
+            at(40),
+            available(Show::Xa, "travelling", 1, None),
+        ))
+        .await
+        .unwrap();
+    r.engine()
+        .apply(event(
+            6,
+            user,
+            "tablet",
+            at(50),
+            dropped(None, Some("system_shutdown")),
+        ))
+        .await
+        .unwrap();
+    r.engine().barrier().await.unwrap();
+    eventually("all closed", || {
+        pg.query("SELECT count(*) FROM presence_sessions WHERE ended_at IS NOT NULL") == "3"
+    })
+    .await;
+    assert_eq!(
+        pg.query("SELECT string_agg(resource || ':' || end_cause || ':' || coalesce(end_reason, '-'), ',' ORDER BY started_at) FROM presence_sessions"),
+        "phone:stanza:socket_closed,laptop:stanza:-,tablet:stanza:system_shutdown"
+    );
+    // The server's words never become the user's status: last-seen keeps "travelling".
+    assert_eq!(
+        pg.query("SELECT online, status FROM presence_last_seen WHERE jid = 'reason@localhost'"),
+        "f|travelling"
+    );
+    assert_eq!(
+        pg.query("SELECT count(*) FROM presence_events WHERE status LIKE '%shutdown%' OR status LIKE '%socket%'"),
+        "0"
+    );
+    r.stop().await;
 }
