@@ -1,12 +1,15 @@
 #!/bin/bash
 # Installs what the test suite needs from Debian's packages, only what is missing.
-#   scripts/install-deps.sh [ejabberd] [postgres] [chromium] [node] [python-venv] [curl] [wrk] ...   (no argument: ejabberd postgres)
+#   scripts/install-deps.sh [ejabberd] [postgres] [rabbitmq] [prosody] [deploy-tools] [chromium] [node] [python-venv] [curl] [wrk] ...   (no argument: ejabberd postgres)
 set -euo pipefail
 want=("$@"); [ ${#want[@]} -gt 0 ] || want=(ejabberd postgres)
 pkgs=()
 for w in "${want[@]}"; do
   case "$w" in
     ejabberd) command -v ejabberdctl >/dev/null || pkgs+=(ejabberd) ;;
+    rabbitmq) command -v rabbitmq-server >/dev/null || pkgs+=(rabbitmq-server) ;;
+    prosody) { command -v prosody >/dev/null && [ -e /usr/lib/prosody/modules/mod_privilege ]; } || pkgs+=(prosody prosody-modules lua-unbound) ;;
+    deploy-tools) { command -v docker-compose >/dev/null && command -v promtool >/dev/null && command -v systemd-analyze >/dev/null; } || pkgs+=(docker-compose prometheus systemd) ;;
     wrk) command -v wrk >/dev/null || pkgs+=(wrk) ;;
     chromium) [ -x /usr/bin/chromium ] || pkgs+=(chromium) ;;
     node) command -v npm >/dev/null || pkgs+=(nodejs npm) ;;

@@ -6,6 +6,7 @@
 //! - [`pg`]: Postgres databases and private clusters;
 //! - [`http`]: HTTP, WebSocket and metrics helpers;
 //! - [`events`]: the event builder;
+//! - [`prosody`]: private Prosody instances;
 //! - [`rabbit`]: RabbitMQ (the machine's broker or a private node) and an event pusher.
 #![allow(dead_code, unused_imports)]
 
@@ -14,6 +15,7 @@ pub mod ejabberd;
 pub mod events;
 pub mod http;
 pub mod pg;
+pub mod prosody;
 pub mod rabbit;
 pub mod xmpp_client;
 
@@ -27,6 +29,7 @@ pub use ejabberd::*;
 pub use events::*;
 pub use http::*;
 pub use pg::*;
+pub use prosody::*;
 pub use rabbit::*;
 pub use xmpp_client::*;
 
@@ -41,7 +44,7 @@ pub fn repo() -> PathBuf {
 pub fn init_logs() {
     presence_bridge::telemetry::init(
         presence_bridge::config::LogFormat::Text,
-        "presence_bridge=debug,info",
+        "presence_bridge=debug,presence_bridge::sources::xmpp::component=trace,info",
     );
 }
 

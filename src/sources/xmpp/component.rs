@@ -689,6 +689,9 @@ impl Supervisor {
         } else {
             translate::Delay::Untrusted
         };
+        if tracing::enabled!(tracing::Level::TRACE) {
+            tracing::trace!(stanza = %String::from(&Element::from(p.clone())), "presence in");
+        }
         let inbound = match self.translator.presence(p, Utc::now(), delay) {
             Ok(i) => i,
             Err(d) => {
