@@ -82,6 +82,43 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Give the bridge's component to every user's roster (subscription from/both) through
+    /// the server's admin API; idempotent, rate-limited. See xmpp/README.md.
+    Provision {
+        /// The server: ejabberd (REST API) or mongooseim (GraphQL + REST admin API; the bridge
+        /// must be connected).
+        #[arg(long, value_enum)]
+        server: crate::provision::ServerKind,
+        /// ejabberd: REST API base (http://127.0.0.1:5280/api); MongooseIM: REST admin API
+        /// base (http://127.0.0.1:8088/api).
+        #[arg(long)]
+        api: String,
+        /// MongooseIM: GraphQL admin endpoint (http://127.0.0.1:5551/api/graphql).
+        #[arg(long)]
+        graphql: Option<String>,
+        /// HTTP basic auth user for the admin APIs; the password is read from
+        /// PRESENCE_BRIDGE_PROVISION_PASSWORD or --password-file (never from the command line).
+        #[arg(long)]
+        user: Option<String>,
+        /// File holding the admin API password.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// The component domain (default: xmpp.component of the config).
+        #[arg(long)]
+        component: Option<String>,
+        /// A user domain (repeatable; default: xmpp.domains of the config).
+        #[arg(long = "domain")]
+        domains: Vec<String>,
+        /// Users provisioned per second, at most.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        rate: u32,
+        /// Only list what would be done.
+        #[arg(long)]
+        dry_run: bool,
+        /// Config file to take the defaults from (default: config/bridge.toml if present).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 /// Entry point of the binary.
@@ -141,6 +178,82 @@ pub fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Migrate { config } => with_config(config, cli.log_format, migrate),
+        Command::Provision {
+            server,
+            api,
+            graphql,
+            user,
+            password_file,
+            component,
+            domains,
+            rate,
+            dry_run,
+            config,
+        } => {
+            telemetry::init(cli.log_format.unwrap_or_default(), "warn");
+            // Defaults from the config when it loads; explicit flags need none.
+            let (path, required) = config_path(config);
+            let cfg = Config::load(&path, required).ok();
+            let component = component.or_else(|| cfg.as_ref().map(|c| c.xmpp.component.clone()));
+            let domains = if domains.is_empty() {
+                cfg.as_ref()
+                    .map(|c| c.xmpp.domains.clone())
+                    .unwrap_or_default()
+            } else {
+                domains
+            };
+            let Some(component) = component.filter(|_| !domains.is_empty()) else {
+                eprintln!(
+                    "presence-bridge: provision needs --component and --domain (or a config with xmpp.component and xmpp.domains)"
+                );
+                return ExitCode::from(2);
+            };
+            let password = match password_file {
+                Some(f) => match std::fs::read_to_string(&f) {
+                    Ok(s) => Some(s.trim_end_matches(['\r', '\n']).to_owned()),
+                    Err(e) => {
+                        eprintln!("presence-bridge: --password-file {}: {e}", f.display());
+                        return ExitCode::from(2);
+                    }
+                },
+                None => std::env::var("PRESENCE_BRIDGE_PROVISION_PASSWORD").ok(),
+            };
+            let opts = crate::provision::Options {
+                kind: server,
+                api,
+                graphql,
+                user,
+                password,
+                component,
+                domains,
+                rate,
+                dry_run,
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("presence-bridge: cannot start the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match rt.block_on(crate::provision::provision(opts)) {
+                Ok(s) => {
+                    println!("{}{s}", if dry_run { "dry run: " } else { "" });
+                    if s.failed == 0 {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("presence-bridge: provision: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
     }
 }
 

@@ -43,6 +43,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod presence;
+pub mod provision;
 pub mod shutdown;
 pub mod sources;
 pub mod store;

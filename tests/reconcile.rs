@@ -14,7 +14,6 @@ use common::*;
 use presence_bridge::app::Ingest;
 use presence_bridge::config::{Config, ReconcileConfig, ReconcileKind, Secret};
 use presence_bridge::presence::{Show, UserJid};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn reconcile_cfg(kind: ReconcileKind, url: String) -> ReconcileConfig {
     ReconcileConfig {
@@ -121,60 +120,9 @@ async fn ejabberd_session_list_finds_a_never_seen_user_and_closes_ghosts() {
     app.stop().await;
 }
 
-/// What the fake MongooseIM saw.
-#[derive(Debug, Default)]
-struct Seen {
-    requests: Vec<(String, String)>,
-}
-
-/// A local HTTP server answering every request with `answer()` (status, body).
-async fn fake_graphql(answer: Arc<Mutex<(u16, String)>>, seen: Arc<Mutex<Seen>>) -> u16 {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                return;
-            };
-            let answer = answer.clone();
-            let seen = seen.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                let (head, body) = loop {
-                    let n = s.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    let text = String::from_utf8_lossy(&buf).to_string();
-                    if let Some(i) = text.find("\r\n\r\n") {
-                        let head = text[..i].to_string();
-                        let len: usize = head
-                            .lines()
-                            .find_map(|l| {
-                                let (k, v) = l.split_once(':')?;
-                                k.eq_ignore_ascii_case("content-length")
-                                    .then(|| v.trim().parse().ok())?
-                            })
-                            .unwrap_or(0);
-                        if buf.len() >= i + 4 + len {
-                            break (head, text[i + 4..i + 4 + len].to_string());
-                        }
-                    }
-                };
-                seen.lock().unwrap().requests.push((head, body));
-                let (status, text) = answer.lock().unwrap().clone();
-                let resp = format!(
-                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
-                    text.len()
-                );
-                let _ = s.write_all(resp.as_bytes()).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    port
+/// A fake MongooseIM GraphQL endpoint answering every request with `answer`.
+async fn fake_graphql(answer: Arc<Mutex<(u16, String)>>) -> FakeHttp {
+    FakeHttp::start(move |_| answer.lock().unwrap().clone()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,17 +137,13 @@ async fn mongooseim_graphql_session_list_with_basic_auth_and_failures() {
         {"user": "eve@elsewhere.example/x", "priority": 0}
     ]}}});
     let answer = Arc::new(Mutex::new((200u16, sessions.to_string())));
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let port = fake_graphql(answer.clone(), seen.clone()).await;
+    let fake = fake_graphql(answer.clone()).await;
     let cfg = Config {
         xmpp: xmpp_cfg(&ej, &lease),
         reconcile: Some(ReconcileConfig {
             user: Some("admin".into()),
             password: Secret::new("mim-admin-secret"),
-            ..reconcile_cfg(
-                ReconcileKind::Mongooseim,
-                format!("http://127.0.0.1:{port}/api/graphql"),
-            )
+            ..reconcile_cfg(ReconcileKind::Mongooseim, fake.url("/api/graphql"))
         }),
         ..test_config()
     };
@@ -214,16 +158,17 @@ async fn mongooseim_graphql_session_list_with_basic_auth_and_failures() {
     );
     assert_eq!(body["probed"], 1, "the unknown session is probed: {body}");
     {
-        let seen = seen.lock().unwrap();
-        let (head, req) = seen.requests.last().unwrap();
-        assert!(head.starts_with("POST /api/graphql "), "{head}");
-        let basic = base64::engine::general_purpose::STANDARD.encode("admin:mim-admin-secret");
-        assert!(
-            head.lines()
-                .any(|l| l.eq_ignore_ascii_case(&format!("authorization: Basic {basic}"))),
-            "{head}"
+        let req = fake.requests().pop().unwrap();
+        assert_eq!(
+            (req.method.as_str(), req.path.as_str()),
+            ("POST", "/api/graphql")
         );
-        let q: serde_json::Value = serde_json::from_str(req).unwrap();
+        let basic = base64::engine::general_purpose::STANDARD.encode("admin:mim-admin-secret");
+        assert_eq!(
+            req.header("authorization"),
+            Some(format!("Basic {basic}").as_str())
+        );
+        let q: serde_json::Value = serde_json::from_str(&req.body).unwrap();
         let q = q["query"].as_str().unwrap();
         assert!(q.contains("listSessions(domain: \"localhost\")"), "{q}");
     }
@@ -288,14 +233,10 @@ async fn nothing_is_corrected_while_the_component_is_disconnected() {
     let mut xmpp = xmpp_cfg_at(free_port(), "bridge.localhost");
     xmpp.reconnect_min_secs = Duration::from_secs(1);
     let answer = Arc::new(Mutex::new((200u16, "[]".to_string())));
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let port = fake_graphql(answer, seen.clone()).await;
+    let fake = fake_graphql(answer).await;
     let cfg = Config {
         xmpp,
-        reconcile: Some(reconcile_cfg(
-            ReconcileKind::Ejabberd,
-            format!("http://127.0.0.1:{port}/api"),
-        )),
+        reconcile: Some(reconcile_cfg(ReconcileKind::Ejabberd, fake.url("/api"))),
         ..test_config()
     };
     let app = TestApp::start(cfg, Ingest::Xmpp).await;
@@ -307,10 +248,7 @@ async fn nothing_is_corrected_while_the_component_is_disconnected() {
         (503, Some("xmpp_disconnected")),
         "{body}"
     );
-    assert!(
-        seen.lock().unwrap().requests.is_empty(),
-        "the server is not even asked"
-    );
+    assert!(fake.requests().is_empty(), "the server is not even asked");
     assert!(
         app.engine()
             .get(&UserJid::parse(&format!("{quiet}@localhost")).unwrap())

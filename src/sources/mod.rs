@@ -16,6 +16,18 @@ pub mod xmpp;
 
 use crate::presence::UserJid;
 
+/// An HTTP client for talking to an XMPP server's admin APIs (reconciler, provisioning).
+/// reqwest is built without a crypto provider of its own: it uses the one rustls already has
+/// here for the HTTPS listener (ring); installing it twice is harmless.
+pub fn http_client(timeout: std::time::Duration) -> Result<reqwest::Client, reqwest::Error> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .user_agent(concat!("presence-bridge/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
 /// Splits a JID as a server reports it (`alice@localhost/phone`) into the normalised user and
 /// the resource (`None` for a bare JID). `None` for anything that is not a user's JID.
 pub fn parse_full_jid(s: &str) -> Option<(UserJid, Option<String>)> {

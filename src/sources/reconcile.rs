@@ -136,15 +136,8 @@ impl Reconciler {
         component: Option<ComponentHandle>,
         metrics: ReconcileMetrics,
     ) -> Result<Self, ReconcileError> {
-        // reqwest is built without a crypto provider of its own: use the one rustls already
-        // has here for the HTTPS listener (ring). Installing twice is harmless.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
-            .timeout(cfg.timeout_secs)
-            .connect_timeout(cfg.timeout_secs)
-            .user_agent(concat!("presence-bridge/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| ReconcileError::Unreachable {
+        let client =
+            super::http_client(cfg.timeout_secs).map_err(|e| ReconcileError::Unreachable {
                 url: cfg.url.clone(),
                 reason: format!("HTTP client: {e}"),
             })?;

@@ -6,6 +6,7 @@
 //! - [`pg`]: Postgres databases and private clusters;
 //! - [`http`]: HTTP, WebSocket and metrics helpers;
 //! - [`events`]: the event builder;
+//! - [`fake_http`]: a local HTTP server for admin APIs that cannot run here (MongooseIM);
 //! - [`prosody`]: private Prosody instances;
 //! - [`rabbit`]: RabbitMQ (the machine's broker or a private node) and an event pusher.
 #![allow(dead_code, unused_imports)]
@@ -13,6 +14,7 @@
 pub mod app;
 pub mod ejabberd;
 pub mod events;
+pub mod fake_http;
 pub mod http;
 pub mod pg;
 pub mod prosody;
@@ -27,6 +29,7 @@ use std::time::{Duration, Instant};
 pub use app::*;
 pub use ejabberd::*;
 pub use events::*;
+pub use fake_http::*;
 pub use http::*;
 pub use pg::*;
 pub use prosody::*;
