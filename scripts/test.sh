@@ -5,6 +5,11 @@
 #     (tests that restart or reconfigure a server start their own private nodes);
 #   - PostgreSQL (installed if missing, started if not running; tests create a fresh database
 #     each, and tests that stop Postgres run their own throwaway clusters);
+#   - RabbitMQ (installed if missing, the machine's node started if not running; each AMQP
+#     test declares its own exchange and queue, the restart test runs a private node);
+#   - Prosody 0.12 + prosody-modules (each Prosody test runs its own instance);
+#   - docker-compose, promtool and systemd-analyze, which validate compose.yaml, the alert
+#     rules and the systemd unit (tests/deploy.rs; no container engine is needed or used);
 #   - Debian's Chromium and the pinned playwright-core npm package for the dashboard test
 #     (screenshots in target/test-artifacts/);
 #   - after the suite: schemathesis (pinned, in a venv under target/) against the running
@@ -15,8 +20,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-scripts/install-deps.sh ejabberd postgres chromium node python-venv curl
+scripts/install-deps.sh ejabberd postgres rabbitmq prosody deploy-tools chromium node python-venv curl
 scripts/start-postgres.sh
+scripts/start-rabbitmq.sh
 # playwright-core (pinned in tests/browser/package-lock.json) drives Debian's Chromium; it
 # never downloads a browser of its own.
 if [ ! -d tests/browser/node_modules/playwright-core ]; then

@@ -53,6 +53,10 @@ async fn event_pusher_sessions_of_several_resources_and_malformed_messages() {
     wait_amqp(&app, "connected").await;
     let (code, ready, _) = app.get("/readyz", None);
     assert_eq!((code, ready["xmpp"].as_str()), (200, Some("disabled")));
+    assert_eq!(
+        metric(&metrics_text(app.port), "presence_bridge_amqp_connected"),
+        1
+    );
     let push = Pusher::connect(SHARED_AMQP, &exchange).await;
     let user = unique_user("amqp");
 
@@ -136,6 +140,10 @@ async fn broker_restart_mid_stream_reconnects_and_loses_nothing_the_broker_kept(
 
     rabbit.stop();
     wait_amqp(&app, "disconnected").await;
+    assert_eq!(
+        metric(&metrics_text(app.port), "presence_bridge_amqp_connected"),
+        0
+    );
     let (code, _, _) = app.get("/readyz", None);
     assert_eq!(code, 503, "the only source is down: not ready");
     rabbit.start();
