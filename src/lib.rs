@@ -19,6 +19,8 @@
 //!   supervisor task that connects, handshakes, reads stanzas, keeps the stream alive,
 //!   reconnects with capped backoff and jitter, and resyncs by probing known users after
 //!   every (re)connect, with a pure translator from stanza to event.
+//!   [`sources::amqp`] consumes MongooseIM's event pusher (contract §9);
+//!   [`sources::reconcile`] compares the map with the server's own session list (§10).
 //!   [`sources::simulator`] is `demo`'s population, sent through the same translator.
 //! - [`store`]: persistence. Its sink (a never-blocking queue the sequencer pushes to) feeds
 //!   the writer, which batches into Postgres (COPY for events, sessions opened/closed,
@@ -33,6 +35,8 @@
 //! - [`app`]: the composition root. [`app::AppBuilder`] is the only place that assembles the
 //!   service — for `run`, `demo` and every integration test — and [`app::App`] owns every task
 //!   and stops them in order under one deadline.
+//! - [`provision`]: `presence-bridge provision` — puts the component in every user's roster
+//!   through the server's admin API.
 //! - [`cli`]: the `presence-bridge` subcommands: argument parsing, config loading, and
 //!   mapping a typed error to the exit codes of contract §1.
 //! - [`telemetry`]: tracing setup and the metric registration helpers.

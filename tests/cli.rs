@@ -225,6 +225,78 @@ fn check_config_masks_secrets() {
 }
 
 #[test]
+fn the_example_configs_optional_sections_are_valid_when_enabled() {
+    let example = std::fs::read_to_string(repo().join("config/bridge.example.toml")).unwrap();
+    let enabled: String = example
+        .lines()
+        .map(|l| l.strip_prefix("#> ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(enabled.contains("[amqp]") && enabled.contains("[reconcile]"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bridge.toml");
+    std::fs::write(&path, enabled).unwrap();
+    let out = bin()
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("[amqp]") && stdout.contains("[reconcile]"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("amqp://guest:***@"),
+        "the AMQP URL is masked: {stdout}"
+    );
+    assert!(
+        !stdout.contains("change-me\""),
+        "the reconcile password is masked: {stdout}"
+    );
+}
+
+#[test]
+fn amqp_alone_is_a_source_and_no_source_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bridge.toml");
+    std::fs::write(
+        &path,
+        "[xmpp]\ndomains = [\"localhost\"]\n[amqp]\nurl = \"amqp://127.0.0.1/%2f\"\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&path, "[xmpp]\ndomains = [\"localhost\"]\n").unwrap();
+    let out = bin().args(["run", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("xmpp.password") && err.contains("[amqp]"),
+        "{err}"
+    );
+    std::fs::write(&path, "[amqp]\nurl = \"http://nope\"\n").unwrap();
+    let out = bin().args(["run", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("amqp.url"));
+}
+
+#[test]
 fn shipped_configs_are_valid() {
     for f in ["config/bridge.toml", "config/bridge.example.toml"] {
         let out = bin()
