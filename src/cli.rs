@@ -84,41 +84,45 @@ enum Command {
     },
     /// Give the bridge's component to every user's roster (subscription from/both) through
     /// the server's admin API; idempotent, rate-limited. See xmpp/README.md.
-    Provision {
-        /// The server: ejabberd (REST API) or mongooseim (GraphQL + REST admin API; the bridge
-        /// must be connected).
-        #[arg(long, value_enum)]
-        server: crate::provision::ServerKind,
-        /// ejabberd: REST API base (http://127.0.0.1:5280/api); MongooseIM: REST admin API
-        /// base (http://127.0.0.1:8088/api).
-        #[arg(long)]
-        api: String,
-        /// MongooseIM: GraphQL admin endpoint (http://127.0.0.1:5551/api/graphql).
-        #[arg(long)]
-        graphql: Option<String>,
-        /// HTTP basic auth user for the admin APIs; the password is read from
-        /// PRESENCE_BRIDGE_PROVISION_PASSWORD or --password-file (never from the command line).
-        #[arg(long)]
-        user: Option<String>,
-        /// File holding the admin API password.
-        #[arg(long)]
-        password_file: Option<PathBuf>,
-        /// The component domain (default: xmpp.component of the config).
-        #[arg(long)]
-        component: Option<String>,
-        /// A user domain (repeatable; default: xmpp.domains of the config).
-        #[arg(long = "domain")]
-        domains: Vec<String>,
-        /// Users provisioned per second, at most.
-        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
-        rate: u32,
-        /// Only list what would be done.
-        #[arg(long)]
-        dry_run: bool,
-        /// Config file to take the defaults from (default: config/bridge.toml if present).
-        #[arg(long)]
-        config: Option<PathBuf>,
-    },
+    Provision(ProvisionArgs),
+}
+
+/// `presence-bridge provision`'s arguments.
+#[derive(Debug, clap::Args)]
+struct ProvisionArgs {
+    /// The server: ejabberd (REST API) or mongooseim (GraphQL + REST admin API; the bridge
+    /// must be connected).
+    #[arg(long, value_enum)]
+    server: crate::provision::ServerKind,
+    /// ejabberd: REST API base (http://127.0.0.1:5280/api); MongooseIM: REST admin API
+    /// base (http://127.0.0.1:8088/api).
+    #[arg(long)]
+    api: String,
+    /// MongooseIM: GraphQL admin endpoint (http://127.0.0.1:5551/api/graphql).
+    #[arg(long)]
+    graphql: Option<String>,
+    /// HTTP basic auth user for the admin APIs; the password is read from
+    /// PRESENCE_BRIDGE_PROVISION_PASSWORD or --password-file (never from the command line).
+    #[arg(long)]
+    user: Option<String>,
+    /// File holding the admin API password.
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+    /// The component domain (default: xmpp.component of the config).
+    #[arg(long)]
+    component: Option<String>,
+    /// A user domain (repeatable; default: xmpp.domains of the config).
+    #[arg(long = "domain")]
+    domains: Vec<String>,
+    /// Users provisioned per second, at most.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    rate: u32,
+    /// Only list what would be done.
+    #[arg(long)]
+    dry_run: bool,
+    /// Config file to take the defaults from (default: config/bridge.toml if present).
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 /// Entry point of the binary.
@@ -152,20 +156,7 @@ pub fn main() -> ExitCode {
         Command::Run { config } => with_config(config, cli.log_format, run),
         Command::Demo { users, bind } => {
             telemetry::init(cli.log_format.unwrap_or_default(), "info");
-            match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => {
-                    let code = rt.block_on(demo(users as usize, bind));
-                    rt.shutdown_timeout(Duration::from_secs(1));
-                    code
-                }
-                Err(e) => {
-                    eprintln!("presence-bridge: cannot start the runtime: {e}");
-                    ExitCode::from(1)
-                }
-            }
+            block_on(demo(users as usize, bind))
         }
         Command::Token {
             sub,
@@ -178,83 +169,72 @@ pub fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Migrate { config } => with_config(config, cli.log_format, migrate),
-        Command::Provision {
-            server,
-            api,
-            graphql,
-            user,
-            password_file,
-            component,
-            domains,
-            rate,
-            dry_run,
-            config,
-        } => {
+        Command::Provision(args) => {
             telemetry::init(cli.log_format.unwrap_or_default(), "warn");
-            // Defaults from the config when it loads; explicit flags need none.
-            let (path, required) = config_path(config);
-            let cfg = Config::load(&path, required).ok();
-            let component = component.or_else(|| cfg.as_ref().map(|c| c.xmpp.component.clone()));
-            let domains = if domains.is_empty() {
-                cfg.as_ref()
-                    .map(|c| c.xmpp.domains.clone())
-                    .unwrap_or_default()
-            } else {
-                domains
-            };
-            let Some(component) = component.filter(|_| !domains.is_empty()) else {
-                eprintln!(
-                    "presence-bridge: provision needs --component and --domain (or a config with xmpp.component and xmpp.domains)"
-                );
+            provision(args)
+        }
+    }
+}
+
+/// `provision`: defaults from the config when it loads (explicit flags need none); the admin
+/// password from a file or the environment, never from the command line.
+fn provision(a: ProvisionArgs) -> ExitCode {
+    let (path, required) = config_path(a.config);
+    let cfg = Config::load(&path, required).ok();
+    let component = a
+        .component
+        .or_else(|| cfg.as_ref().map(|c| c.xmpp.component.clone()));
+    let domains = if a.domains.is_empty() {
+        cfg.as_ref()
+            .map(|c| c.xmpp.domains.clone())
+            .unwrap_or_default()
+    } else {
+        a.domains
+    };
+    let Some(component) = component.filter(|_| !domains.is_empty()) else {
+        eprintln!(
+            "presence-bridge: provision needs --component and --domain (or a config with xmpp.component and xmpp.domains)"
+        );
+        return ExitCode::from(2);
+    };
+    let password = match a.password_file {
+        Some(f) => match std::fs::read_to_string(&f) {
+            Ok(s) => Some(s.trim_end_matches(['\r', '\n']).to_owned()),
+            Err(e) => {
+                eprintln!("presence-bridge: --password-file {}: {e}", f.display());
                 return ExitCode::from(2);
-            };
-            let password = match password_file {
-                Some(f) => match std::fs::read_to_string(&f) {
-                    Ok(s) => Some(s.trim_end_matches(['\r', '\n']).to_owned()),
-                    Err(e) => {
-                        eprintln!("presence-bridge: --password-file {}: {e}", f.display());
-                        return ExitCode::from(2);
-                    }
-                },
-                None => std::env::var("PRESENCE_BRIDGE_PROVISION_PASSWORD").ok(),
-            };
-            let opts = crate::provision::Options {
-                kind: server,
-                api,
-                graphql,
-                user,
-                password,
-                component,
-                domains,
-                rate,
-                dry_run,
-            };
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("presence-bridge: cannot start the runtime: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            match rt.block_on(crate::provision::provision(opts)) {
-                Ok(s) => {
-                    println!("{}{s}", if dry_run { "dry run: " } else { "" });
-                    if s.failed == 0 {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(1)
-                    }
-                }
-                Err(e) => {
-                    eprintln!("presence-bridge: provision: {e}");
+            }
+        },
+        None => std::env::var("PRESENCE_BRIDGE_PROVISION_PASSWORD").ok(),
+    };
+    let dry_run = a.dry_run;
+    let opts = crate::provision::Options {
+        kind: a.server,
+        api: a.api,
+        graphql: a.graphql,
+        user: a.user,
+        password,
+        component,
+        domains,
+        rate: a.rate,
+        dry_run,
+    };
+    block_on(async move {
+        match crate::provision::provision(opts).await {
+            Ok(s) => {
+                println!("{}{s}", if dry_run { "dry run: " } else { "" });
+                if s.failed == 0 {
+                    ExitCode::SUCCESS
+                } else {
                     ExitCode::from(1)
                 }
             }
+            Err(e) => {
+                eprintln!("presence-bridge: provision: {e}");
+                ExitCode::from(1)
+            }
         }
-    }
+    })
 }
 
 /// Loads and validates the config, or says why on one line and gives exit code 2.
@@ -264,6 +244,24 @@ fn load(config: Option<PathBuf>) -> Result<Config, ExitCode> {
         eprintln!("presence-bridge: {e}");
         ExitCode::from(2)
     })
+}
+
+/// Runs `fut` to completion on a fresh multi-threaded runtime (exit 1 if none can start).
+fn block_on(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => {
+            let code = rt.block_on(fut);
+            rt.shutdown_timeout(Duration::from_secs(1));
+            code
+        }
+        Err(e) => {
+            eprintln!("presence-bridge: cannot start the runtime: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// Loads the config (exit 2 if invalid), sets up logging and a runtime, runs `f`.
@@ -277,19 +275,7 @@ where
         Err(code) => return code,
     };
     telemetry::init(log_format.unwrap_or(cfg.log.format), &cfg.log.level);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("presence-bridge: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let code = rt.block_on(f(cfg));
-    rt.shutdown_timeout(Duration::from_secs(1));
-    code
+    block_on(f(cfg))
 }
 
 /// Starts the service, runs it until a signal (exit 0) or a fatal error (exit 1), and stops
