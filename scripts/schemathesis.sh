@@ -30,6 +30,8 @@ export PRESENCE_BRIDGE__XMPP__COMPONENT=bridge.localhost PRESENCE_BRIDGE__XMPP__
 export PRESENCE_BRIDGE__STORE__POSTGRES_URL="postgres://postgres@127.0.0.1:5432/$db"
 export PRESENCE_BRIDGE__STORE__SPOOL_DIR="$spool" PRESENCE_BRIDGE__HTTP__BIND="127.0.0.1:$port"
 export PRESENCE_BRIDGE__AUTH__JWT_SECRET="schemathesis-$RANDOM$RANDOM"
+# The reconciler reads the shared ejabberd node's session list (POST /api/v1/admin/reconcile answers 200).
+export PRESENCE_BRIDGE__RECONCILE__KIND=ejabberd PRESENCE_BRIDGE__RECONCILE__URL=http://127.0.0.1:25280/api
 token=$("$bin" token --sub schemathesis --scope admin --ttl 3600 --config /dev/null 2>/dev/null || "$bin" token --sub schemathesis --scope admin --ttl 3600)
 "$bin" run >/dev/null 2>&1 &
 bridge=$!
