@@ -1,6 +1,7 @@
 //! The presence engine: model, rules, sequencer, concurrent map and change hub.
 
 pub mod aggregate;
+pub mod analytics;
 pub mod engine;
 pub mod hub;
 pub mod model;
