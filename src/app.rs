@@ -37,6 +37,7 @@ use crate::sources::amqp::{self, AmqpMetrics};
 use crate::sources::reconcile::{ReconcileMetrics, Reconciler};
 use crate::sources::simulator::Simulator;
 use crate::sources::xmpp::{self, ComponentHandle, FatalError, SpawnOptions, XmppMetrics};
+use crate::store::memory::MemoryHistory;
 use crate::store::{self, StoreError, StoreHandle, StoreMetrics};
 
 /// How long the parts other than the store flush may take to stop.
@@ -199,13 +200,19 @@ impl AppBuilder {
             }
         };
 
+        // Memory-only: this run's history in memory (contract §6).
+        let memory_history = (store.is_none() && external.is_none())
+            .then(|| MemoryHistory::new(cfg.store.memory_history_events));
         let (engine, engine_task) = match external {
             Some(e) => (e, None),
             None => {
-                let sinks: Vec<Arc<dyn ChangeSink>> = store
+                let mut sinks: Vec<Arc<dyn ChangeSink>> = store
                     .iter()
                     .map(|s| Arc::new(s.sink().clone()) as Arc<dyn ChangeSink>)
                     .collect();
+                if let Some(h) = &memory_history {
+                    sinks.push(Arc::new(h.clone()));
+                }
                 let (e, t) = Engine::start_with(
                     &cfg.presence,
                     EngineOptions {
@@ -295,6 +302,8 @@ impl AppBuilder {
             tasks.clone(),
         );
         state.amqp = amqp;
+        state.history = memory_history;
+        state.retention_days = cfg.store.retention_days;
         state.reconciler = reconciler;
         let state = Arc::new(state);
         api::spawn_sampler(state.clone());

@@ -731,6 +731,9 @@ pub struct StoreConfig {
     /// Seconds the writer may take on shutdown to flush (to Postgres or the spool).
     #[serde(with = "secs")]
     pub flush_timeout_secs: Duration,
+    /// Without Postgres: events of this run kept in memory for history and analytics (the
+    /// oldest go first, with the sessions they opened).
+    pub memory_history_events: usize,
 }
 
 impl Default for StoreConfig {
@@ -749,6 +752,7 @@ impl Default for StoreConfig {
             connect_timeout_secs: Duration::from_secs(5),
             spool_segment_bytes: 16 << 20,
             flush_timeout_secs: Duration::from_secs(10),
+            memory_history_events: 1_000_000,
         }
     }
 }
@@ -798,6 +802,7 @@ impl StoreConfig {
             ));
         }
         at_least_one("store.retention_days", self.retention_days as usize)?;
+        at_least_one("store.memory_history_events", self.memory_history_events)?;
         at_least_one("store.pool_size", self.pool_size)
     }
 }

@@ -368,14 +368,14 @@ fn migrate_twice_is_a_no_op() {
         String::from_utf8_lossy(&first.stderr)
     );
     assert!(String::from_utf8_lossy(&first.stdout).contains(
-        "applied 3 migration(s): V1__presence, V2__hot_updates, V3__end_reason_and_new_causes"
+        "applied 4 migration(s): V1__presence, V2__hot_updates, V3__end_reason_and_new_causes, V4__analytics_indexes"
     ));
     let second = run();
     assert_eq!(second.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&second.stdout).contains("schema up to date"));
     assert_eq!(
         pg.query("SELECT count(*) FROM refinery_schema_history"),
-        "3"
+        "4"
     );
     // Without a database configured, migrate says which key is missing.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_presence-bridge"))

@@ -108,6 +108,15 @@ impl Permissions {
             .is_none_or(|d| d.contains(&domain.to_lowercase()))
     }
 
+    /// The domains the token is limited to (`None` = all), sorted.
+    pub fn domain_list(&self) -> Option<Vec<String>> {
+        self.domains.as_ref().map(|d| {
+            let mut v: Vec<String> = d.iter().cloned().collect();
+            v.sort();
+            v
+        })
+    }
+
     /// True when the token is limited to some domains.
     pub fn is_restricted(&self) -> bool {
         self.domains.is_some()

@@ -5,6 +5,7 @@
 //! body limit, rate limits per token and per IP on `/api/v1`, and a graceful stop that closes
 //! WebSockets with 1001.
 
+pub mod analytics;
 pub mod auth;
 pub mod error;
 pub mod limits;
@@ -64,6 +65,10 @@ pub struct AppState {
     pub amqp: Option<crate::sources::amqp::AmqpHandle>,
     /// The reconciler, when `[reconcile]` is set.
     pub reconciler: Option<Arc<crate::sources::reconcile::Reconciler>>,
+    /// This run's history in memory, when there is no Postgres.
+    pub history: Option<crate::store::memory::MemoryHistory>,
+    /// `store.retention_days`: how far back replay looks for an online stretch.
+    pub retention_days: u32,
 }
 
 /// How often the concurrency is sampled.
@@ -108,6 +113,8 @@ impl AppState {
             samples: Default::default(),
             amqp: None,
             reconciler: None,
+            history: None,
+            retention_days: 30,
         }
     }
 
@@ -170,8 +177,8 @@ async fn style_css() -> HttpResponse {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "presence-bridge", description = "Live XMPP presence: REST and WebSocket (contract v1)"),
-    paths(rest::healthz, rest::readyz, rest::metrics, rest::list, rest::one, rest::last_seen, rest::last_seen_bulk, rest::history, rest::stats, rest::concurrency, rest::admin_reconcile, ws::ws, openapi_doc),
-    components(schemas(ErrorBody, rest::Health, rest::Ready, rest::PresenceList, rest::BulkBody, rest::BulkAnswer, rest::StatsBody, rest::ConcurrencyBody, rest::Order, rest::BareJidText, Sample, crate::presence::UserPresence, crate::presence::ResourcePresence, crate::presence::Show, lookup::LastSeen, lookup::HistoryBody, lookup::HistoryEntry, crate::sources::reconcile::Outcome)),
+    paths(rest::healthz, rest::readyz, rest::metrics, rest::list, rest::one, rest::last_seen, rest::last_seen_bulk, rest::history, rest::stats, rest::concurrency, rest::admin_reconcile, analytics::online_time, analytics::concurrency, analytics::clients, analytics::replay, ws::ws, openapi_doc),
+    components(schemas(ErrorBody, rest::Health, rest::Ready, rest::PresenceList, rest::BulkBody, rest::BulkAnswer, rest::StatsBody, rest::ConcurrencyBody, rest::Order, rest::BareJidText, Sample, crate::presence::UserPresence, crate::presence::ResourcePresence, crate::presence::Show, lookup::LastSeen, lookup::HistoryBody, lookup::HistoryEntry, crate::sources::reconcile::Outcome, analytics::OnlineTimeBody, analytics::OnlineTimeRow, analytics::ConcurrencyAnswer, analytics::PointBody, analytics::PeakBody, analytics::ClientsBody, analytics::ClientRowBody, analytics::ReplayBody)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -231,6 +238,10 @@ const ROUTES: &[(&str, &str)] = &[
     ("/api/v1/stats/concurrency", "GET, HEAD"),
     ("/api/v1/ws", "GET"),
     ("/api/v1/admin/reconcile", "POST"),
+    ("/api/v1/analytics/online-time", "GET, HEAD"),
+    ("/api/v1/analytics/concurrency", "GET, HEAD"),
+    ("/api/v1/analytics/clients", "GET, HEAD"),
+    ("/api/v1/replay", "GET, HEAD"),
 ];
 
 /// The methods `path` answers, if it is a route at all.
@@ -362,6 +373,10 @@ pub fn serve(
             .service(rest::concurrency)
             .service(rest::stats)
             .service(rest::admin_reconcile)
+            .service(analytics::online_time)
+            .service(analytics::concurrency)
+            .service(analytics::clients)
+            .service(analytics::replay)
             .service(ws::ws)
             .route("/openapi.json", get_or_head().to(openapi_doc));
         App::new()

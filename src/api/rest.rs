@@ -372,7 +372,10 @@ pub struct HistoryParams {
     pub cursor: Option<String>,
 }
 
-fn parse_time(name: &str, v: &Option<String>) -> Result<Option<DateTime<Utc>>, ApiError> {
+pub(crate) fn parse_time(
+    name: &str,
+    v: &Option<String>,
+) -> Result<Option<DateTime<Utc>>, ApiError> {
     v.as_deref()
         .map(|s| {
             DateTime::parse_from_rfc3339(s)

@@ -19,6 +19,9 @@ use chrono::{DateTime, Duration, Utc};
 use super::aggregate::best_resource;
 use super::model::{ResourcePresence, Show, UserJid, UserPresence};
 
+/// `[start, end)`.
+type Interval = (DateTime<Utc>, DateTime<Utc>);
+
 /// One resource's online interval.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Span {
@@ -69,10 +72,10 @@ fn ms(d: Duration) -> i64 {
 }
 
 /// Total length of the union of intervals, in ms.
-fn union_ms(mut iv: Vec<(DateTime<Utc>, DateTime<Utc>)>) -> i64 {
+fn union_ms(mut iv: Vec<Interval>) -> i64 {
     iv.sort();
     let mut total = 0;
-    let mut cur: Option<(DateTime<Utc>, DateTime<Utc>)> = None;
+    let mut cur: Option<Interval> = None;
     for (s, e) in iv {
         cur = match cur {
             Some((cs, ce)) if s <= ce => Some((cs, ce.max(e))),
@@ -109,7 +112,7 @@ pub fn online_time(
     group: Group,
     limit: usize,
 ) -> Vec<TimeRow> {
-    let mut per_user: HashMap<&UserJid, Vec<(DateTime<Utc>, DateTime<Utc>)>> = HashMap::new();
+    let mut per_user: HashMap<&UserJid, Vec<Interval>> = HashMap::new();
     let mut sessions: HashMap<String, u64> = HashMap::new();
     let mut client_ms: HashMap<String, i64> = HashMap::new();
     for s in spans {
@@ -350,12 +353,11 @@ pub fn replay(spans: &[Span], events: &[StateEvent], at: DateTime<Utc>) -> Vec<U
     let mut out = Vec::new();
     for (jid, list) in by_user {
         // online_since: the start of the merged stretch of the user's sessions containing `at`.
-        let mut iv: Vec<(DateTime<Utc>, DateTime<Utc>)> = list
+        let iv: Vec<Interval> = list
             .iter()
             .filter(|s| s.start <= at)
             .map(|s| (s.start, s.end.unwrap_or(DateTime::<Utc>::MAX_UTC)))
             .collect();
-        iv.sort_by(|a, b| b.1.cmp(&a.1));
         let mut since = at;
         // Walk back from `at`: any interval reaching `since` extends the stretch to its start.
         loop {
@@ -457,7 +459,10 @@ mod tests {
             (by_client[0].key.as_str(), by_client[1].key.as_str()),
             ("Conversations", "Gajim")
         );
-        assert_eq!((by_client[0].millis, by_client[1].millis), (100_000, 100_000));
+        assert_eq!(
+            (by_client[0].millis, by_client[1].millis),
+            (100_000, 100_000)
+        );
         assert_eq!(
             by_client[2],
             TimeRow {

@@ -162,6 +162,11 @@ impl Show {
         }
     }
 
+    /// The value for a contract word (`None` for anything else).
+    pub fn parse(word: &str) -> Option<Show> {
+        Show::ALL.into_iter().find(|s| s.as_str() == word)
+    }
+
     /// Rank for aggregation: higher is more available.
     pub fn availability(self) -> u8 {
         match self {

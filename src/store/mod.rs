@@ -9,6 +9,7 @@
 //! `store.queue_capacity`, the batch goes to the [`spool`] instead; once Postgres answers again
 //! the spool is replayed in order (idempotently) before new batches.
 
+pub mod memory;
 pub mod pg;
 pub mod reads;
 pub mod spool;

@@ -148,6 +148,11 @@ fn show_str(s: Show) -> &'static str {
     s.as_str()
 }
 
+/// The stored name of a cause.
+pub fn cause_name(c: Cause) -> &'static str {
+    cause_str(c)
+}
+
 fn cause_str(c: Cause) -> &'static str {
     match c {
         Cause::Stanza => "stanza",

@@ -254,6 +254,159 @@ fn parse_show(s: &str) -> Show {
     }
 }
 
+/// Sessions overlapping `[from, to)` (open ones last until now), optionally of one user or of
+/// some domains, at most `max` rows (`Ok(None)` = more than `max`: the caller narrows the
+/// window). Runs under a statement timeout.
+pub async fn spans(
+    pool: &Pool,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    filter: &super::memory::HistoryFilter,
+    max: usize,
+) -> Result<Option<Vec<super::memory::SessionRow>>, StoreError> {
+    let mut c = pg::client(pool).await?;
+    let tx = c.transaction().await?;
+    tx.batch_execute("SET LOCAL statement_timeout = '10s'")
+        .await?;
+    let (domains, jid) = filter_params(filter);
+    let rows = tx
+        .query(
+            "SELECT jid, resource, client, started_at, ended_at, end_cause FROM presence_sessions \
+             WHERE started_at < $2 AND (ended_at IS NULL OR ended_at > $1) \
+               AND ($3::text[] IS NULL OR split_part(jid, '@', 2) = ANY($3)) \
+               AND ($4::text IS NULL OR jid = $4) \
+             ORDER BY started_at LIMIT $5",
+            &[&from, &to, &domains, &jid, &(max as i64 + 1)],
+        )
+        .await?;
+    tx.commit().await?;
+    if rows.len() > max {
+        return Ok(None);
+    }
+    Ok(Some(
+        rows.iter()
+            .filter_map(|r| {
+                Some(super::memory::SessionRow {
+                    span: crate::presence::analytics::Span {
+                        jid: UserJid::parse(r.get::<_, &str>(0)).ok()?,
+                        resource: r.get(1),
+                        client: r.get(2),
+                        start: r.get(3),
+                        end: r.get(4),
+                    },
+                    end_cause: r.get(5),
+                })
+            })
+            .collect(),
+    ))
+}
+
+/// The `(domains, jid)` parameters of a filter: domains lower-cased, the token's narrowed by
+/// the query's `domain`.
+fn filter_params(f: &super::memory::HistoryFilter) -> (Option<Vec<String>>, Option<String>) {
+    let domains = match (&f.token_domains, &f.domain) {
+        (Some(ds), Some(d)) => Some(
+            ds.iter()
+                .filter(|x| x.eq_ignore_ascii_case(d))
+                .map(|x| x.to_lowercase())
+                .collect(),
+        ),
+        (Some(ds), None) => Some(ds.iter().map(|x| x.to_lowercase()).collect()),
+        (None, Some(d)) => Some(vec![d.to_lowercase()]),
+        (None, None) => None,
+    };
+    (domains, f.jid.as_ref().map(|j| j.as_str().to_owned()))
+}
+
+/// Sessions open at `at` and, for their users, every session since `lookback` (replay needs
+/// the whole online stretch containing `at`), at most `max` rows.
+pub async fn replay_spans(
+    pool: &Pool,
+    at: DateTime<Utc>,
+    lookback: DateTime<Utc>,
+    filter: &super::memory::HistoryFilter,
+    max: usize,
+) -> Result<Option<Vec<crate::presence::analytics::Span>>, StoreError> {
+    let mut c = pg::client(pool).await?;
+    let tx = c.transaction().await?;
+    tx.batch_execute("SET LOCAL statement_timeout = '10s'")
+        .await?;
+    let (domains, jid) = filter_params(filter);
+    let rows = tx
+        .query(
+            "WITH online AS (SELECT DISTINCT jid FROM presence_sessions \
+                 WHERE started_at <= $1 AND (ended_at IS NULL OR ended_at > $1) \
+                   AND ($3::text[] IS NULL OR split_part(jid, '@', 2) = ANY($3)) \
+                   AND ($4::text IS NULL OR jid = $4)) \
+             SELECT s.jid, s.resource, s.client, s.started_at, s.ended_at FROM presence_sessions s \
+               JOIN online o ON o.jid = s.jid \
+             WHERE s.started_at <= $1 AND (s.ended_at IS NULL OR s.ended_at >= $2) \
+             LIMIT $5",
+            &[&at, &lookback, &domains, &jid, &(max as i64 + 1)],
+        )
+        .await?;
+    tx.commit().await?;
+    if rows.len() > max {
+        return Ok(None);
+    }
+    Ok(Some(
+        rows.iter()
+            .filter_map(|r| {
+                Some(crate::presence::analytics::Span {
+                    jid: UserJid::parse(r.get::<_, &str>(0)).ok()?,
+                    resource: r.get(1),
+                    client: r.get(2),
+                    start: r.get(3),
+                    end: r.get(4),
+                })
+            })
+            .collect(),
+    ))
+}
+
+/// The events of `users` in `[from, at]`, for replay.
+pub async fn state_events(
+    pool: &Pool,
+    users: &[&str],
+    from: DateTime<Utc>,
+    at: DateTime<Utc>,
+    max: usize,
+) -> Result<Option<Vec<crate::presence::analytics::StateEvent>>, StoreError> {
+    let mut c = pg::client(pool).await?;
+    let tx = c.transaction().await?;
+    tx.batch_execute("SET LOCAL statement_timeout = '10s'")
+        .await?;
+    let rows = tx
+        .query(
+            "SELECT jid, resource, at, kind, show, status, priority, client FROM presence_events \
+             WHERE jid = ANY($1) AND at >= $2 AND at <= $3 LIMIT $4",
+            &[&users, &from, &at, &(max as i64 + 1)],
+        )
+        .await?;
+    tx.commit().await?;
+    if rows.len() > max {
+        return Ok(None);
+    }
+    Ok(Some(
+        rows.iter()
+            .filter_map(|r| {
+                let show: Option<String> = r.get(4);
+                let priority: Option<i16> = r.get(6);
+                Some(crate::presence::analytics::StateEvent {
+                    jid: UserJid::parse(r.get::<_, &str>(0)).ok()?,
+                    resource: r.get(1),
+                    at: r.get(2),
+                    available: r.get::<_, &str>(3) == "available",
+                    show: show.as_deref().and_then(Show::parse),
+                    status: r.get(5),
+                    priority: priority.and_then(|p| i8::try_from(p).ok()),
+                    client: r.get(7),
+                })
+            })
+            .collect(),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

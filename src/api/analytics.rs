@@ -1,0 +1,394 @@
+//! Analytics and replay (contract §6, scope `history:read`): online time, concurrency, clients,
+//! and the presence map as it was at an instant — answered from Postgres, or in memory-only
+//! mode from this run's history, through the same definitions ([`crate::presence::analytics`]).
+//! Every query is bounded: a window, a row bound (400 `window_too_large` beyond it), a
+//! statement timeout, and at most 10,000 points.
+
+use std::collections::HashSet;
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, route, web};
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+use super::auth::{HistoryRead, Permissions};
+use super::error::ApiError;
+use super::rest::parse_time;
+use crate::presence::analytics::{self, Group, Span};
+use crate::presence::{UserJid, UserPresence};
+use crate::store::memory::HistoryFilter;
+use crate::store::reads;
+
+type State = web::Data<AppState>;
+
+/// Sessions one query may read; beyond it the window must be narrowed.
+const MAX_SPANS: usize = 2_000_000;
+/// Events one replay may read.
+const MAX_REPLAY_EVENTS: usize = 2_000_000;
+/// Points one concurrency answer may hold.
+const MAX_POINTS: i64 = 10_000;
+
+fn window_too_large() -> ApiError {
+    ApiError::bad_request(
+        "window_too_large",
+        "the window holds more sessions than one query may read; narrow it (from/to) or filter by domain",
+    )
+}
+
+fn disabled() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        "history_disabled",
+        "this bridge keeps no history (no Postgres, and the engine was started elsewhere)",
+    )
+}
+
+/// `from`/`to`: `to` defaults to now, `from` to `to` − 24 h; `from` must be before `to`.
+fn window(
+    from: &Option<String>,
+    to: &Option<String>,
+) -> Result<(DateTime<Utc>, DateTime<Utc>), ApiError> {
+    let to = parse_time("to", to)?.unwrap_or_else(Utc::now);
+    let from = parse_time("from", from)?.unwrap_or(to - Duration::hours(24));
+    if from >= to {
+        return Err(ApiError::bad_request(
+            "invalid_range",
+            "from must be before to",
+        ));
+    }
+    Ok((from, to))
+}
+
+fn filter(p: &Permissions, domain: &Option<String>) -> HistoryFilter {
+    HistoryFilter {
+        token_domains: p.domain_list(),
+        domain: domain.as_ref().map(|d| d.trim().to_lowercase()),
+        jid: None,
+    }
+}
+
+/// The sessions overlapping the window, from whichever history this bridge keeps.
+async fn spans(
+    st: &AppState,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    f: &HistoryFilter,
+) -> Result<Vec<Span>, ApiError> {
+    let rows = if let Some(store) = &st.store {
+        reads::spans(store.pool(), from, to, f, MAX_SPANS)
+            .await
+            .map_err(ApiError::store)?
+    } else if let Some(h) = &st.history {
+        h.sessions(from, to, Utc::now(), f, MAX_SPANS)
+    } else {
+        return Err(disabled());
+    };
+    Ok(rows
+        .ok_or_else(window_too_large)?
+        .into_iter()
+        .map(|r| r.span)
+        .collect())
+}
+
+fn seconds(millis: i64) -> f64 {
+    millis as f64 / 1000.0
+}
+
+/// Query of the window endpoints.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct WindowParams {
+    /// Start (RFC 3339, inclusive; default `to` − 24 h).
+    pub from: Option<String>,
+    /// End (RFC 3339, exclusive; default now).
+    pub to: Option<String>,
+    /// Only this domain.
+    pub domain: Option<String>,
+    /// `online-time`: `user` (default), `domain` or `client`.
+    pub group: Option<String>,
+    /// `online-time`: rows (default 100, max 10000).
+    pub limit: Option<i64>,
+    /// `concurrency`: seconds per point (≥ 1, default 60).
+    pub step: Option<i64>,
+}
+
+/// One `online-time` row.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct OnlineTimeRow {
+    /// User JID, domain or client.
+    pub key: String,
+    /// Seconds online inside the window.
+    pub seconds: f64,
+    /// Sessions overlapping the window.
+    pub sessions: u64,
+}
+
+/// `GET /api/v1/analytics/online-time` body.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct OnlineTimeBody {
+    /// Window start.
+    #[serde(with = "crate::presence::model::rfc3339_millis")]
+    pub from: DateTime<Utc>,
+    /// Window end.
+    #[serde(with = "crate::presence::model::rfc3339_millis")]
+    pub to: DateTime<Utc>,
+    /// `user`, `domain` or `client`.
+    pub group: String,
+    /// By seconds, descending.
+    pub rows: Vec<OnlineTimeRow>,
+}
+
+/// `GET /api/v1/analytics/online-time`.
+#[utoipa::path(get, path = "/api/v1/analytics/online-time", params(WindowParams), responses((status = 200, description = "Online time per user, domain or client", body = OnlineTimeBody), (status = 400, description = "`invalid_range`, `invalid_parameter` or `window_too_large`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody), (status = 503, description = "The store is unavailable", body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[route("/analytics/online-time", method = "GET", method = "HEAD")]
+pub async fn online_time(
+    st: State,
+    HistoryRead(p): HistoryRead,
+    q: web::Query<WindowParams>,
+) -> Result<HttpResponse, ApiError> {
+    let (from, to) = window(&q.from, &q.to)?;
+    let (group, name) = match q.group.as_deref() {
+        None | Some("user") => (Group::User, "user"),
+        Some("domain") => (Group::Domain, "domain"),
+        Some("client") => (Group::Client, "client"),
+        Some(g) => {
+            return Err(ApiError::bad_request(
+                "invalid_parameter",
+                format!("group must be user, domain or client; got {g:?}"),
+            ));
+        }
+    };
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=10_000).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_parameter",
+            "limit must be 1..=10000",
+        ));
+    }
+    let spans = spans(&st, from, to, &filter(&p, &q.domain)).await?;
+    let rows = analytics::online_time(&spans, from, to, Utc::now(), group, limit as usize);
+    Ok(HttpResponse::Ok().json(OnlineTimeBody {
+        from,
+        to,
+        group: name.into(),
+        rows: rows
+            .into_iter()
+            .map(|r| OnlineTimeRow {
+                key: r.key,
+                seconds: seconds(r.millis),
+                sessions: r.sessions,
+            })
+            .collect(),
+    }))
+}
+
+/// One concurrency point.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PointBody {
+    /// Step start.
+    #[serde(with = "crate::presence::model::rfc3339_millis")]
+    pub t: DateTime<Utc>,
+    /// Most users online at one instant of the step.
+    pub users: u64,
+    /// Most resources online at one instant of the step.
+    pub resources: u64,
+}
+
+/// The peak of a window.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PeakBody {
+    /// The first instant the peak was reached.
+    #[serde(with = "crate::presence::model::rfc3339_millis")]
+    pub t: DateTime<Utc>,
+    /// Users online then.
+    pub users: u64,
+}
+
+/// `GET /api/v1/analytics/concurrency` body.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ConcurrencyAnswer {
+    /// Window start.
+    #[serde(with = "crate::presence::model::rfc3339_millis")]
+    pub from: DateTime<Utc>,
+    /// Window end.
+    #[serde(with = "crate::presence::model::rfc3339_millis")]
+    pub to: DateTime<Utc>,
+    /// Seconds per point.
+    pub step: i64,
+    /// One point per step.
+    pub points: Vec<PointBody>,
+    /// The highest `users` and when it was first reached.
+    pub peak: PeakBody,
+}
+
+/// `GET /api/v1/analytics/concurrency`.
+#[utoipa::path(get, path = "/api/v1/analytics/concurrency", params(WindowParams), responses((status = 200, description = "Most users and resources online per step, and the peak", body = ConcurrencyAnswer), (status = 400, description = "`invalid_range`, `invalid_parameter`, `too_many_points` or `window_too_large`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody), (status = 503, description = "The store is unavailable", body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[route("/analytics/concurrency", method = "GET", method = "HEAD")]
+pub async fn concurrency(
+    st: State,
+    HistoryRead(p): HistoryRead,
+    q: web::Query<WindowParams>,
+) -> Result<HttpResponse, ApiError> {
+    let (from, to) = window(&q.from, &q.to)?;
+    let step = q.step.unwrap_or(60);
+    if !(1..=86_400 * 366).contains(&step) {
+        return Err(ApiError::bad_request(
+            "invalid_parameter",
+            "step must be a number of seconds, at least 1",
+        ));
+    }
+    let span_ms = (to - from).num_milliseconds();
+    let points = (span_ms + step * 1000 - 1) / (step * 1000);
+    if points > MAX_POINTS {
+        return Err(ApiError::bad_request(
+            "too_many_points",
+            format!("{points} points; at most {MAX_POINTS}: widen the step or narrow the window"),
+        ));
+    }
+    let spans = spans(&st, from, to, &filter(&p, &q.domain)).await?;
+    let c = analytics::concurrency(&spans, from, to, Duration::seconds(step), Utc::now());
+    Ok(HttpResponse::Ok().json(ConcurrencyAnswer {
+        from,
+        to,
+        step,
+        points: c
+            .points
+            .into_iter()
+            .map(|p| PointBody {
+                t: p.t,
+                users: p.users,
+                resources: p.resources,
+            })
+            .collect(),
+        peak: PeakBody {
+            t: c.peak.0,
+            users: c.peak.1,
+        },
+    }))
+}
+
+/// One `clients` row.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ClientRowBody {
+    /// Client software (XEP-0115), `unknown` when none.
+    pub client: String,
+    /// Distinct users.
+    pub users: u64,
+    /// Distinct resources.
+    pub resources: u64,
+    /// Seconds of its sessions inside the window.
+    pub seconds: f64,
+}
+
+/// `GET /api/v1/analytics/clients` body.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ClientsBody {
+    /// Window start.
+    #[serde(with = "crate::presence::model::rfc3339_millis")]
+    pub from: DateTime<Utc>,
+    /// Window end.
+    #[serde(with = "crate::presence::model::rfc3339_millis")]
+    pub to: DateTime<Utc>,
+    /// By seconds, descending.
+    pub rows: Vec<ClientRowBody>,
+}
+
+/// `GET /api/v1/analytics/clients`.
+#[utoipa::path(get, path = "/api/v1/analytics/clients", params(WindowParams), responses((status = 200, description = "Client software used in the window", body = ClientsBody), (status = 400, description = "`invalid_range`, `invalid_parameter` or `window_too_large`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody), (status = 503, description = "The store is unavailable", body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[route("/analytics/clients", method = "GET", method = "HEAD")]
+pub async fn clients(
+    st: State,
+    HistoryRead(p): HistoryRead,
+    q: web::Query<WindowParams>,
+) -> Result<HttpResponse, ApiError> {
+    let (from, to) = window(&q.from, &q.to)?;
+    let spans = spans(&st, from, to, &filter(&p, &q.domain)).await?;
+    let rows = analytics::clients(&spans, from, to, Utc::now());
+    Ok(HttpResponse::Ok().json(ClientsBody {
+        from,
+        to,
+        rows: rows
+            .into_iter()
+            .map(|r| ClientRowBody {
+                client: r.client,
+                users: r.users,
+                resources: r.resources,
+                seconds: seconds(r.millis),
+            })
+            .collect(),
+    }))
+}
+
+/// Query of `replay`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ReplayParams {
+    /// The instant (RFC 3339; default now).
+    pub at: Option<String>,
+    /// Only this domain.
+    pub domain: Option<String>,
+}
+
+/// `GET /api/v1/replay` body.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ReplayBody {
+    /// The instant.
+    #[serde(with = "crate::presence::model::rfc3339_millis")]
+    pub at: DateTime<Utc>,
+    /// Every user online at `at`, by JID.
+    pub users: Vec<UserPresence>,
+}
+
+/// `GET /api/v1/replay`.
+#[utoipa::path(get, path = "/api/v1/replay", params(ReplayParams), responses((status = 200, description = "The presence map as it was at `at`", body = ReplayBody), (status = 400, description = "`invalid_parameter` or `window_too_large`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody), (status = 503, description = "The store is unavailable", body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[route("/replay", method = "GET", method = "HEAD")]
+pub async fn replay(
+    st: State,
+    HistoryRead(p): HistoryRead,
+    q: web::Query<ReplayParams>,
+) -> Result<HttpResponse, ApiError> {
+    let at = parse_time("at", &q.at)?.unwrap_or_else(Utc::now);
+    let f = filter(&p, &q.domain);
+    let (spans, events) = if let Some(store) = &st.store {
+        // The online stretch containing `at` cannot reach back beyond the history kept.
+        let lookback = at - Duration::days(i64::from(st.retention_days.max(1)));
+        let spans = reads::replay_spans(store.pool(), at, lookback, &f, MAX_SPANS)
+            .await
+            .map_err(ApiError::store)?
+            .ok_or_else(window_too_large)?;
+        let users: HashSet<&str> = spans.iter().map(|s| s.jid.as_str()).collect();
+        let users: Vec<&str> = users.into_iter().collect();
+        let earliest = spans.iter().map(|s| s.start).min().unwrap_or(at);
+        let events = reads::state_events(store.pool(), &users, earliest, at, MAX_REPLAY_EVENTS)
+            .await
+            .map_err(ApiError::store)?
+            .ok_or_else(window_too_large)?;
+        (spans, events)
+    } else if let Some(h) = &st.history {
+        let far = DateTime::<Utc>::MIN_UTC;
+        let spans: Vec<Span> = h
+            .sessions(
+                far,
+                at + Duration::milliseconds(1),
+                Utc::now(),
+                &f,
+                MAX_SPANS,
+            )
+            .ok_or_else(window_too_large)?
+            .into_iter()
+            .map(|r| r.span)
+            .filter(|s| s.start <= at)
+            .collect();
+        let users: HashSet<UserJid> = spans.iter().map(|s| s.jid.clone()).collect();
+        let earliest = spans.iter().map(|s| s.start).min().unwrap_or(at);
+        let events = h.state_events(&users, earliest, at);
+        (spans, events)
+    } else {
+        return Err(disabled());
+    };
+    Ok(HttpResponse::Ok().json(ReplayBody {
+        at,
+        users: analytics::replay(&spans, &events, at),
+    }))
+}
