@@ -58,6 +58,21 @@ fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
+/// A streamed export: 200, an attachment, the body text.
+fn export(app: &TestApp, path: &str, token: &str) -> String {
+    let auth = format!("Bearer {token}");
+    let r = request(app.port, "GET", path, &[("Authorization", &auth)], None);
+    assert_eq!(r.status, 200, "{path}: {}", r.text);
+    assert!(
+        r.head
+            .to_ascii_lowercase()
+            .contains("content-disposition: attachment"),
+        "{}",
+        r.head
+    );
+    r.text
+}
+
 fn get(app: &TestApp, path: &str, token: &str) -> Value {
     let (code, body, _) = app.get(path, Some(token));
     assert_eq!(code, 200, "{path}: {body}");
@@ -177,6 +192,99 @@ fn check(app: &TestApp, t0: DateTime<Utc>) {
     );
     assert_eq!(b["users"], json!([]));
 
+    // Every event of the window, paged.
+    let b = get(app, &format!("/api/v1/events?{w}"), &tok);
+    let evs = b["events"].as_array().unwrap();
+    assert_eq!(evs.len(), 5, "{b}");
+    assert_eq!(b["next_cursor"], Value::Null);
+    assert_eq!(
+        evs[0],
+        json!({"at": ts(t0), "jid": "alice@a.example", "resource": "phone", "kind": "available",
+               "show": "chat", "status": "on phone", "priority": 5, "client": "Conversations"})
+    );
+    assert_eq!(
+        (evs[3]["kind"].as_str(), evs[3]["show"].as_str()),
+        (Some("unavailable"), Some("offline"))
+    );
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let b = get(
+            app,
+            &format!("/api/v1/events?{w}&limit=2&order=desc{cursor}"),
+            &tok,
+        );
+        seen.extend(
+            b["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["at"].as_str().unwrap().to_owned()),
+        );
+        match b["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => break,
+        }
+    }
+    let mut want: Vec<String> = evs
+        .iter()
+        .map(|e| e["at"].as_str().unwrap().to_owned())
+        .collect();
+    want.reverse();
+    assert_eq!(seen, want, "desc pages of 2 cover every event once");
+    let b = get(app, &format!("/api/v1/events?{w}&jid=bob@b.example"), &tok);
+    assert_eq!(b["events"].as_array().unwrap().len(), 1);
+
+    // Exports: CSV with the contract's header, NDJSON, attachments.
+    let csv = export(app, &format!("/api/v1/export/events?{w}"), &tok);
+    let lines: Vec<&str> = csv.split("\r\n").filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines[0], "at,jid,resource,kind,show,status,priority,client");
+    assert_eq!(lines.len(), 6, "{csv}");
+    assert_eq!(
+        lines[1],
+        format!(
+            "{},alice@a.example,phone,available,chat,on phone,5,Conversations",
+            ts(t0)
+        )
+    );
+    assert_eq!(
+        lines[4],
+        format!(
+            "{},alice@a.example,phone,unavailable,offline,,,",
+            ts(t0 + Duration::minutes(60))
+        )
+    );
+    let nd = export(
+        app,
+        &format!("/api/v1/export/events?{w}&format=ndjson"),
+        &tok,
+    );
+    let objs: Vec<Value> = nd
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(objs.len(), 5);
+    assert_eq!(objs[0], evs[0]);
+    let csv = export(app, &format!("/api/v1/export/sessions?{w}"), &tok);
+    let lines: Vec<&str> = csv.split("\r\n").filter(|l| !l.is_empty()).collect();
+    assert_eq!(
+        lines,
+        vec![
+            "jid,resource,client,start,end,end_cause".to_string(),
+            format!(
+                "alice@a.example,phone,Conversations,{},{},stanza",
+                ts(t0),
+                ts(t0 + Duration::minutes(60))
+            ),
+            format!(
+                "alice@a.example,pc,Gajim,{},{},stanza",
+                ts(t0 + Duration::minutes(30)),
+                ts(t0 + Duration::minutes(90))
+            ),
+            format!("bob@b.example,laptop,,{},,", ts(t0 + Duration::minutes(45))),
+        ]
+    );
+
     // A token narrowed to a.example sees a.example only, everywhere.
     let narrow = token("history:read", Some(vec!["a.example"]));
     let b = get(app, &format!("/api/v1/analytics/online-time?{w}"), &narrow);
@@ -202,6 +310,18 @@ fn check(app: &TestApp, t0: DateTime<Utc>) {
         &narrow,
     );
     assert_eq!(b["users"].as_array().unwrap().len(), 1);
+    let csv = export(app, &format!("/api/v1/export/sessions?{w}"), &narrow);
+    assert!(
+        !csv.contains("bob@b.example") && csv.contains("alice@a.example"),
+        "{csv}"
+    );
+    let b = get(app, &format!("/api/v1/events?{w}"), &narrow);
+    assert_eq!(b["events"].as_array().unwrap().len(), 4);
+    let (c, _, _) = app.get(
+        &format!("/api/v1/events?{w}&jid=bob@b.example"),
+        Some(&narrow),
+    );
+    assert_eq!(c, 403);
     // …and asking for another domain gives nothing, not an error.
     let b = get(
         app,
@@ -218,6 +338,10 @@ fn check(app: &TestApp, t0: DateTime<Utc>) {
         (format!("/api/v1/analytics/concurrency?{w}&step=0"), 400, "invalid_parameter"),
         ("/api/v1/analytics/concurrency?from=2026-01-01T00:00:00Z&to=2026-02-01T00:00:00Z&step=1".into(), 400, "too_many_points"),
         ("/api/v1/replay?at=yesterday".into(), 400, "invalid_parameter"),
+        (format!("/api/v1/export/events?{w}&format=xlsx"), 400, "invalid_parameter"),
+        (format!("/api/v1/events?{w}&cursor=nonsense"), 400, "invalid_cursor"),
+        (format!("/api/v1/events?{w}&limit=10001"), 400, "invalid_parameter"),
+        (format!("/api/v1/events?{w}&jid=not%20a%20jid"), 400, "invalid_jid"),
     ] {
         let (c, body, _) = app.get(&path, Some(&tok));
         assert_eq!((c, body["error"].as_str()), (code, Some(error)), "{path}: {body}");

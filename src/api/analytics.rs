@@ -45,7 +45,7 @@ fn disabled() -> ApiError {
 }
 
 /// `from`/`to`: `to` defaults to now, `from` to `to` − 24 h; `from` must be before `to`.
-fn window(
+pub(crate) fn window(
     from: &Option<String>,
     to: &Option<String>,
 ) -> Result<(DateTime<Utc>, DateTime<Utc>), ApiError> {

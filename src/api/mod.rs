@@ -8,6 +8,7 @@
 pub mod analytics;
 pub mod auth;
 pub mod error;
+pub mod export;
 pub mod limits;
 pub mod lookup;
 pub mod metrics;
@@ -177,8 +178,8 @@ async fn style_css() -> HttpResponse {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "presence-bridge", description = "Live XMPP presence: REST and WebSocket (contract v1)"),
-    paths(rest::healthz, rest::readyz, rest::metrics, rest::list, rest::one, rest::last_seen, rest::last_seen_bulk, rest::history, rest::stats, rest::concurrency, rest::admin_reconcile, analytics::online_time, analytics::concurrency, analytics::clients, analytics::replay, ws::ws, openapi_doc),
-    components(schemas(ErrorBody, rest::Health, rest::Ready, rest::PresenceList, rest::BulkBody, rest::BulkAnswer, rest::StatsBody, rest::ConcurrencyBody, rest::Order, rest::BareJidText, Sample, crate::presence::UserPresence, crate::presence::ResourcePresence, crate::presence::Show, lookup::LastSeen, lookup::HistoryBody, lookup::HistoryEntry, crate::sources::reconcile::Outcome, analytics::OnlineTimeBody, analytics::OnlineTimeRow, analytics::ConcurrencyAnswer, analytics::PointBody, analytics::PeakBody, analytics::ClientsBody, analytics::ClientRowBody, analytics::ReplayBody)),
+    paths(rest::healthz, rest::readyz, rest::metrics, rest::list, rest::one, rest::last_seen, rest::last_seen_bulk, rest::history, rest::stats, rest::concurrency, rest::admin_reconcile, analytics::online_time, analytics::concurrency, analytics::clients, analytics::replay, export::events, export::export_events, export::export_sessions, ws::ws, openapi_doc),
+    components(schemas(ErrorBody, rest::Health, rest::Ready, rest::PresenceList, rest::BulkBody, rest::BulkAnswer, rest::StatsBody, rest::ConcurrencyBody, rest::Order, rest::BareJidText, Sample, crate::presence::UserPresence, crate::presence::ResourcePresence, crate::presence::Show, lookup::LastSeen, lookup::HistoryBody, lookup::HistoryEntry, crate::sources::reconcile::Outcome, analytics::OnlineTimeBody, analytics::OnlineTimeRow, analytics::ConcurrencyAnswer, analytics::PointBody, analytics::PeakBody, analytics::ClientsBody, analytics::ClientRowBody, analytics::ReplayBody, export::EventsBody, export::EventBody)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -242,6 +243,9 @@ const ROUTES: &[(&str, &str)] = &[
     ("/api/v1/analytics/concurrency", "GET, HEAD"),
     ("/api/v1/analytics/clients", "GET, HEAD"),
     ("/api/v1/replay", "GET, HEAD"),
+    ("/api/v1/events", "GET, HEAD"),
+    ("/api/v1/export/events", "GET, HEAD"),
+    ("/api/v1/export/sessions", "GET, HEAD"),
 ];
 
 /// The methods `path` answers, if it is a route at all.
@@ -377,6 +381,9 @@ pub fn serve(
             .service(analytics::concurrency)
             .service(analytics::clients)
             .service(analytics::replay)
+            .service(export::events)
+            .service(export::export_events)
+            .service(export::export_sessions)
             .service(ws::ws)
             .route("/openapi.json", get_or_head().to(openapi_doc));
         App::new()

@@ -16,12 +16,15 @@ use crate::presence::{Applied, ChangeSink, UserJid};
 /// One session kept in memory.
 #[derive(Debug, Clone)]
 struct MemSession {
+    /// The id of the event that opened it.
+    id: u128,
     jid: UserJid,
     resource: String,
     client: Option<String>,
     start: DateTime<Utc>,
     end: Option<DateTime<Utc>>,
     end_cause: Option<&'static str>,
+    end_reason: Option<String>,
     /// Sequence number of the event that opened it (sessions are evicted with their events).
     opened_by: u64,
 }
@@ -83,16 +86,19 @@ impl MemoryHistory {
             {
                 s.end = Some(e.at);
                 s.end_cause = Some(super::pg::cause_name(e.cause));
+                s.end_reason.clone_from(&e.end_reason);
             }
             if e.opened {
                 let index = g.evicted_sessions + g.sessions.len() as u64;
                 g.sessions.push_back(MemSession {
+                    id: e.id,
                     jid,
                     resource: e.resource.clone(),
                     client: e.client.clone(),
                     start: e.at,
                     end: None,
                     end_cause: None,
+                    end_reason: None,
                     opened_by: seq,
                 });
                 g.open.insert(key, index);
@@ -155,6 +161,36 @@ impl MemoryHistory {
             });
         }
         Some(out)
+    }
+
+    /// Sessions overlapping `[from, to)` as the sessions export shows them, by start.
+    pub fn export_sessions(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        now: DateTime<Utc>,
+        filter: &HistoryFilter,
+    ) -> Vec<super::reads::SessionExportRow> {
+        let g = self.lock();
+        let mut out: Vec<super::reads::SessionExportRow> = g
+            .sessions
+            .iter()
+            .filter(|s| s.start < to && s.end.unwrap_or(now) > from && filter.matches(&s.jid))
+            .map(|s| super::reads::SessionExportRow {
+                id: uuid::Uuid::from_u128(s.id),
+                jid: s.jid.as_str().to_owned(),
+                resource: s.resource.clone(),
+                client: s.client.clone(),
+                start: s.start,
+                end: s.end,
+                end_cause: s
+                    .end_reason
+                    .clone()
+                    .or_else(|| s.end_cause.map(str::to_owned)),
+            })
+            .collect();
+        out.sort_by(|a, b| a.start.cmp(&b.start).then(a.id.cmp(&b.id)));
+        out
     }
 
     /// Events in `[from, to)` matching `filter`, in time order (ties by id), at most `max`

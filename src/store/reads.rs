@@ -407,6 +407,200 @@ pub async fn state_events(
     ))
 }
 
+/// One event of the history as `GET /api/v1/events` and the exports show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRow {
+    /// Event id (keyset tie-break).
+    pub id: Uuid,
+    /// When it happened.
+    pub at: DateTime<Utc>,
+    /// Bare JID.
+    pub jid: String,
+    /// Resource.
+    pub resource: String,
+    /// Available (else unavailable).
+    pub available: bool,
+    /// Show (available only).
+    pub show: Option<Show>,
+    /// Status.
+    pub status: Option<String>,
+    /// Priority (available only).
+    pub priority: Option<i8>,
+    /// Client.
+    pub client: Option<String>,
+}
+
+impl EventRow {
+    /// The row of a stored event (the in-memory history's events).
+    pub fn from_stored(e: &super::StoredEvent) -> Self {
+        Self {
+            id: Uuid::from_u128(e.id),
+            at: e.at,
+            jid: e.jid.clone(),
+            resource: e.resource.clone(),
+            available: e.available,
+            show: e.show,
+            status: e.status.clone(),
+            priority: e.priority,
+            client: e.client.clone(),
+        }
+    }
+}
+
+/// A page of events: the rows and the cursor of the next page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventPage {
+    /// Rows in the requested order.
+    pub events: Vec<EventRow>,
+    /// Cursor for the next page, if there is one.
+    pub next_cursor: Option<String>,
+}
+
+/// A cursor for the event after `r` in keyset order.
+pub fn event_cursor(r: &EventRow) -> String {
+    encode_cursor(r.at, r.id)
+}
+
+/// Decodes an events cursor (issued by [`event_cursor`]).
+pub fn parse_event_cursor(s: &str) -> Result<(DateTime<Utc>, Uuid), StoreError> {
+    decode_cursor(s)
+}
+
+/// Events in `[from, to)` matching `filter`, keyset-paged on `(at, event_id)`.
+pub async fn events_page(
+    pool: &Pool,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    filter: &super::memory::HistoryFilter,
+    order: Order,
+    limit: i64,
+    cursor: Option<&str>,
+) -> Result<EventPage, StoreError> {
+    let cursor = cursor.map(decode_cursor).transpose()?;
+    let (c_at, c_id) = match cursor {
+        Some((a, i)) => (Some(a), Some(i)),
+        None => (None, None),
+    };
+    let (cmp, dir) = match order {
+        Order::Asc => (">", "ASC"),
+        Order::Desc => ("<", "DESC"),
+    };
+    let (domains, jid) = filter_params(filter);
+    let sql = format!(
+        "SELECT event_id, at, jid, resource, kind, show, status, priority, client FROM presence_events \
+         WHERE at >= $1 AND at < $2 \
+           AND ($3::text[] IS NULL OR split_part(jid, '@', 2) = ANY($3)) \
+           AND ($4::text IS NULL OR jid = $4) \
+           AND ($5::timestamptz IS NULL OR (at, event_id) {cmp} ($5, $6::uuid)) \
+         ORDER BY at {dir}, event_id {dir} LIMIT $7"
+    );
+    let mut c = pg::client(pool).await?;
+    let tx = c.transaction().await?;
+    tx.batch_execute("SET LOCAL statement_timeout = '10s'")
+        .await?;
+    let rows = tx
+        .query(
+            &sql,
+            &[&from, &to, &domains, &jid, &c_at, &c_id, &(limit + 1)],
+        )
+        .await?;
+    tx.commit().await?;
+    let more = rows.len() as i64 > limit;
+    let events: Vec<EventRow> = rows
+        .iter()
+        .take(limit as usize)
+        .map(|r| {
+            let show: Option<String> = r.get(5);
+            let priority: Option<i16> = r.get(7);
+            EventRow {
+                id: r.get(0),
+                at: r.get(1),
+                jid: r.get(2),
+                resource: r.get(3),
+                available: r.get::<_, &str>(4) == "available",
+                show: show.as_deref().and_then(Show::parse),
+                status: r.get(6),
+                priority: priority.and_then(|p| i8::try_from(p).ok()),
+                client: r.get(8),
+            }
+        })
+        .collect();
+    let next_cursor = if more {
+        events.last().map(event_cursor)
+    } else {
+        None
+    };
+    Ok(EventPage {
+        events,
+        next_cursor,
+    })
+}
+
+/// One session as the sessions export shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionExportRow {
+    /// Session id (keyset tie-break).
+    pub id: Uuid,
+    /// Bare JID.
+    pub jid: String,
+    /// Resource.
+    pub resource: String,
+    /// Client.
+    pub client: Option<String>,
+    /// Start.
+    pub start: DateTime<Utc>,
+    /// End (`None` while open).
+    pub end: Option<DateTime<Utc>>,
+    /// The server's reason when it ended the session itself, else the cause of the end.
+    pub end_cause: Option<String>,
+}
+
+/// Sessions overlapping `[from, to)`, keyset-paged on `(started_at, session_id)` ascending:
+/// `after` is the last row of the previous page.
+pub async fn sessions_page(
+    pool: &Pool,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    filter: &super::memory::HistoryFilter,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> Result<Vec<SessionExportRow>, StoreError> {
+    let (a_at, a_id) = match after {
+        Some((a, i)) => (Some(a), Some(i)),
+        None => (None, None),
+    };
+    let (domains, jid) = filter_params(filter);
+    let mut c = pg::client(pool).await?;
+    let tx = c.transaction().await?;
+    tx.batch_execute("SET LOCAL statement_timeout = '10s'")
+        .await?;
+    let rows = tx
+        .query(
+            "SELECT session_id, jid, resource, client, started_at, ended_at, coalesce(end_reason, end_cause) \
+             FROM presence_sessions \
+             WHERE started_at < $2 AND (ended_at IS NULL OR ended_at > $1) \
+               AND ($3::text[] IS NULL OR split_part(jid, '@', 2) = ANY($3)) \
+               AND ($4::text IS NULL OR jid = $4) \
+               AND ($5::timestamptz IS NULL OR (started_at, session_id) > ($5, $6::uuid)) \
+             ORDER BY started_at, session_id LIMIT $7",
+            &[&from, &to, &domains, &jid, &a_at, &a_id, &limit],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(rows
+        .iter()
+        .map(|r| SessionExportRow {
+            id: r.get(0),
+            jid: r.get(1),
+            resource: r.get(2),
+            client: r.get(3),
+            start: r.get(4),
+            end: r.get(5),
+            end_cause: r.get(6),
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

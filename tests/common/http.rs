@@ -67,11 +67,36 @@ pub fn try_request(
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| format!("bad HTTP response: {text}"))?;
+    let chunked = head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
     Ok(Response {
         status,
         head: head.to_string(),
-        text: body.to_string(),
+        text: if chunked {
+            dechunk(body)?
+        } else {
+            body.to_string()
+        },
     })
+}
+
+/// Decodes a chunked body (streamed answers: the exports).
+fn dechunk(mut body: &str) -> Result<String, String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body
+            .split_once("\r\n")
+            .ok_or_else(|| format!("bad chunk header in {body:?}"))?;
+        let n = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|e| format!("bad chunk size {size:?}: {e}"))?;
+        if n == 0 {
+            return Ok(out);
+        }
+        let chunk = rest.get(..n).ok_or("truncated chunk")?;
+        out.push_str(chunk);
+        body = rest.get(n + 2..).ok_or("truncated chunk end")?;
+    }
 }
 
 /// One request; panics when the connection fails.

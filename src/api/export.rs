@@ -1,0 +1,469 @@
+//! Events and exports (contract §6, scope `history:read`): `GET /api/v1/events` pages every
+//! user's events in a window; `GET /api/v1/export/{events,sessions}` stream a window as CSV
+//! (RFC 4180) or NDJSON in constant memory — from Postgres page by page (keyset, 5,000 rows a
+//! page), or from this run's in-memory history (itself bounded).
+
+use actix_web::http::StatusCode;
+use actix_web::web::Bytes;
+use actix_web::{HttpResponse, route, web};
+use chrono::{DateTime, Utc};
+use futures::stream::{self, Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+use super::auth::{HistoryRead, Permissions};
+use super::error::ApiError;
+use crate::presence::model::rfc3339_millis;
+use crate::store::memory::HistoryFilter;
+use crate::store::reads::{self, EventRow, Order, SessionExportRow};
+
+type State = web::Data<AppState>;
+
+/// Rows per Postgres page while streaming.
+const EXPORT_PAGE: i64 = 5000;
+
+fn window(
+    from: &Option<String>,
+    to: &Option<String>,
+) -> Result<(DateTime<Utc>, DateTime<Utc>), ApiError> {
+    super::analytics::window(from, to)
+}
+
+/// `Event` of contract §6.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EventBody {
+    /// When it happened.
+    #[serde(with = "rfc3339_millis")]
+    pub at: DateTime<Utc>,
+    /// Bare JID.
+    pub jid: String,
+    /// Resource.
+    pub resource: String,
+    /// `available` or `unavailable`.
+    pub kind: &'static str,
+    /// Show (`offline` for an unavailable event).
+    pub show: &'static str,
+    /// Status text.
+    pub status: Option<String>,
+    /// Priority (available only).
+    pub priority: Option<i8>,
+    /// Client software.
+    pub client: Option<String>,
+}
+
+impl From<EventRow> for EventBody {
+    fn from(r: EventRow) -> Self {
+        Self {
+            at: r.at,
+            jid: r.jid,
+            resource: r.resource,
+            kind: if r.available {
+                "available"
+            } else {
+                "unavailable"
+            },
+            show: if r.available {
+                r.show.map_or("available", |s| s.as_str())
+            } else {
+                "offline"
+            },
+            status: r.status,
+            priority: if r.available { r.priority } else { None },
+            client: r.client,
+        }
+    }
+}
+
+/// `GET /api/v1/events` body.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EventsBody {
+    /// The page.
+    pub events: Vec<EventBody>,
+    /// Cursor of the next page (absent on the last).
+    pub next_cursor: Option<String>,
+}
+
+/// Query of `events` and the exports.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventsParams {
+    /// Start (RFC 3339, inclusive; default `to` − 24 h).
+    pub from: Option<String>,
+    /// End (RFC 3339, exclusive; default now).
+    pub to: Option<String>,
+    /// `events`: only this user.
+    pub jid: Option<String>,
+    /// Only this domain.
+    pub domain: Option<String>,
+    /// `events`: page size (default 1000, max 10000).
+    pub limit: Option<i64>,
+    /// `events`: `asc` (default) or `desc`.
+    pub order: Option<String>,
+    /// `events`: the `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// Exports: `csv` (default) or `ndjson`.
+    pub format: Option<String>,
+}
+
+fn filter(p: &Permissions, q: &EventsParams) -> Result<HistoryFilter, ApiError> {
+    let jid = match &q.jid {
+        Some(j) => {
+            let j = super::rest::parse_jid(j)?;
+            if !p.can_see(&j) {
+                return Err(ApiError::forbidden("this token may not see that domain"));
+            }
+            Some(j)
+        }
+        None => None,
+    };
+    Ok(HistoryFilter {
+        token_domains: p.domain_list(),
+        domain: q.domain.as_ref().map(|d| d.trim().to_lowercase()),
+        jid,
+    })
+}
+
+fn disabled() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        "history_disabled",
+        "this bridge keeps no history (no Postgres, and the engine was started elsewhere)",
+    )
+}
+
+/// `GET /api/v1/events`.
+#[utoipa::path(get, path = "/api/v1/events", params(EventsParams), responses((status = 200, description = "A page of every user's events in the window", body = EventsBody), (status = 400, description = "`invalid_range`, `invalid_parameter`, `invalid_jid` or `invalid_cursor`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read, or may not see that JID", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody), (status = 503, description = "The store is unavailable", body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[route("/events", method = "GET", method = "HEAD")]
+pub async fn events(
+    st: State,
+    HistoryRead(p): HistoryRead,
+    q: web::Query<EventsParams>,
+) -> Result<HttpResponse, ApiError> {
+    let (from, to) = window(&q.from, &q.to)?;
+    let limit = q.limit.unwrap_or(1000);
+    if !(1..=10_000).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_parameter",
+            "limit must be 1..=10000",
+        ));
+    }
+    let order = match q.order.as_deref() {
+        None | Some("asc") => Order::Asc,
+        Some("desc") => Order::Desc,
+        Some(o) => {
+            return Err(ApiError::bad_request(
+                "invalid_parameter",
+                format!("order must be asc or desc; got {o:?}"),
+            ));
+        }
+    };
+    let f = filter(&p, &q)?;
+    let page = if let Some(store) = &st.store {
+        reads::events_page(
+            store.pool(),
+            from,
+            to,
+            &f,
+            order,
+            limit,
+            q.cursor.as_deref(),
+        )
+        .await
+        .map_err(ApiError::from)?
+    } else if let Some(h) = &st.history {
+        let cursor = q
+            .cursor
+            .as_deref()
+            .map(reads::parse_event_cursor)
+            .transpose()
+            .map_err(ApiError::from)?;
+        let mut rows: Vec<EventRow> = h
+            .events(from, to, &f, usize::MAX)
+            .unwrap_or_default()
+            .iter()
+            .map(EventRow::from_stored)
+            .collect();
+        if order == Order::Desc {
+            rows.reverse();
+        }
+        let after = |r: &EventRow| match (cursor, order) {
+            (None, _) => true,
+            (Some(c), Order::Asc) => (r.at, r.id) > c,
+            (Some(c), Order::Desc) => (r.at, r.id) < c,
+        };
+        let mut page: Vec<EventRow> = rows
+            .into_iter()
+            .filter(|r| after(r))
+            .take(limit as usize + 1)
+            .collect();
+        let more = page.len() as i64 > limit;
+        page.truncate(limit as usize);
+        reads::EventPage {
+            next_cursor: if more {
+                page.last().map(reads::event_cursor)
+            } else {
+                None
+            },
+            events: page,
+        }
+    } else {
+        return Err(disabled());
+    };
+    Ok(HttpResponse::Ok().json(EventsBody {
+        events: page.events.into_iter().map(EventBody::from).collect(),
+        next_cursor: page.next_cursor,
+    }))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Csv,
+    Ndjson,
+}
+
+fn format(q: &EventsParams) -> Result<Format, ApiError> {
+    match q.format.as_deref() {
+        None | Some("csv") => Ok(Format::Csv),
+        Some("ndjson") => Ok(Format::Ndjson),
+        Some(f) => Err(ApiError::bad_request(
+            "invalid_parameter",
+            format!("format must be csv or ndjson; got {f:?}"),
+        )),
+    }
+}
+
+/// One CSV field, quoted when it must be (RFC 4180).
+fn csv_field(out: &mut String, v: &str) {
+    if v.contains([',', '"', '\n', '\r']) {
+        out.push('"');
+        out.push_str(&v.replace('"', "\"\""));
+        out.push('"');
+    } else {
+        out.push_str(v);
+    }
+}
+
+fn csv_line(fields: &[&str]) -> String {
+    let mut s = String::new();
+    for (i, f) in fields.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        csv_field(&mut s, f);
+    }
+    s.push_str("\r\n");
+    s
+}
+
+fn time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn event_line(e: EventRow, fmt: Format) -> String {
+    let b = EventBody::from(e);
+    match fmt {
+        Format::Ndjson => serde_json::to_string(&b).unwrap_or_default() + "\n",
+        Format::Csv => csv_line(&[
+            &time(b.at),
+            &b.jid,
+            &b.resource,
+            b.kind,
+            b.show,
+            b.status.as_deref().unwrap_or(""),
+            &b.priority.map(|p| p.to_string()).unwrap_or_default(),
+            b.client.as_deref().unwrap_or(""),
+        ]),
+    }
+}
+
+/// A session as the NDJSON export shows it.
+#[derive(Debug, Serialize)]
+struct SessionBody<'a> {
+    jid: &'a str,
+    resource: &'a str,
+    client: Option<&'a str>,
+    #[serde(with = "rfc3339_millis")]
+    start: DateTime<Utc>,
+    #[serde(with = "rfc3339_millis::option")]
+    end: Option<DateTime<Utc>>,
+    end_cause: Option<&'a str>,
+}
+
+fn session_line(s: &SessionExportRow, fmt: Format) -> String {
+    match fmt {
+        Format::Ndjson => {
+            serde_json::to_string(&SessionBody {
+                jid: &s.jid,
+                resource: &s.resource,
+                client: s.client.as_deref(),
+                start: s.start,
+                end: s.end,
+                end_cause: s.end_cause.as_deref(),
+            })
+            .unwrap_or_default()
+                + "\n"
+        }
+        Format::Csv => csv_line(&[
+            &s.jid,
+            &s.resource,
+            s.client.as_deref().unwrap_or(""),
+            &time(s.start),
+            &s.end.map(time).unwrap_or_default(),
+            s.end_cause.as_deref().unwrap_or(""),
+        ]),
+    }
+}
+
+fn streamed(
+    name: &str,
+    fmt: Format,
+    header: &'static str,
+    body: impl Stream<Item = Result<Bytes, ApiError>> + 'static,
+) -> HttpResponse {
+    let (ct, ext) = match fmt {
+        Format::Csv => ("text/csv; charset=utf-8", "csv"),
+        Format::Ndjson => ("application/x-ndjson", "ndjson"),
+    };
+    let head = match fmt {
+        Format::Csv => Some(Ok(Bytes::from_static(header.as_bytes()))),
+        Format::Ndjson => None,
+    };
+    HttpResponse::Ok()
+        .content_type(ct)
+        .insert_header((
+            "Content-Disposition",
+            format!("attachment; filename=\"{name}.{ext}\""),
+        ))
+        .streaming(stream::iter(head).chain(body))
+}
+
+/// `GET /api/v1/export/events`.
+#[utoipa::path(get, path = "/api/v1/export/events", params(EventsParams), responses((status = 200, description = "The window's events, streamed: CSV `at,jid,resource,kind,show,status,priority,client` or NDJSON", body = String, content_type = "text/csv"), (status = 400, description = "`invalid_range` or `invalid_parameter`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[route("/export/events", method = "GET", method = "HEAD")]
+pub async fn export_events(
+    st: State,
+    HistoryRead(p): HistoryRead,
+    q: web::Query<EventsParams>,
+) -> Result<HttpResponse, ApiError> {
+    let (from, to) = window(&q.from, &q.to)?;
+    let fmt = format(&q)?;
+    let f = filter(&p, &q)?;
+    const HEADER: &str = "at,jid,resource,kind,show,status,priority,client\r\n";
+    if let Some(store) = &st.store {
+        let pool = store.pool().clone();
+        // Page by page: one page in memory at a time, whatever the window.
+        let pages = stream::unfold(Some(None::<String>), move |cursor| {
+            let pool = pool.clone();
+            let f = f.clone();
+            async move {
+                let cursor = cursor?;
+                match reads::events_page(
+                    &pool,
+                    from,
+                    to,
+                    &f,
+                    Order::Asc,
+                    EXPORT_PAGE,
+                    cursor.as_deref(),
+                )
+                .await
+                {
+                    Ok(page) => {
+                        let next = page.next_cursor.clone().map(Some);
+                        let text: String = page
+                            .events
+                            .into_iter()
+                            .map(|e| event_line(e, fmt))
+                            .collect();
+                        Some((Ok(Bytes::from(text)), next))
+                    }
+                    Err(e) => Some((Err(ApiError::store(e)), None)),
+                }
+            }
+        });
+        return Ok(streamed("events", fmt, HEADER, pages));
+    }
+    let Some(h) = &st.history else {
+        return Err(disabled());
+    };
+    let rows: Vec<EventRow> = h
+        .events(from, to, &f, usize::MAX)
+        .unwrap_or_default()
+        .iter()
+        .map(EventRow::from_stored)
+        .collect();
+    let chunks = stream::iter(
+        rows.chunks(EXPORT_PAGE as usize)
+            .map(|c| c.to_vec())
+            .collect::<Vec<_>>(),
+    )
+    .map(move |c| {
+        Ok(Bytes::from(
+            c.into_iter()
+                .map(|e| event_line(e, fmt))
+                .collect::<String>(),
+        ))
+    });
+    Ok(streamed("events", fmt, HEADER, chunks))
+}
+
+/// `GET /api/v1/export/sessions`.
+#[utoipa::path(get, path = "/api/v1/export/sessions", params(EventsParams), responses((status = 200, description = "The sessions overlapping the window, streamed: CSV `jid,resource,client,start,end,end_cause` (`end` empty while open) or NDJSON", body = String, content_type = "text/csv"), (status = 400, description = "`invalid_range` or `invalid_parameter`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[route("/export/sessions", method = "GET", method = "HEAD")]
+pub async fn export_sessions(
+    st: State,
+    HistoryRead(p): HistoryRead,
+    q: web::Query<EventsParams>,
+) -> Result<HttpResponse, ApiError> {
+    let (from, to) = window(&q.from, &q.to)?;
+    let fmt = format(&q)?;
+    let f = filter(&p, &q)?;
+    const HEADER: &str = "jid,resource,client,start,end,end_cause\r\n";
+    if let Some(store) = &st.store {
+        let pool = store.pool().clone();
+        let pages = stream::unfold(Some(None), move |after| {
+            let pool = pool.clone();
+            let f = f.clone();
+            async move {
+                let after = after?;
+                match reads::sessions_page(&pool, from, to, &f, after, EXPORT_PAGE).await {
+                    Ok(rows) => {
+                        let next = (rows.len() as i64 == EXPORT_PAGE)
+                            .then(|| rows.last().map(|r| (r.start, r.id)));
+                        let text: String = rows.iter().map(|s| session_line(s, fmt)).collect();
+                        Some((Ok(Bytes::from(text)), next))
+                    }
+                    Err(e) => Some((Err(ApiError::store(e)), None)),
+                }
+            }
+        });
+        return Ok(streamed("sessions", fmt, HEADER, pages));
+    }
+    let Some(h) = &st.history else {
+        return Err(disabled());
+    };
+    let rows = h.export_sessions(from, to, Utc::now(), &f);
+    let text: Vec<Result<Bytes, ApiError>> = rows
+        .chunks(EXPORT_PAGE as usize)
+        .map(|c| {
+            Ok(Bytes::from(
+                c.iter().map(|s| session_line(s, fmt)).collect::<String>(),
+            ))
+        })
+        .collect();
+    Ok(streamed("sessions", fmt, HEADER, stream::iter(text)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_quoting_follows_rfc_4180() {
+        assert_eq!(csv_line(&["a", "b"]), "a,b\r\n");
+        assert_eq!(
+            csv_line(&["say \"hi\"", "x,y", "two\nlines", ""]),
+            "\"say \"\"hi\"\"\",\"x,y\",\"two\nlines\",\r\n"
+        );
+    }
+}
