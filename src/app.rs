@@ -54,6 +54,8 @@ pub enum Ingest {
         users: usize,
         /// RNG seed.
         seed: u64,
+        /// Hours of simulated history made before going live (`demo --backfill-hours`).
+        backfill_hours: u32,
     },
     /// Nothing: events come from the caller through [`App::engine`] (tests, benchmarks).
     None,
@@ -253,8 +255,16 @@ impl AppBuilder {
                 );
                 (Some(h), Some(t))
             }
-            Ingest::Simulated { users, seed } => {
-                tasks.spawn(Simulator::new(users, seed).run(engine.clone(), cancel.clone()));
+            Ingest::Simulated {
+                users,
+                seed,
+                backfill_hours,
+            } => {
+                tasks.spawn(Simulator::new(users, seed).run(
+                    engine.clone(),
+                    backfill_hours,
+                    cancel.clone(),
+                ));
                 (None, None)
             }
             Ingest::None => (None, None),

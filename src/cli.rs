@@ -57,6 +57,10 @@ enum Command {
         /// Dashboard and API address.
         #[arg(long, default_value = "127.0.0.1:8080")]
         bind: String,
+        /// Hours of simulated history made (fast, before going live) so that analytics and
+        /// replay have a past at once.
+        #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u32).range(0..=168))]
+        backfill_hours: u32,
     },
     /// Print a JWT signed with the configured HS256 secret (auth.jwt_secret).
     Token {
@@ -154,9 +158,13 @@ pub fn main() -> ExitCode {
             }
         }
         Command::Run { config } => with_config(config, cli.log_format, run),
-        Command::Demo { users, bind } => {
+        Command::Demo {
+            users,
+            bind,
+            backfill_hours,
+        } => {
             telemetry::init(cli.log_format.unwrap_or_default(), "info");
-            block_on(demo(users as usize, bind))
+            block_on(demo(users as usize, bind, backfill_hours))
         }
         Command::Token {
             sub,
@@ -317,7 +325,7 @@ async fn serve(builder: AppBuilder, on_started: impl FnOnce(std::net::SocketAddr
 
 /// `presence-bridge demo`: the service with the simulator as its source, the memory store,
 /// and a fresh signing secret whose admin token is printed.
-pub async fn demo(users: usize, bind: String) -> ExitCode {
+pub async fn demo(users: usize, bind: String, backfill_hours: u32) -> ExitCode {
     let listener = match std::net::TcpListener::bind(&bind) {
         Ok(l) => l,
         Err(e) => {
@@ -354,6 +362,7 @@ pub async fn demo(users: usize, bind: String) -> ExitCode {
         .ingest(Ingest::Simulated {
             users,
             seed: rand::random(),
+            backfill_hours,
         })
         .listener(listener);
     serve(builder, |addr| {

@@ -235,6 +235,29 @@ fn check(app: &TestApp, t0: DateTime<Utc>) {
     let b = get(app, &format!("/api/v1/events?{w}&jid=bob@b.example"), &tok);
     assert_eq!(b["events"].as_array().unwrap().len(), 1);
 
+    // §4's history of one user: the same from memory as from Postgres.
+    let b = get(
+        app,
+        "/api/v1/history/alice@a.example?order=asc&limit=3",
+        &tok,
+    );
+    let h = b["events"].as_array().unwrap();
+    assert_eq!(h.len(), 3, "{b}");
+    assert_eq!(
+        h[0],
+        json!({"at": ts(t0), "resource": "phone", "kind": "available", "show": "chat",
+               "status": "on phone", "priority": 5, "cause": "stanza"})
+    );
+    let next = b["next_cursor"].as_str().unwrap();
+    let b = get(
+        app,
+        &format!("/api/v1/history/alice@a.example?order=asc&limit=3&cursor={next}"),
+        &tok,
+    );
+    assert_eq!(b["events"].as_array().unwrap().len(), 1);
+    assert_eq!(b["events"][0]["kind"], "unavailable");
+    assert_eq!(b["next_cursor"], Value::Null);
+
     // Exports: CSV with the contract's header, NDJSON, attachments.
     let csv = export(app, &format!("/api/v1/export/events?{w}"), &tok);
     let lines: Vec<&str> = csv.split("\r\n").filter(|l| !l.is_empty()).collect();

@@ -558,9 +558,9 @@ async fn bad_input_gets_contract_errors_and_the_service_stays_up() {
     );
     let (code, body, _) = api.get("/api/v1/history/a@x.test", Some(&t));
     assert_eq!(
-        (code, body["error"].as_str()),
-        (501, Some("history_disabled")),
-        "memory-only mode says so"
+        (code, body["events"].as_array().map(Vec::len)),
+        (200, Some(1)),
+        "memory-only mode answers from this run's history: {body}"
     );
     let (code, _, _) = api.get("/api/v1/nothing-here", Some(&t));
     assert_eq!(code, 404);

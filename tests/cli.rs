@@ -312,3 +312,81 @@ fn shipped_configs_are_valid() {
         );
     }
 }
+
+#[test]
+fn demo_backfills_history_so_analytics_have_a_past() {
+    use std::io::BufRead;
+    let mut demo = bin()
+        .args([
+            "demo",
+            "--users",
+            "40",
+            "--bind",
+            "127.0.0.1:0",
+            "--backfill-hours",
+            "2",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = demo.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(u) = line.trim().strip_prefix("Dashboard:") {
+                let _ = tx.send(u.trim().to_string());
+            }
+        }
+    });
+    let url = rx.recv_timeout(PATIENCE).expect("the demo prints its URL");
+    let (base, token) = url.split_once("/#token=").unwrap();
+    let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
+    let now = chrono::Utc::now();
+    let from =
+        (now - chrono::Duration::hours(2)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let to =
+        (now - chrono::Duration::minutes(30)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let auth = format!("Bearer {token}");
+    let deadline = std::time::Instant::now() + PATIENCE * 6;
+    // The backfill runs at the engine's pace: wait until the first simulated hours are in.
+    let body = loop {
+        let r = request(
+            port,
+            "GET",
+            &format!("/api/v1/analytics/concurrency?from={from}&to={to}&step=900"),
+            &[("Authorization", &auth)],
+            None,
+        );
+        assert_eq!(r.status, 200, "{}", r.text);
+        let b = r.json();
+        let points = b["points"].as_array().unwrap().clone();
+        if points.iter().all(|p| p["users"].as_u64().unwrap() > 0) {
+            break b;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no backfilled history: {b}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    assert_eq!(body["points"].as_array().unwrap().len(), 6);
+    // Sessions and clients of the simulated past.
+    let r = request(
+        port,
+        "GET",
+        &format!("/api/v1/analytics/clients?from={from}&to={to}"),
+        &[("Authorization", &auth)],
+        None,
+    );
+    assert!(
+        r.json()["rows"].as_array().unwrap().len() >= 3,
+        "{}",
+        r.text
+    );
+    let _ = demo.kill();
+    let _ = demo.wait();
+}

@@ -75,7 +75,17 @@ async fn status_text_is_shown_without_bidi_overrides_or_invisible_characters() {
 fn dashboard_in_headless_chromium() {
     let browser_dir = browser_dir();
     let mut demo = Command::new(env!("CARGO_BIN_EXE_presence-bridge"))
-        .args(["demo", "--users", "300", "--bind", "127.0.0.1:0"])
+        // No backfill: the live view is what this test measures (analytics are tested in
+        // tests/analytics.rs and cli.rs).
+        .args([
+            "demo",
+            "--users",
+            "300",
+            "--bind",
+            "127.0.0.1:0",
+            "--backfill-hours",
+            "0",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

@@ -186,3 +186,69 @@ pub async fn history(
 ) -> Result<HistoryBody, StoreError> {
     Ok(reads::history(store.pool(), jid, q).await?.into())
 }
+
+/// One user's history page from this run's in-memory history (memory-only mode): the same
+/// shape, order, paging and cursors as from Postgres.
+pub fn history_memory(
+    h: &crate::store::memory::MemoryHistory,
+    jid: &UserJid,
+    q: &HistoryQuery,
+) -> Result<HistoryBody, StoreError> {
+    let cursor = q
+        .cursor
+        .as_deref()
+        .map(reads::parse_event_cursor)
+        .transpose()?;
+    let filter = crate::store::memory::HistoryFilter {
+        jid: Some(jid.clone()),
+        ..Default::default()
+    };
+    let from = q.from.unwrap_or(DateTime::<Utc>::MIN_UTC);
+    let to = q.to.unwrap_or(DateTime::<Utc>::MAX_UTC);
+    let mut rows: Vec<(reads::EventRow, crate::presence::Cause)> = h
+        .events(from, to, &filter, usize::MAX)
+        .unwrap_or_default()
+        .iter()
+        .map(|e| (reads::EventRow::from_stored(e), e.cause))
+        .collect();
+    let desc = q.order == reads::Order::Desc;
+    if desc {
+        rows.reverse();
+    }
+    let limit = q.limit.clamp(1, 1000) as usize;
+    let mut page: Vec<(reads::EventRow, crate::presence::Cause)> = rows
+        .into_iter()
+        .filter(|(r, _)| match cursor {
+            None => true,
+            Some(c) if desc => (r.at, r.id) < c,
+            Some(c) => (r.at, r.id) > c,
+        })
+        .take(limit + 1)
+        .collect();
+    let more = page.len() > limit;
+    page.truncate(limit);
+    Ok(HistoryBody {
+        next_cursor: if more {
+            page.last().map(|(r, _)| reads::event_cursor(r))
+        } else {
+            None
+        },
+        events: page
+            .into_iter()
+            .map(|(r, cause)| HistoryEvent {
+                at: r.at,
+                resource: r.resource,
+                kind: if r.available {
+                    "available"
+                } else {
+                    "unavailable"
+                }
+                .into(),
+                show: r.show.map(|s| s.as_str().to_owned()),
+                status: r.status,
+                priority: r.priority.map(i16::from),
+                cause: crate::store::pg::cause_name(cause).into(),
+            })
+            .collect(),
+    })
+}

@@ -391,7 +391,7 @@ pub(crate) fn parse_time(
 }
 
 /// `GET /api/v1/history/{jid}`.
-#[utoipa::path(get, path = "/api/v1/history/{jid}", params(JidPath, HistoryParams), responses((status = 200, description = "One page of the user's history", body = super::lookup::HistoryBody), (status = 400, description = "A bad parameter, JID or body (`invalid_parameter`, `invalid_jid`, `invalid_cursor`, `invalid_body`)", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks the scope", body = super::error::ErrorBody), (status = 404, description = "Never seen (or outside the token's domains): `unknown_jid`", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No Postgres configured: no history is kept (`history_disabled`)", body = super::error::ErrorBody), (status = 503, description = "The history store is unavailable (`store_unavailable`)", body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/history/{jid}", params(JidPath, HistoryParams), responses((status = 200, description = "One page of the user's history", body = super::lookup::HistoryBody), (status = 400, description = "A bad parameter, JID or body (`invalid_parameter`, `invalid_jid`, `invalid_cursor`, `invalid_body`)", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks the scope", body = super::error::ErrorBody), (status = 404, description = "Never seen (or outside the token's domains): `unknown_jid`", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept (`history_disabled`): only when the engine was started elsewhere; memory-only mode answers from this run's history", body = super::error::ErrorBody), (status = 503, description = "The history store is unavailable (`store_unavailable`)", body = super::error::ErrorBody)), security(("bearer" = [])))]
 #[route("/history/{jid}", method = "GET", method = "HEAD")]
 pub async fn history(
     st: State,
@@ -425,14 +425,18 @@ pub async fn history(
         limit,
         cursor: q.cursor.clone(),
     };
-    let Some(store) = &st.store else {
+    if let Some(store) = &st.store {
+        return Ok(HttpResponse::Ok().json(lookup::history(store, &jid, &query).await?));
+    }
+    // Memory-only mode: this run's history (contract §6).
+    let Some(h) = &st.history else {
         return Err(ApiError::new(
             StatusCode::NOT_IMPLEMENTED,
             "history_disabled",
-            "this bridge runs without Postgres (store.postgres_url): no history is kept",
+            "this bridge keeps no history (no Postgres, and the engine was started elsewhere)",
         ));
     };
-    Ok(HttpResponse::Ok().json(lookup::history(store, &jid, &query).await?))
+    Ok(HttpResponse::Ok().json(lookup::history_memory(h, &jid, &query)?))
 }
 
 /// `GET /api/v1/stats` body.

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use minidom::Element;
 use rand::Rng;
 use rand::SeedableRng;
@@ -115,8 +115,9 @@ const STATUSES: [(&str, &[&str]); 5] = [
 struct SimUser {
     jid: String,
     devices: Vec<usize>,
-    /// Online resources: device index → (show index into STATUSES, next change at tick).
-    online: HashMap<usize, (usize, u64)>,
+    /// Online resources: device index → (show index into STATUSES, next change at simulated
+    /// second).
+    online: HashMap<usize, (usize, f64)>,
     /// How eager this user is to be online (0..1).
     diligence: f64,
     flapper: bool,
@@ -127,8 +128,18 @@ pub struct Simulator {
     users: Vec<SimUser>,
     translator: Translator,
     rng: StdRng,
-    tick: u64,
-    started: std::time::Instant,
+    /// Simulated seconds since `origin` at the current step.
+    secs: f64,
+    /// Seconds per step: 0.25 live; coarser while backfilling.
+    step_secs: f64,
+    /// The flapper's next toggle (simulated second).
+    next_flap: f64,
+    /// Where the simulated day started.
+    origin: DateTime<Utc>,
+    /// The simulated clock while backfilling (`None`: live, the real clock).
+    clock: Option<DateTime<Utc>>,
+    /// The population is online already (warm-up or backfill done).
+    warmed: bool,
 }
 
 impl std::fmt::Debug for Simulator {
@@ -141,6 +152,8 @@ impl std::fmt::Debug for Simulator {
 
 /// Ticks per second.
 const TICK: Duration = Duration::from_millis(250);
+/// The simulated step while backfilling.
+const BACKFILL_STEP: Duration = Duration::from_secs(5);
 
 impl Simulator {
     /// A population of `n` users (deterministic for a given seed).
@@ -177,15 +190,23 @@ impl Simulator {
             users,
             translator: Translator::new(&cfg),
             rng,
-            tick: 0,
-            started: std::time::Instant::now(),
+            secs: 0.0,
+            step_secs: TICK.as_secs_f64(),
+            next_flap: 0.0,
+            origin: Utc::now(),
+            clock: None,
+            warmed: false,
         }
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.clock.unwrap_or_else(Utc::now)
     }
 
     /// Fraction of users who want to be online now: a compressed day (night low, day high).
     fn wave(&self) -> f64 {
-        let phase =
-            (self.started.elapsed().as_secs_f64() / DAY.as_secs_f64()) * std::f64::consts::TAU;
+        let elapsed = (self.now() - self.origin).num_milliseconds() as f64 / 1000.0;
+        let phase = (elapsed / DAY.as_secs_f64()) * std::f64::consts::TAU;
         0.45 + 0.3 * phase.sin()
     }
 
@@ -236,10 +257,10 @@ impl Simulator {
         p
     }
 
-    fn dwell(&mut self) -> u64 {
+    fn dwell(&mut self) -> f64 {
         // Mean ~40 s between show changes, some much longer.
         let secs = -45.0 * (1.0 - self.rng.random::<f64>()).ln();
-        self.tick + (secs / TICK.as_secs_f64()).max(4.0) as u64
+        self.secs + secs.max(1.0)
     }
 
     fn pick_show(&mut self) -> usize {
@@ -251,14 +272,15 @@ impl Simulator {
 
     /// The stanzas of one tick.
     fn step(&mut self) -> Vec<Presence> {
-        self.tick += 1;
+        self.secs = (self.now() - self.origin).num_milliseconds() as f64 / 1000.0;
         let wave = self.wave();
         let mut out = Vec::new();
         for u in 0..self.users.len() {
             let user = &self.users[u];
             if user.flapper {
                 // Online/offline every ~3 s.
-                if self.tick.is_multiple_of(12) {
+                if self.secs >= self.next_flap {
+                    self.next_flap = self.secs + 3.0;
                     let d = user.devices[0];
                     let show = if user.online.contains_key(&d) {
                         None
@@ -267,7 +289,7 @@ impl Simulator {
                     };
                     match show {
                         Some(s) => {
-                            let due = self.tick + 12;
+                            let due = self.secs + 3.0;
                             self.users[u].online.insert(d, (s, due));
                         }
                         None => {
@@ -281,7 +303,8 @@ impl Simulator {
             let want = wave * user.diligence * 1.6 > 0.5;
             let r: f64 = self.rng.random();
             // Log in / out slowly towards what the wave wants (about one decision a minute).
-            if r < 0.004 {
+            // About one log-in/out decision a minute, whatever the step.
+            if r < 0.004 * self.step_secs / TICK.as_secs_f64() {
                 let devices = self.users[u].devices.clone();
                 if want {
                     if let Some(&d) = devices
@@ -305,7 +328,7 @@ impl Simulator {
             let due: Vec<usize> = self.users[u]
                 .online
                 .iter()
-                .filter(|(_, (_, t))| *t <= self.tick)
+                .filter(|(_, (_, t))| *t <= self.secs)
                 .map(|(d, _)| *d)
                 .collect();
             for d in due {
@@ -339,9 +362,9 @@ impl Simulator {
     }
 
     async fn feed(&self, engine: &Engine, stanzas: Vec<Presence>) -> bool {
+        let now = self.now();
         for p in stanzas {
-            if let Ok(Inbound::Event(ev)) =
-                self.translator.presence(&p, Utc::now(), Delay::Untrusted)
+            if let Ok(Inbound::Event(ev)) = self.translator.presence(&p, now, Delay::Untrusted)
                 && engine.apply(ev).await.is_err()
             {
                 return false;
@@ -350,11 +373,61 @@ impl Simulator {
         true
     }
 
-    /// Runs until cancelled.
-    pub async fn run(mut self, engine: Engine, cancel: CancellationToken) {
+    /// Simulates the `hours` before now as fast as the engine takes it, with the same rules
+    /// and a simulated clock, so that history and analytics have a past the moment the demo
+    /// starts (contract §6, `demo --backfill-hours`). `false` if the engine stopped.
+    pub async fn backfill(
+        &mut self,
+        engine: &Engine,
+        hours: u32,
+        cancel: &CancellationToken,
+    ) -> bool {
+        if hours == 0 {
+            return true;
+        }
+        let end = Utc::now();
+        let start = end - chrono::Duration::hours(i64::from(hours));
+        self.origin = start;
+        self.clock = Some(start);
         let first = self.warm_up();
-        if !self.feed(&engine, first).await {
+        self.warmed = true;
+        if !self.feed(engine, first).await {
+            return false;
+        }
+        // Coarse steps (5 s) while backfilling: the same rates, 20x fewer steps.
+        self.step_secs = BACKFILL_STEP.as_secs_f64();
+        let step =
+            chrono::Duration::from_std(BACKFILL_STEP).unwrap_or(chrono::Duration::seconds(5));
+        while let Some(t) = self.clock.filter(|t| *t + step < end) {
+            if cancel.is_cancelled() {
+                return false;
+            }
+            self.clock = Some(t + step);
+            let stanzas = self.step();
+            if !self.feed(engine, stanzas).await {
+                return false;
+            }
+        }
+        self.clock = None;
+        self.step_secs = TICK.as_secs_f64();
+        tracing::info!(
+            hours,
+            events = engine.seq(),
+            "demo: simulated history backfilled"
+        );
+        true
+    }
+
+    /// Runs until cancelled (after an optional backfill of `hours` of history).
+    pub async fn run(mut self, engine: Engine, backfill_hours: u32, cancel: CancellationToken) {
+        if !self.backfill(&engine, backfill_hours, &cancel).await {
             return;
+        }
+        if !self.warmed {
+            let first = self.warm_up();
+            if !self.feed(&engine, first).await {
+                return;
+            }
         }
         let mut tick = tokio::time::interval(TICK);
         loop {
@@ -377,9 +450,33 @@ mod tests {
     use crate::config::PresenceConfig;
 
     #[tokio::test]
+    async fn backfill_makes_a_past_with_the_same_rules() {
+        let (engine, _t) = Engine::start(&PresenceConfig::default());
+        let mut sim = Simulator::new(50, 3);
+        let t0 = Utc::now();
+        assert!(sim.backfill(&engine, 1, &CancellationToken::new()).await);
+        engine.barrier().await.unwrap_or_default();
+        let snap = engine.snapshot().await.unwrap();
+        assert!(engine.seq() > 200, "an hour of changes: {}", engine.seq());
+        // Online since times are spread over the past hour, not all "now".
+        let sinces: Vec<DateTime<Utc>> = snap.iter().filter_map(|u| u.online_since).collect();
+        assert!(
+            sinces
+                .iter()
+                .any(|s| *s < t0 - chrono::Duration::minutes(30)),
+            "{sinces:?}"
+        );
+        assert!(sinces.iter().all(|s| *s <= Utc::now()));
+    }
+
+    #[tokio::test]
     async fn simulator_goes_through_the_translator_and_produces_a_lively_population() {
         let (engine, _t) = Engine::start(&PresenceConfig::default());
         let mut sim = Simulator::new(200, 7);
+        // A simulated clock: 400 live steps of 250 ms, run as fast as they go.
+        let origin = Utc::now() - chrono::Duration::minutes(5);
+        sim.origin = origin;
+        sim.clock = Some(origin);
         let first = sim.warm_up();
         assert!(
             first.len() > 50,
@@ -387,7 +484,8 @@ mod tests {
             first.len()
         );
         assert!(sim.feed(&engine, first).await);
-        for _ in 0..400 {
+        for i in 1..=400 {
+            sim.clock = Some(origin + chrono::Duration::milliseconds(250 * i));
             let s = sim.step();
             assert!(sim.feed(&engine, s).await);
         }
