@@ -417,3 +417,89 @@ async fn postgres_history_gives_the_same_answers() {
     check(&app, t0);
     app.stop().await;
 }
+
+/// Random scripts fed to both backends: every analytics answer must be the same JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_and_memory_agree_on_random_histories() {
+    use rand::{Rng, SeedableRng};
+    init_logs();
+    let pg = Pg::shared("agree");
+    let spool = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        store: StoreConfig {
+            postgres_url: Some(DbUrl::new(pg.url())),
+            spool_dir: spool.path().to_path_buf(),
+            ..StoreConfig::default()
+        },
+        ..test_config()
+    };
+    let db = TestApp::start(cfg, Ingest::None).await;
+    let mem = TestApp::start(test_config(), Ingest::None).await;
+    let tok = token("history:read", None);
+    let t0 = start_of_window() - Duration::hours(3);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(20261201);
+    let mut at = t0;
+    let shows = [Show::Chat, Show::Available, Show::Away, Show::Xa, Show::Dnd];
+    let clients = [Some("Gajim"), Some("Dino"), None];
+    for id in 1..=300u128 {
+        at += Duration::seconds(rng.random_range(1..90));
+        let user = format!(
+            "u{}@d{}.example",
+            rng.random_range(0..6),
+            rng.random_range(0..2)
+        );
+        let res = format!("r{}", rng.random_range(0..3));
+        let kind = if rng.random_bool(0.35) {
+            gone()
+        } else {
+            available(
+                shows[rng.random_range(0..shows.len())],
+                &format!("s{}", rng.random_range(0..4)),
+                rng.random_range(-1..6),
+                clients[rng.random_range(0..clients.len())],
+            )
+        };
+        for app in [&db, &mem] {
+            app.engine()
+                .apply(event(id, &user, &res, at, kind.clone()))
+                .await
+                .unwrap();
+        }
+    }
+    let seq = db.engine().barrier().await.unwrap();
+    assert_eq!(mem.engine().barrier().await.unwrap(), seq);
+    let written = pg.query("SELECT count(*) FROM presence_events");
+    eventually("written", || {
+        pg.query("SELECT count(*) FROM presence_events") == written && db.store().queue_depth() == 0
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let end = at;
+    let mut queries = Vec::new();
+    for _ in 0..12 {
+        let a = t0 + Duration::seconds(rng.random_range(0..(end - t0).num_seconds()));
+        let b = a + Duration::seconds(rng.random_range(1..(end - t0).num_seconds().max(2)));
+        let w = format!("from={}&to={}", ts(a), ts(b.min(end)));
+        if a >= b.min(end) {
+            continue;
+        }
+        let step = rng.random_range(30..1800);
+        queries.push(format!("/api/v1/analytics/online-time?{w}"));
+        queries.push(format!("/api/v1/analytics/online-time?{w}&group=domain"));
+        queries.push(format!(
+            "/api/v1/analytics/online-time?{w}&group=client&domain=d1.example"
+        ));
+        queries.push(format!("/api/v1/analytics/concurrency?{w}&step={step}"));
+        queries.push(format!("/api/v1/analytics/clients?{w}"));
+        queries.push(format!("/api/v1/replay?at={}", ts(a)));
+        queries.push(format!("/api/v1/events?{w}&limit=10000"));
+    }
+    assert!(queries.len() > 40);
+    for q in &queries {
+        let x = get(&db, q, &tok);
+        let y = get(&mem, q, &tok);
+        assert_eq!(x, y, "{q}");
+    }
+    db.stop().await;
+    mem.stop().await;
+}
