@@ -46,7 +46,7 @@ echo "== schemathesis $version against $base (all checks)"
 # /api/v1/ws is a WebSocket upgrade, not a request/response operation: its handshake and
 # frames are tested by the Rust suite (tests/api.rs, tests/hardening.rs).
 PYTHONPATH=scripts SCHEMATHESIS_HOOKS=schemathesis_hooks \
-"$venv/bin/st" run "$base/api/v1/openapi.json" \
+"$venv/bin/st" --config-file scripts/schemathesis.toml run "$base/api/v1/openapi.json" \
   --url "$base" \
   --header "Authorization: Bearer $token" \
   --checks all \

@@ -60,12 +60,34 @@ pub(crate) fn window(
     Ok((from, to))
 }
 
-fn filter(p: &Permissions, domain: &Option<String>) -> HistoryFilter {
-    HistoryFilter {
-        token_domains: p.domain_list(),
-        domain: domain.as_ref().map(|d| d.trim().to_lowercase()),
-        jid: None,
+/// A `domain` parameter: a DNS name (lower-cased), else 400 `invalid_parameter`.
+pub(crate) fn domain_param(domain: &Option<String>) -> Result<Option<String>, ApiError> {
+    match domain {
+        None => Ok(None),
+        Some(d) => {
+            let ok = !d.is_empty()
+                && d.len() <= 253
+                && d.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+                && d.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+            if ok {
+                Ok(Some(d.to_ascii_lowercase()))
+            } else {
+                Err(ApiError::bad_request(
+                    "invalid_parameter",
+                    "domain must be a domain name, e.g. example.com",
+                ))
+            }
+        }
     }
+}
+
+fn filter(p: &Permissions, domain: &Option<String>) -> Result<HistoryFilter, ApiError> {
+    Ok(HistoryFilter {
+        token_domains: p.domain_list(),
+        domain: domain_param(domain)?,
+        jid: None,
+    })
 }
 
 /// The sessions overlapping the window, from whichever history this bridge keeps.
@@ -95,22 +117,70 @@ fn seconds(millis: i64) -> f64 {
     millis as f64 / 1000.0
 }
 
-/// Query of the window endpoints.
+/// Query of `online-time`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
-pub struct WindowParams {
-    /// Start (RFC 3339, inclusive; default `to` − 24 h).
+pub struct OnlineTimeParams {
+    /// Start (RFC 3339, inclusive; default `to` − 24 h; must be before `to`).
+    #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
     pub from: Option<String>,
     /// End (RFC 3339, exclusive; default now).
+    #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
     pub to: Option<String>,
     /// Only this domain.
+    #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")]
     pub domain: Option<String>,
-    /// `online-time`: `user` (default), `domain` or `client`.
+    /// `user` (default), `domain` or `client`.
+    #[param(value_type = Option<GroupParam>)]
     pub group: Option<String>,
-    /// `online-time`: rows (default 100, max 10000).
+    /// Rows.
+    #[param(minimum = 1, maximum = 10000, default = 100)]
     pub limit: Option<i64>,
-    /// `concurrency`: seconds per point (≥ 1, default 60).
+}
+
+/// Query of `concurrency`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ConcurrencyParams {
+    /// Start (RFC 3339, inclusive; default `to` − 24 h; must be before `to`).
+    #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
+    pub from: Option<String>,
+    /// End (RFC 3339, exclusive; default now).
+    #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
+    pub to: Option<String>,
+    /// Only this domain.
+    #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")]
+    pub domain: Option<String>,
+    /// Seconds per point; at most 10,000 points per window (else 400 `too_many_points`).
+    #[param(minimum = 1, maximum = 31622400, default = 60)]
     pub step: Option<i64>,
+}
+
+/// Query of `clients`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ClientsParams {
+    /// Start (RFC 3339, inclusive; default `to` − 24 h; must be before `to`).
+    #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
+    pub from: Option<String>,
+    /// End (RFC 3339, exclusive; default now).
+    #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
+    pub to: Option<String>,
+    /// Only this domain.
+    #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")]
+    pub domain: Option<String>,
+}
+
+/// What `online-time` groups by, for the OpenAPI document.
+#[derive(Debug, utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum GroupParam {
+    /// Per user.
+    User,
+    /// Per domain.
+    Domain,
+    /// Per client.
+    Client,
 }
 
 /// One `online-time` row.
@@ -140,12 +210,12 @@ pub struct OnlineTimeBody {
 }
 
 /// `GET /api/v1/analytics/online-time`.
-#[utoipa::path(get, path = "/api/v1/analytics/online-time", params(WindowParams), responses((status = 200, description = "Online time per user, domain or client", body = OnlineTimeBody), (status = 400, description = "`invalid_range`, `invalid_parameter` or `window_too_large`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody), (status = 503, description = "The store is unavailable", body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/analytics/online-time", params(OnlineTimeParams), responses((status = 200, description = "Online time per user, domain or client", body = OnlineTimeBody), (status = 400, description = "`invalid_range`, `invalid_parameter` or `window_too_large`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody), (status = 503, description = "The store is unavailable", body = super::error::ErrorBody)), security(("bearer" = [])))]
 #[route("/analytics/online-time", method = "GET", method = "HEAD")]
 pub async fn online_time(
     st: State,
     HistoryRead(p): HistoryRead,
-    q: web::Query<WindowParams>,
+    q: web::Query<OnlineTimeParams>,
 ) -> Result<HttpResponse, ApiError> {
     let (from, to) = window(&q.from, &q.to)?;
     let (group, name) = match q.group.as_deref() {
@@ -166,7 +236,7 @@ pub async fn online_time(
             "limit must be 1..=10000",
         ));
     }
-    let spans = spans(&st, from, to, &filter(&p, &q.domain)).await?;
+    let spans = spans(&st, from, to, &filter(&p, &q.domain)?).await?;
     let rows = analytics::online_time(&spans, from, to, Utc::now(), group, limit as usize);
     Ok(HttpResponse::Ok().json(OnlineTimeBody {
         from,
@@ -223,12 +293,12 @@ pub struct ConcurrencyAnswer {
 }
 
 /// `GET /api/v1/analytics/concurrency`.
-#[utoipa::path(get, path = "/api/v1/analytics/concurrency", params(WindowParams), responses((status = 200, description = "Most users and resources online per step, and the peak", body = ConcurrencyAnswer), (status = 400, description = "`invalid_range`, `invalid_parameter`, `too_many_points` or `window_too_large`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody), (status = 503, description = "The store is unavailable", body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/analytics/concurrency", params(ConcurrencyParams), responses((status = 200, description = "Most users and resources online per step, and the peak", body = ConcurrencyAnswer), (status = 400, description = "`invalid_range`, `invalid_parameter`, `too_many_points` or `window_too_large`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody), (status = 503, description = "The store is unavailable", body = super::error::ErrorBody)), security(("bearer" = [])))]
 #[route("/analytics/concurrency", method = "GET", method = "HEAD")]
 pub async fn concurrency(
     st: State,
     HistoryRead(p): HistoryRead,
-    q: web::Query<WindowParams>,
+    q: web::Query<ConcurrencyParams>,
 ) -> Result<HttpResponse, ApiError> {
     let (from, to) = window(&q.from, &q.to)?;
     let step = q.step.unwrap_or(60);
@@ -246,7 +316,7 @@ pub async fn concurrency(
             format!("{points} points; at most {MAX_POINTS}: widen the step or narrow the window"),
         ));
     }
-    let spans = spans(&st, from, to, &filter(&p, &q.domain)).await?;
+    let spans = spans(&st, from, to, &filter(&p, &q.domain)?).await?;
     let c = analytics::concurrency(&spans, from, to, Duration::seconds(step), Utc::now());
     Ok(HttpResponse::Ok().json(ConcurrencyAnswer {
         from,
@@ -295,15 +365,15 @@ pub struct ClientsBody {
 }
 
 /// `GET /api/v1/analytics/clients`.
-#[utoipa::path(get, path = "/api/v1/analytics/clients", params(WindowParams), responses((status = 200, description = "Client software used in the window", body = ClientsBody), (status = 400, description = "`invalid_range`, `invalid_parameter` or `window_too_large`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody), (status = 503, description = "The store is unavailable", body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/analytics/clients", params(ClientsParams), responses((status = 200, description = "Client software used in the window", body = ClientsBody), (status = 400, description = "`invalid_range`, `invalid_parameter` or `window_too_large`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody), (status = 503, description = "The store is unavailable", body = super::error::ErrorBody)), security(("bearer" = [])))]
 #[route("/analytics/clients", method = "GET", method = "HEAD")]
 pub async fn clients(
     st: State,
     HistoryRead(p): HistoryRead,
-    q: web::Query<WindowParams>,
+    q: web::Query<ClientsParams>,
 ) -> Result<HttpResponse, ApiError> {
     let (from, to) = window(&q.from, &q.to)?;
-    let spans = spans(&st, from, to, &filter(&p, &q.domain)).await?;
+    let spans = spans(&st, from, to, &filter(&p, &q.domain)?).await?;
     let rows = analytics::clients(&spans, from, to, Utc::now());
     Ok(HttpResponse::Ok().json(ClientsBody {
         from,
@@ -325,8 +395,10 @@ pub async fn clients(
 #[into_params(parameter_in = Query)]
 pub struct ReplayParams {
     /// The instant (RFC 3339; default now).
+    #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
     pub at: Option<String>,
     /// Only this domain.
+    #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")]
     pub domain: Option<String>,
 }
 
@@ -349,7 +421,7 @@ pub async fn replay(
     q: web::Query<ReplayParams>,
 ) -> Result<HttpResponse, ApiError> {
     let at = parse_time("at", &q.at)?.unwrap_or_else(Utc::now);
-    let f = filter(&p, &q.domain);
+    let f = filter(&p, &q.domain)?;
     let (spans, events) = if let Some(store) = &st.store {
         // The online stretch containing `at` cannot reach back beyond the history kept.
         let lookback = at - Duration::days(i64::from(st.retention_days.max(1)));

@@ -83,30 +83,67 @@ pub struct EventsBody {
     pub next_cursor: Option<String>,
 }
 
-/// Query of `events` and the exports.
+/// Query of `events`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct EventsParams {
-    /// Start (RFC 3339, inclusive; default `to` − 24 h).
+    /// Start (RFC 3339, inclusive; default `to` − 24 h; must be before `to`).
+    #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
     pub from: Option<String>,
     /// End (RFC 3339, exclusive; default now).
+    #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
     pub to: Option<String>,
-    /// `events`: only this user.
+    /// Only this user.
+    #[param(value_type = Option<String>, format = "jid")]
     pub jid: Option<String>,
     /// Only this domain.
+    #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")]
     pub domain: Option<String>,
-    /// `events`: page size (default 1000, max 10000).
+    /// Page size.
+    #[param(minimum = 1, maximum = 10000, default = 1000)]
     pub limit: Option<i64>,
-    /// `events`: `asc` (default) or `desc`.
+    /// Oldest first (`asc`, the default) or newest first (`desc`).
+    #[param(value_type = Option<super::rest::Order>)]
     pub order: Option<String>,
-    /// `events`: the `next_cursor` of the previous page.
+    /// The `next_cursor` of the previous page.
+    #[param(pattern = r"^[0-9a-f]{1,15}\.[0-9a-f]{32}$")]
     pub cursor: Option<String>,
-    /// Exports: `csv` (default) or `ndjson`.
+}
+
+/// Query of the exports.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ExportParams {
+    /// Start (RFC 3339, inclusive; default `to` − 24 h; must be before `to`).
+    #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
+    pub from: Option<String>,
+    /// End (RFC 3339, exclusive; default now).
+    #[param(value_type = Option<chrono::DateTime<chrono::Utc>>)]
+    pub to: Option<String>,
+    /// Only this domain.
+    #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")]
+    pub domain: Option<String>,
+    /// `csv` (default) or `ndjson`.
+    #[param(value_type = Option<FormatParam>)]
     pub format: Option<String>,
 }
 
-fn filter(p: &Permissions, q: &EventsParams) -> Result<HistoryFilter, ApiError> {
-    let jid = match &q.jid {
+/// Export formats, for the OpenAPI document.
+#[derive(Debug, utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum FormatParam {
+    /// RFC 4180 CSV with a header line.
+    Csv,
+    /// One JSON object per line.
+    Ndjson,
+}
+
+fn filter(
+    p: &Permissions,
+    jid: &Option<String>,
+    domain: &Option<String>,
+) -> Result<HistoryFilter, ApiError> {
+    let jid = match jid {
         Some(j) => {
             let j = super::rest::parse_jid(j)?;
             if !p.can_see(&j) {
@@ -118,7 +155,7 @@ fn filter(p: &Permissions, q: &EventsParams) -> Result<HistoryFilter, ApiError> 
     };
     Ok(HistoryFilter {
         token_domains: p.domain_list(),
-        domain: q.domain.as_ref().map(|d| d.trim().to_lowercase()),
+        domain: super::analytics::domain_param(domain)?,
         jid,
     })
 }
@@ -157,7 +194,7 @@ pub async fn events(
             ));
         }
     };
-    let f = filter(&p, &q)?;
+    let f = filter(&p, &q.jid, &q.domain)?;
     let page = if let Some(store) = &st.store {
         reads::events_page(
             store.pool(),
@@ -221,7 +258,7 @@ enum Format {
     Ndjson,
 }
 
-fn format(q: &EventsParams) -> Result<Format, ApiError> {
+fn format(q: &ExportParams) -> Result<Format, ApiError> {
     match q.format.as_deref() {
         None | Some("csv") => Ok(Format::Csv),
         Some("ndjson") => Ok(Format::Ndjson),
@@ -338,21 +375,32 @@ fn streamed(
 }
 
 /// `GET /api/v1/export/events`.
-#[utoipa::path(get, path = "/api/v1/export/events", params(EventsParams), responses((status = 200, description = "The window's events, streamed: CSV `at,jid,resource,kind,show,status,priority,client` or NDJSON", body = String, content_type = "text/csv"), (status = 400, description = "`invalid_range` or `invalid_parameter`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/export/events", params(ExportParams), responses((status = 200, description = "The window's events, streamed: CSV `at,jid,resource,kind,show,status,priority,client` or NDJSON", content((String = "text/csv"), (String = "application/x-ndjson"))), (status = 400, description = "`invalid_range` or `invalid_parameter`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody)), security(("bearer" = [])))]
 #[route("/export/events", method = "GET", method = "HEAD")]
 pub async fn export_events(
     st: State,
     HistoryRead(p): HistoryRead,
-    q: web::Query<EventsParams>,
+    q: web::Query<ExportParams>,
 ) -> Result<HttpResponse, ApiError> {
     let (from, to) = window(&q.from, &q.to)?;
     let fmt = format(&q)?;
-    let f = filter(&p, &q)?;
+    let f = filter(&p, &None, &q.domain)?;
     const HEADER: &str = "at,jid,resource,kind,show,status,priority,client\r\n";
     if let Some(store) = &st.store {
         let pool = store.pool().clone();
-        // Page by page: one page in memory at a time, whatever the window.
-        let pages = stream::unfold(Some(None::<String>), move |cursor| {
+        // The first page before the answer starts, so that a failing store is a clean 503
+        // and not a broken stream.
+        let first = reads::events_page(&pool, from, to, &f, Order::Asc, EXPORT_PAGE, None)
+            .await
+            .map_err(ApiError::store)?;
+        let first_text: String = first
+            .events
+            .into_iter()
+            .map(|e| event_line(e, fmt))
+            .collect();
+        let start = first.next_cursor.map(Some);
+        // Then page by page: one page in memory at a time, whatever the window.
+        let pages = stream::unfold(start, move |cursor| {
             let pool = pool.clone();
             let f = f.clone();
             async move {
@@ -381,7 +429,8 @@ pub async fn export_events(
                 }
             }
         });
-        return Ok(streamed("events", fmt, HEADER, pages));
+        let body = stream::iter([Ok(Bytes::from(first_text))]).chain(pages);
+        return Ok(streamed("events", fmt, HEADER, body));
     }
     let Some(h) = &st.history else {
         return Err(disabled());
@@ -408,20 +457,26 @@ pub async fn export_events(
 }
 
 /// `GET /api/v1/export/sessions`.
-#[utoipa::path(get, path = "/api/v1/export/sessions", params(EventsParams), responses((status = 200, description = "The sessions overlapping the window, streamed: CSV `jid,resource,client,start,end,end_cause` (`end` empty while open) or NDJSON", body = String, content_type = "text/csv"), (status = 400, description = "`invalid_range` or `invalid_parameter`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/export/sessions", params(ExportParams), responses((status = 200, description = "The sessions overlapping the window, streamed: CSV `jid,resource,client,start,end,end_cause` (`end` empty while open) or NDJSON", content((String = "text/csv"), (String = "application/x-ndjson"))), (status = 400, description = "`invalid_range` or `invalid_parameter`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody)), security(("bearer" = [])))]
 #[route("/export/sessions", method = "GET", method = "HEAD")]
 pub async fn export_sessions(
     st: State,
     HistoryRead(p): HistoryRead,
-    q: web::Query<EventsParams>,
+    q: web::Query<ExportParams>,
 ) -> Result<HttpResponse, ApiError> {
     let (from, to) = window(&q.from, &q.to)?;
     let fmt = format(&q)?;
-    let f = filter(&p, &q)?;
+    let f = filter(&p, &None, &q.domain)?;
     const HEADER: &str = "jid,resource,client,start,end,end_cause\r\n";
     if let Some(store) = &st.store {
         let pool = store.pool().clone();
-        let pages = stream::unfold(Some(None), move |after| {
+        let first = reads::sessions_page(&pool, from, to, &f, None, EXPORT_PAGE)
+            .await
+            .map_err(ApiError::store)?;
+        let first_text: String = first.iter().map(|s| session_line(s, fmt)).collect();
+        let start =
+            (first.len() as i64 == EXPORT_PAGE).then(|| first.last().map(|r| (r.start, r.id)));
+        let pages = stream::unfold(start, move |after| {
             let pool = pool.clone();
             let f = f.clone();
             async move {
@@ -437,7 +492,8 @@ pub async fn export_sessions(
                 }
             }
         });
-        return Ok(streamed("sessions", fmt, HEADER, pages));
+        let body = stream::iter([Ok(Bytes::from(first_text))]).chain(pages);
+        return Ok(streamed("sessions", fmt, HEADER, body));
     }
     let Some(h) = &st.history else {
         return Err(disabled());
