@@ -429,10 +429,14 @@ pub async fn replay(
             .await
             .map_err(ApiError::store)?
             .ok_or_else(window_too_large)?;
-        let users: HashSet<&str> = spans.iter().map(|s| s.jid.as_str()).collect();
-        let users: Vec<&str> = users.into_iter().collect();
-        let earliest = spans.iter().map(|s| s.start).min().unwrap_or(at);
-        let events = reads::state_events(store.pool(), &users, earliest, at, MAX_REPLAY_EVENTS)
+        // Each user's events from the start of their own stretch only.
+        let mut since: std::collections::HashMap<&str, DateTime<Utc>> = Default::default();
+        for s in &spans {
+            let e = since.entry(s.jid.as_str()).or_insert(s.start);
+            *e = (*e).min(s.start);
+        }
+        let users: Vec<(&str, DateTime<Utc>)> = since.into_iter().collect();
+        let events = reads::state_events(store.pool(), &users, at, MAX_REPLAY_EVENTS)
             .await
             .map_err(ApiError::store)?
             .ok_or_else(window_too_large)?;

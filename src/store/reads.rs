@@ -272,7 +272,7 @@ pub async fn spans(
     let rows = tx
         .query(
             "SELECT jid, resource, client, started_at, ended_at, end_cause FROM presence_sessions \
-             WHERE started_at < $2 AND (ended_at IS NULL OR ended_at > $1) \
+             WHERE tstzrange(started_at, CASE WHEN ended_at IS NULL THEN NULL ELSE greatest(started_at, ended_at) END, '[)') && tstzrange($1, $2, '[)') \
                AND ($3::text[] IS NULL OR split_part(jid, '@', 2) = ANY($3)) \
                AND ($4::text IS NULL OR jid = $4) \
              ORDER BY started_at LIMIT $5",
@@ -318,8 +318,9 @@ fn filter_params(f: &super::memory::HistoryFilter) -> (Option<Vec<String>>, Opti
     (domains, f.jid.as_ref().map(|j| j.as_str().to_owned()))
 }
 
-/// Sessions open at `at` and, for their users, every session since `lookback` (replay needs
-/// the whole online stretch containing `at`), at most `max` rows.
+/// Sessions open at `at` and, for their users, the sessions of the unbroken online stretch
+/// that contains `at` (replay's `online_since`), found by walking back through sessions that
+/// reach the stretch's start (never past `lookback`), at most `max` rows.
 pub async fn replay_spans(
     pool: &Pool,
     at: DateTime<Utc>,
@@ -334,13 +335,22 @@ pub async fn replay_spans(
     let (domains, jid) = filter_params(filter);
     let rows = tx
         .query(
-            "WITH online AS (SELECT DISTINCT jid FROM presence_sessions \
-                 WHERE started_at <= $1 AND (ended_at IS NULL OR ended_at > $1) \
+            "WITH RECURSIVE open AS ( \
+                 SELECT jid, resource, client, started_at, ended_at FROM presence_sessions \
+                 WHERE tstzrange(started_at, CASE WHEN ended_at IS NULL THEN NULL ELSE greatest(started_at, ended_at) END, '[)') @> $1::timestamptz \
                    AND ($3::text[] IS NULL OR split_part(jid, '@', 2) = ANY($3)) \
-                   AND ($4::text IS NULL OR jid = $4)) \
+                   AND ($4::text IS NULL OR jid = $4)), \
+             chain(jid, since) AS ( \
+                 SELECT jid, min(started_at) FROM open GROUP BY jid \
+               UNION \
+                 SELECT s.jid, s.started_at FROM presence_sessions s JOIN chain c ON s.jid = c.jid \
+                 WHERE s.started_at < c.since AND s.ended_at >= c.since AND s.started_at >= $2), \
+             stretch AS (SELECT jid, min(since) AS since FROM chain GROUP BY jid) \
+             SELECT jid, resource, client, started_at, ended_at FROM open \
+             UNION ALL \
              SELECT s.jid, s.resource, s.client, s.started_at, s.ended_at FROM presence_sessions s \
-               JOIN online o ON o.jid = s.jid \
-             WHERE s.started_at <= $1 AND (s.ended_at IS NULL OR s.ended_at >= $2) \
+               JOIN stretch t ON s.jid = t.jid \
+             WHERE s.started_at >= t.since AND s.ended_at IS NOT NULL AND s.ended_at <= $1 \
              LIMIT $5",
             &[&at, &lookback, &domains, &jid, &(max as i64 + 1)],
         )
@@ -364,23 +374,32 @@ pub async fn replay_spans(
     ))
 }
 
-/// The events of `users` in `[from, at]`, for replay.
+/// The events of each user from the start of their stretch (`since`) to `at`, for replay.
 pub async fn state_events(
     pool: &Pool,
-    users: &[&str],
-    from: DateTime<Utc>,
+    users: &[(&str, DateTime<Utc>)],
     at: DateTime<Utc>,
     max: usize,
 ) -> Result<Option<Vec<crate::presence::analytics::StateEvent>>, StoreError> {
+    let jids: Vec<&str> = users.iter().map(|u| u.0).collect();
+    let sinces: Vec<DateTime<Utc>> = users.iter().map(|u| u.1).collect();
+    let Some(earliest) = sinces.iter().min().copied() else {
+        return Ok(Some(Vec::new()));
+    };
     let mut c = pg::client(pool).await?;
     let tx = c.transaction().await?;
     tx.batch_execute("SET LOCAL statement_timeout = '10s'")
         .await?;
     let rows = tx
         .query(
-            "SELECT jid, resource, at, kind, show, status, priority, client FROM presence_events \
-             WHERE jid = ANY($1) AND at >= $2 AND at <= $3 LIMIT $4",
-            &[&users, &from, &at, &(max as i64 + 1)],
+            // One range scan of [earliest stretch start, at] (partitions pruned by the
+            // bounds), hash-joined with the users and their own starts.
+            "SELECT e.jid, e.resource, e.at, e.kind, e.show, e.status, e.priority, e.client \
+             FROM presence_events e \
+             JOIN unnest($1::text[], $2::timestamptz[]) u(jid, since) ON e.jid = u.jid \
+             WHERE e.at >= $5 AND e.at <= $3 AND e.at >= u.since \
+             LIMIT $4",
+            &[&jids, &sinces, &at, &(max as i64 + 1), &earliest],
         )
         .await?;
     tx.commit().await?;
@@ -578,7 +597,7 @@ pub async fn sessions_page(
         .query(
             "SELECT session_id, jid, resource, client, started_at, ended_at, coalesce(end_reason, end_cause) \
              FROM presence_sessions \
-             WHERE started_at < $2 AND (ended_at IS NULL OR ended_at > $1) \
+             WHERE tstzrange(started_at, CASE WHEN ended_at IS NULL THEN NULL ELSE greatest(started_at, ended_at) END, '[)') && tstzrange($1, $2, '[)') \
                AND ($3::text[] IS NULL OR split_part(jid, '@', 2) = ANY($3)) \
                AND ($4::text IS NULL OR jid = $4) \
                AND ($5::timestamptz IS NULL OR (started_at, session_id) > ($5, $6::uuid)) \
