@@ -59,11 +59,15 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
-/// A unique user name for this process and tag.
+/// A unique user name for this process and tag. The shared ejabberd node outlives test runs,
+/// and pids wrap (pid_max 32768 here): a pid alone once reused the name of an earlier run's
+/// user whose session the server still held, so a per-process random part is added.
 pub fn unique_user(tag: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
+    static RUN: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let run = RUN.get_or_init(|| rand::random::<u32>() & 0xff_ffff);
     format!(
-        "{tag}{}x{}",
+        "{tag}{}x{}r{run:06x}",
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     )
