@@ -264,22 +264,13 @@ pub async fn spans(
     filter: &super::memory::HistoryFilter,
     max: usize,
 ) -> Result<Option<Vec<super::memory::SessionRow>>, StoreError> {
-    let mut c = pg::client(pool).await?;
-    let tx = c.transaction().await?;
-    tx.batch_execute("SET LOCAL statement_timeout = '10s'")
-        .await?;
     let (domains, jid) = filter_params(filter);
-    let rows = tx
-        .query(
-            "SELECT jid, resource, client, started_at, ended_at, end_cause FROM presence_sessions \
+    let rows = bounded_query(pool, "SELECT jid, resource, client, started_at, ended_at, end_cause FROM presence_sessions \
              WHERE tstzrange(started_at, CASE WHEN ended_at IS NULL THEN NULL ELSE greatest(started_at, ended_at) END, '[)') && tstzrange($1, $2, '[)') \
                AND ($3::text[] IS NULL OR split_part(jid, '@', 2) = ANY($3)) \
                AND ($4::text IS NULL OR jid = $4) \
              ORDER BY started_at LIMIT $5",
-            &[&from, &to, &domains, &jid, &(max as i64 + 1)],
-        )
-        .await?;
-    tx.commit().await?;
+            &[&from, &to, &domains, &jid, &(max as i64 + 1)]).await?;
     if rows.len() > max {
         return Ok(None);
     }
@@ -328,14 +319,8 @@ pub async fn replay_spans(
     filter: &super::memory::HistoryFilter,
     max: usize,
 ) -> Result<Option<Vec<crate::presence::analytics::Span>>, StoreError> {
-    let mut c = pg::client(pool).await?;
-    let tx = c.transaction().await?;
-    tx.batch_execute("SET LOCAL statement_timeout = '10s'")
-        .await?;
     let (domains, jid) = filter_params(filter);
-    let rows = tx
-        .query(
-            "WITH RECURSIVE open AS ( \
+    let rows = bounded_query(pool, "WITH RECURSIVE open AS ( \
                  SELECT jid, resource, client, started_at, ended_at FROM presence_sessions \
                  WHERE tstzrange(started_at, CASE WHEN ended_at IS NULL THEN NULL ELSE greatest(started_at, ended_at) END, '[)') @> $1::timestamptz \
                    AND ($3::text[] IS NULL OR split_part(jid, '@', 2) = ANY($3)) \
@@ -352,10 +337,7 @@ pub async fn replay_spans(
                JOIN stretch t ON s.jid = t.jid \
              WHERE s.started_at >= t.since AND s.ended_at IS NOT NULL AND s.ended_at <= $1 \
              LIMIT $5",
-            &[&at, &lookback, &domains, &jid, &(max as i64 + 1)],
-        )
-        .await?;
-    tx.commit().await?;
+            &[&at, &lookback, &domains, &jid, &(max as i64 + 1)]).await?;
     if rows.len() > max {
         return Ok(None);
     }
@@ -386,23 +368,17 @@ pub async fn state_events(
     let Some(earliest) = sinces.iter().min().copied() else {
         return Ok(Some(Vec::new()));
     };
-    let mut c = pg::client(pool).await?;
-    let tx = c.transaction().await?;
-    tx.batch_execute("SET LOCAL statement_timeout = '10s'")
-        .await?;
-    let rows = tx
-        .query(
-            // One range scan of [earliest stretch start, at] (partitions pruned by the
-            // bounds), hash-joined with the users and their own starts.
-            "SELECT e.jid, e.resource, e.at, e.kind, e.show, e.status, e.priority, e.client \
+    let rows = bounded_query(
+        pool, // One range scan of [earliest stretch start, at] (partitions pruned by the
+        // bounds), hash-joined with the users and their own starts.
+        "SELECT e.jid, e.resource, e.at, e.kind, e.show, e.status, e.priority, e.client \
              FROM presence_events e \
              JOIN unnest($1::text[], $2::timestamptz[]) u(jid, since) ON e.jid = u.jid \
              WHERE e.at >= $5 AND e.at <= $3 AND e.at >= u.since \
              LIMIT $4",
-            &[&jids, &sinces, &at, &(max as i64 + 1), &earliest],
-        )
-        .await?;
-    tx.commit().await?;
+        &[&jids, &sinces, &at, &(max as i64 + 1), &earliest],
+    )
+    .await?;
     if rows.len() > max {
         return Ok(None);
     }
@@ -424,6 +400,23 @@ pub async fn state_events(
             })
             .collect(),
     ))
+}
+
+/// Every window query of §6 runs under this statement timeout, in its own transaction.
+const STATEMENT_TIMEOUT: &str = "SET LOCAL statement_timeout = '10s'";
+
+/// One bounded read: a transaction with [`STATEMENT_TIMEOUT`], the query, its rows.
+async fn bounded_query(
+    pool: &Pool,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+    let mut c = pg::client(pool).await?;
+    let tx = c.transaction().await?;
+    tx.batch_execute(STATEMENT_TIMEOUT).await?;
+    let rows = tx.query(sql, params).await?;
+    tx.commit().await?;
+    Ok(rows)
 }
 
 /// One event of the history as `GET /api/v1/events` and the exports show it.
@@ -513,17 +506,12 @@ pub async fn events_page(
            AND ($5::timestamptz IS NULL OR (at, event_id) {cmp} ($5, $6::uuid)) \
          ORDER BY at {dir}, event_id {dir} LIMIT $7"
     );
-    let mut c = pg::client(pool).await?;
-    let tx = c.transaction().await?;
-    tx.batch_execute("SET LOCAL statement_timeout = '10s'")
-        .await?;
-    let rows = tx
-        .query(
-            &sql,
-            &[&from, &to, &domains, &jid, &c_at, &c_id, &(limit + 1)],
-        )
-        .await?;
-    tx.commit().await?;
+    let rows = bounded_query(
+        pool,
+        &sql,
+        &[&from, &to, &domains, &jid, &c_at, &c_id, &(limit + 1)],
+    )
+    .await?;
     let more = rows.len() as i64 > limit;
     let events: Vec<EventRow> = rows
         .iter()
@@ -589,23 +577,14 @@ pub async fn sessions_page(
         None => (None, None),
     };
     let (domains, jid) = filter_params(filter);
-    let mut c = pg::client(pool).await?;
-    let tx = c.transaction().await?;
-    tx.batch_execute("SET LOCAL statement_timeout = '10s'")
-        .await?;
-    let rows = tx
-        .query(
-            "SELECT session_id, jid, resource, client, started_at, ended_at, coalesce(end_reason, end_cause) \
+    let rows = bounded_query(pool, "SELECT session_id, jid, resource, client, started_at, ended_at, coalesce(end_reason, end_cause) \
              FROM presence_sessions \
              WHERE tstzrange(started_at, CASE WHEN ended_at IS NULL THEN NULL ELSE greatest(started_at, ended_at) END, '[)') && tstzrange($1, $2, '[)') \
                AND ($3::text[] IS NULL OR split_part(jid, '@', 2) = ANY($3)) \
                AND ($4::text IS NULL OR jid = $4) \
                AND ($5::timestamptz IS NULL OR (started_at, session_id) > ($5, $6::uuid)) \
              ORDER BY started_at, session_id LIMIT $7",
-            &[&from, &to, &domains, &jid, &a_at, &a_id, &limit],
-        )
-        .await?;
-    tx.commit().await?;
+            &[&from, &to, &domains, &jid, &a_at, &a_id, &limit]).await?;
     Ok(rows
         .iter()
         .map(|r| SessionExportRow {
