@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use presence_bridge::presence::analytics::{self, Group};
 use presence_bridge::store::memory::HistoryFilter;
-use presence_bridge::store::{pg, reads};
+use presence_bridge::store::{pg, reads, rollup};
 
 const ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 const URL: &str = "postgres://postgres@127.0.0.1:5432/pb_bench_analytics";
@@ -147,9 +147,36 @@ async fn main() {
         .get(0);
     let all = HistoryFilter::default();
     let now = Utc::now();
+    // The rollups of every complete day, as the builder makes them.
+    let t = Instant::now();
+    let built = rollup::build_due(&pool, days as u32, now)
+        .await
+        .expect("rollups");
+    let rollup_s = t.elapsed();
     let week_from = end - chrono::Duration::days(8);
     let week_to = end - chrono::Duration::days(1);
-    let (t_online, rows) = timed(5, || async {
+    let online = |from, to| {
+        let pool = pool.clone();
+        let all = all.clone();
+        async move {
+            rollup::online_time(&pool, from, to, now, Group::User, &all, 100, 2_000_000)
+                .await
+                .expect("online-time")
+                .expect("bounded")
+                .len()
+        }
+    };
+    let (t_online, rows) = timed(5, || online(week_from, week_to)).await;
+    // The worst split: two almost-whole days at the ends come from sessions.
+    let (t_online_ragged, _) = timed(5, || {
+        online(
+            week_from + chrono::Duration::minutes(1),
+            week_to - chrono::Duration::minutes(1),
+        )
+    })
+    .await;
+    // Without rollups (the sessions alone), for comparison.
+    let (t_online_raw, _) = timed(3, || async {
         let spans: Vec<_> = reads::spans(&pool, week_from, week_to, &all, 2_000_000)
             .await
             .expect("spans")
@@ -162,60 +189,56 @@ async fn main() {
     .await;
     let day_from = end - chrono::Duration::days(2);
     let day_to = end - chrono::Duration::days(1);
-    let (t_conc, points) = timed(5, || async {
-        let spans: Vec<_> = reads::spans(&pool, day_from, day_to, &all, 2_000_000)
+    let conc = |from, to| {
+        let pool = pool.clone();
+        let all = all.clone();
+        async move {
+            rollup::concurrency(
+                &pool,
+                from,
+                to,
+                chrono::Duration::seconds(60),
+                now,
+                &all,
+                2_000_000,
+            )
             .await
-            .expect("spans")
+            .expect("concurrency")
+            .expect("minute steps")
             .expect("bounded")
-            .into_iter()
-            .map(|r| r.span)
-            .collect();
-        analytics::concurrency(&spans, day_from, day_to, chrono::Duration::seconds(60), now)
             .points
             .len()
+        }
+    };
+    let (t_conc, points) = timed(5, || conc(day_from, day_to)).await;
+    let (t_conc_ragged, _) = timed(5, || {
+        conc(
+            day_from + chrono::Duration::hours(12),
+            day_to + chrono::Duration::hours(12),
+        )
     })
     .await;
     let at = end - chrono::Duration::days(3) + chrono::Duration::hours(14);
     let (t_replay, online) = timed(5, || async {
-        let spans =
-            reads::replay_spans(&pool, at, at - chrono::Duration::days(30), &all, 2_000_000)
+        let (spans, events) =
+            reads::replay_state(&pool, at, at - chrono::Duration::days(30), &all, 2_000_000)
                 .await
-                .expect("spans")
+                .expect("replay")
                 .expect("bounded");
-        let mut since: std::collections::HashMap<&str, DateTime<Utc>> = Default::default();
-        for s in &spans {
-            let e = since.entry(s.jid.as_str()).or_insert(s.start);
-            *e = (*e).min(s.start);
-        }
-        let users: Vec<(&str, DateTime<Utc>)> = since.into_iter().collect();
-        let events = reads::state_events(&pool, &users, at, 2_000_000)
-            .await
-            .expect("events")
-            .expect("bounded");
         analytics::replay(&spans, &events, at).len()
     })
     .await;
-    // Export: every event of one day, page by page (5,000 rows a page), as the endpoint does.
     let (t_export, exported) = timed(3, || async {
-        let mut cursor: Option<String> = None;
+        let mut cur = reads::ExportCursor::events(&pool, day_from, day_to, &all)
+            .await
+            .expect("cursor");
         let mut n = 0usize;
         loop {
-            let page = reads::events_page(
-                &pool,
-                day_from,
-                day_to,
-                &all,
-                reads::Order::Asc,
-                5000,
-                cursor.as_deref(),
-            )
-            .await
-            .expect("page");
-            n += page.events.len();
-            match page.next_cursor {
-                Some(c) => cursor = Some(c),
-                None => break,
+            let rows = cur.next_events(5000).await.expect("fetch");
+            if rows.is_empty() {
+                break;
             }
+            n += rows.len();
         }
         n
     })
@@ -225,19 +248,37 @@ async fn main() {
     );
     println!("|---|---|---|");
     println!(
-        "| online-time, one week, by user | {rows} rows | {:.0} ms |",
+        "| rollups of {} days built | {} days | {:.1} s |",
+        days,
+        built.len(),
+        rollup_s.as_secs_f64()
+    );
+    println!(
+        "| online-time, one week (whole days), by user | {rows} rows | {:.0} ms |",
         t_online.as_secs_f64() * 1000.0
     );
     println!(
-        "| concurrency, one day, 60 s steps | {points} points | {:.0} ms |",
+        "| online-time, one week starting and ending 1 min inside a day | {rows} rows | {:.0} ms |",
+        t_online_ragged.as_secs_f64() * 1000.0
+    );
+    println!(
+        "| online-time, one week, from sessions only (no rollups) | {rows} rows | {:.0} ms |",
+        t_online_raw.as_secs_f64() * 1000.0
+    );
+    println!(
+        "| concurrency, one day (midnight to midnight), 60 s steps | {points} points | {:.0} ms |",
         t_conc.as_secs_f64() * 1000.0
+    );
+    println!(
+        "| concurrency, one day from noon to noon, 60 s steps | {points} points | {:.0} ms |",
+        t_conc_ragged.as_secs_f64() * 1000.0
     );
     println!(
         "| replay at an instant | {online} users online | {:.0} ms |",
         t_replay.as_secs_f64() * 1000.0
     );
     println!(
-        "| export of one day's events (keyset pages of 5,000) | {exported} rows | {:.0} rows/s |",
+        "| export of one day's events (one cursor, FETCH 5,000) | {exported} rows | {:.0} rows/s |",
         exported as f64 / t_export.as_secs_f64()
     );
 }

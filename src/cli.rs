@@ -48,6 +48,17 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Build the analytics rollups of every complete day now (the running service does it every
+    /// 10 minutes), after migrating; `--rebuild` first forgets every built day (the repair
+    /// path: all days are computed again from the sessions).
+    Rollup {
+        /// Config file (default: config/bridge.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Forget every built day first.
+        #[arg(long)]
+        rebuild: bool,
+    },
     /// Self-contained demo: simulated presence, in-memory store, dashboard. Needs no XMPP server
     /// and no database.
     Demo {
@@ -177,6 +188,9 @@ pub fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Migrate { config } => with_config(config, cli.log_format, migrate),
+        Command::Rollup { config, rebuild } => {
+            with_config(config, cli.log_format, move |cfg| rollup(cfg, rebuild))
+        }
         Command::Provision(args) => {
             telemetry::init(cli.log_format.unwrap_or_default(), "warn");
             provision(args)
@@ -431,6 +445,54 @@ fn token(cfg: &Config, sub: &str, scope: &str, domains: Option<&str>, ttl: u64) 
 }
 
 /// `presence-bridge migrate`.
+/// `presence-bridge rollup [--rebuild]`.
+pub async fn rollup(cfg: Config, rebuild: bool) -> ExitCode {
+    let Some(url) = &cfg.store.postgres_url else {
+        eprintln!("presence-bridge: invalid config: store.postgres_url: required by rollup");
+        return ExitCode::from(2);
+    };
+    let pool = match pg::pool(url.expose(), 2, cfg.store.connect_timeout_secs) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("presence-bridge: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let run = async {
+        pg::migrate(&pool).await?;
+        let forgotten = if rebuild {
+            crate::store::rollup::rebuild(&pool).await?
+        } else {
+            0
+        };
+        let t = std::time::Instant::now();
+        let built =
+            crate::store::rollup::build_due(&pool, cfg.store.retention_days, chrono::Utc::now())
+                .await?;
+        Ok::<_, crate::store::StoreError>((forgotten, built, t.elapsed()))
+    };
+    match run.await {
+        Ok((forgotten, built, took)) => {
+            if rebuild {
+                println!("forgot {forgotten} built day(s)");
+            }
+            match (built.first(), built.last()) {
+                (Some(a), Some(b)) => println!(
+                    "built the rollups of {} day(s), {a} to {b}, in {:.1} s",
+                    built.len(),
+                    took.as_secs_f64()
+                ),
+                _ => println!("every complete day is built already"),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("presence-bridge: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 pub async fn migrate(cfg: Config) -> ExitCode {
     let Some(url) = &cfg.store.postgres_url else {
         eprintln!("presence-bridge: invalid config: store.postgres_url: required by migrate");

@@ -415,6 +415,27 @@ async fn postgres_history_gives_the_same_answers() {
     })
     .await;
     check(&app, t0);
+    // Before the history kept (store.retention_days, 30): 400 outside_retention everywhere.
+    let t = token("history:read", None);
+    let old = ts(Utc::now() - Duration::days(40));
+    let w = format!("from={old}&to={}", ts(Utc::now() - Duration::days(35)));
+    for path in [
+        format!("/api/v1/analytics/online-time?{w}"),
+        format!("/api/v1/analytics/concurrency?{w}&step=3600"),
+        format!("/api/v1/analytics/clients?{w}"),
+        format!("/api/v1/events?{w}"),
+        format!("/api/v1/export/events?{w}"),
+        format!("/api/v1/export/sessions?{w}"),
+        format!("/api/v1/replay?at={old}"),
+    ] {
+        let (c, body, _) = app.get(&path, Some(&t));
+        assert_eq!(c, 400, "{path}: {body}");
+        assert_eq!(body["error"], "outside_retention", "{path}");
+        assert!(
+            body["message"].as_str().unwrap().contains("30 days"),
+            "{body}"
+        );
+    }
     app.stop().await;
 }
 
@@ -500,6 +521,224 @@ async fn postgres_and_memory_agree_on_random_histories() {
         let y = get(&mem, q, &tok);
         assert_eq!(x, y, "{q}");
     }
+    db.stop().await;
+    mem.stop().await;
+}
+
+/// Rollups (schema V5): three past days of random history, built into day rollups, answer
+/// exactly what the in-memory history answers from events; a late event in a built day
+/// unmarks it (the answers stay right, from sessions), and building again gives them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollups_of_past_days_agree_and_follow_late_events() {
+    use presence_bridge::store::rollup;
+    use rand::{Rng, SeedableRng};
+    init_logs();
+    let pg = Pg::shared("rollups");
+    let spool = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        store: StoreConfig {
+            postgres_url: Some(DbUrl::new(pg.url())),
+            spool_dir: spool.path().to_path_buf(),
+            ..StoreConfig::default()
+        },
+        ..test_config()
+    };
+    let db = TestApp::start(cfg, Ingest::None).await;
+    let mem = TestApp::start(test_config(), Ingest::None).await;
+    let tok = token("history:read", None);
+    let day0 = (Utc::now() - Duration::days(4))
+        .duration_trunc(Duration::days(1))
+        .unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut at = day0;
+    let clients = [Some("Gajim"), Some("Dino"), None];
+    let mut id = 0u128;
+    while at < day0 + Duration::days(3) {
+        id += 1;
+        at += Duration::seconds(rng.random_range(1..900));
+        let user = format!(
+            "u{}@d{}.example",
+            rng.random_range(0..6),
+            rng.random_range(0..2)
+        );
+        let res = format!("r{}", rng.random_range(0..3));
+        let kind = if rng.random_bool(0.4) {
+            gone()
+        } else {
+            available(
+                Show::Available,
+                "",
+                0,
+                clients[rng.random_range(0..clients.len())],
+            )
+        };
+        for app in [&db, &mem] {
+            app.engine()
+                .apply(event(id, &user, &res, at, kind.clone()))
+                .await
+                .unwrap();
+        }
+    }
+    db.engine().barrier().await.unwrap();
+    mem.engine().barrier().await.unwrap();
+    let expected = mem.state().history.as_ref().unwrap().len().to_string();
+    eventually("written", || {
+        pg.query("SELECT count(*) FROM presence_events") == expected
+    })
+    .await;
+    let pool = db.state().store.as_ref().unwrap().pool().clone();
+    let built = rollup::build_due(&pool, 30, Utc::now()).await.unwrap();
+    let days: Vec<_> = (0..3)
+        .map(|i| (day0 + Duration::days(i)).date_naive())
+        .collect();
+    for d in &days {
+        assert_eq!(
+            pg.query(&format!(
+                "SELECT count(*) FROM presence_rollup_days WHERE day = '{d}'"
+            )),
+            "1",
+            "{d} built (this run built {built:?})"
+        );
+    }
+    assert_ne!(
+        pg.query("SELECT count(*) FROM presence_rollup_user_day"),
+        "0"
+    );
+    // Windows: whole days (rollups only), days with partial ends (rollups + sessions), and
+    // random ones; steps of whole minutes (the minute rollups) and not.
+    let mut windows = vec![
+        (day0, day0 + Duration::days(3)),
+        (day0 + Duration::days(1), day0 + Duration::days(2)),
+        (
+            day0 + Duration::hours(7),
+            day0 + Duration::days(2) + Duration::hours(5),
+        ),
+        (day0 - Duration::hours(1), day0 + Duration::days(3)),
+    ];
+    for _ in 0..6 {
+        let a = day0 + Duration::minutes(rng.random_range(0..3 * 1440));
+        // Windows end before now: open sessions count until the request's now, which two
+        // bridges never share to the millisecond.
+        let b =
+            (a + Duration::minutes(rng.random_range(1..3 * 1440))).min(day0 + Duration::days(3));
+        if a < b {
+            windows.push((a, b));
+        }
+    }
+    let queries = |windows: &[(DateTime<Utc>, DateTime<Utc>)]| {
+        let mut q = Vec::new();
+        for (a, b) in windows {
+            let w = format!("from={}&to={}", ts(*a), ts(*b));
+            for g in ["user", "domain", "client"] {
+                q.push(format!("/api/v1/analytics/online-time?{w}&group={g}"));
+                q.push(format!(
+                    "/api/v1/analytics/online-time?{w}&group={g}&domain=d1.example"
+                ));
+            }
+            for step in [60, 600, 3600, 90] {
+                q.push(format!("/api/v1/analytics/concurrency?{w}&step={step}"));
+                q.push(format!(
+                    "/api/v1/analytics/concurrency?{w}&step={step}&domain=d0.example"
+                ));
+            }
+            q.push(format!("/api/v1/replay?at={}", ts(*a)));
+        }
+        q
+    };
+    let compare = |label: &str| {
+        for q in queries(&windows) {
+            let x = get(&db, &q, &tok);
+            let y = get(&mem, &q, &tok);
+            assert_eq!(x, y, "{label}: {q}");
+        }
+    };
+    compare("built");
+    // A late session in the middle day (as a spool replay would bring).
+    let late_at = day0 + Duration::days(1) + Duration::hours(12);
+    for app in [&db, &mem] {
+        let e = |n: u128, t, k| event(1_000_000 + n, "late@d1.example", "x", t, k);
+        app.engine()
+            .apply(e(1, late_at, available(Show::Dnd, "", 0, Some("Late"))))
+            .await
+            .unwrap();
+        app.engine()
+            .apply(e(2, late_at + Duration::hours(20), gone()))
+            .await
+            .unwrap();
+        app.engine().barrier().await.unwrap();
+    }
+    eventually("late events written", || {
+        pg.query("SELECT count(*) FROM presence_events WHERE jid = 'late@d1.example'") == "2"
+    })
+    .await;
+    assert_eq!(
+        pg.query(&format!(
+            "SELECT count(*) FROM presence_rollup_days WHERE day >= '{}'",
+            days[1]
+        )),
+        "0",
+        "the late batch unmarked its day and every later one"
+    );
+    assert_eq!(
+        pg.query(&format!(
+            "SELECT count(*) FROM presence_rollup_days WHERE day = '{}'",
+            days[0]
+        )),
+        "1",
+        "earlier days stay built"
+    );
+    compare("after the late event");
+    let again = rollup::build_due(&pool, 30, Utc::now()).await.unwrap();
+    assert!(
+        again.contains(&days[1]) && again.contains(&days[2]),
+        "{again:?}"
+    );
+    compare("rebuilt");
+    // The answers really come from the rollups: a changed rollup row shows.
+    let day1 = format!(
+        "/api/v1/analytics/online-time?from={}&to={}",
+        ts(day0 + Duration::days(1)),
+        ts(day0 + Duration::days(2))
+    );
+    let before = get(&db, &day1, &tok);
+    pg.query(&format!(
+        "UPDATE presence_rollup_user_day SET millis = millis + 1000 WHERE day = '{}'",
+        days[1]
+    ));
+    assert_ne!(get(&db, &day1, &tok), before, "online-time read the rollup");
+    pg.query(&format!(
+        "UPDATE presence_rollup_user_day SET millis = millis - 1000 WHERE day = '{}'",
+        days[1]
+    ));
+    let conc = format!(
+        "/api/v1/analytics/concurrency?from={}&to={}&step=600",
+        ts(day0 + Duration::days(1)),
+        ts(day0 + Duration::days(2))
+    );
+    let before = get(&db, &conc, &tok);
+    pg.query(&format!(
+        "UPDATE presence_rollup_minute SET users = users + 100 WHERE scope = '' AND minute >= '{}' AND minute < '{}'",
+        ts(day0 + Duration::days(1)),
+        ts(day0 + Duration::days(2))
+    ));
+    assert_ne!(get(&db, &conc, &tok), before, "concurrency read the rollup");
+    let late_day = get(
+        &db,
+        &format!(
+            "/api/v1/analytics/online-time?from={}&to={}&group=client",
+            ts(day0 + Duration::days(1)),
+            ts(day0 + Duration::days(2))
+        ),
+        &tok,
+    );
+    assert!(
+        late_day["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["key"] == "Late" && r["seconds"] == 12.0 * 3600.0),
+        "{late_day}"
+    );
     db.stop().await;
     mem.stop().await;
 }

@@ -1,6 +1,7 @@
 //! The dashboard in a real headless Chromium (Debian's `chromium`, driven by playwright-core):
-//! users appear, live changes arrive without reload, search, detail, lookup, bad token. The
-//! screenshots land in `target/test-artifacts/`. `scripts/test.sh` installs Chromium and the
+//! users appear, live changes arrive without reload, search, detail, lookup, bad token; the
+//! Analytics and Replay views over a backfilled demo (chart with the peak, leaderboards, the
+//! slider and play against the API's map at T, CSV exports). The screenshots land in `target/test-artifacts/`. `scripts/test.sh` installs Chromium and the
 //! npm package.
 #![allow(clippy::unwrap_used)]
 
@@ -71,21 +72,11 @@ async fn status_text_is_shown_without_bidi_overrides_or_invisible_characters() {
     app.stop().await;
 }
 
-#[test]
-fn dashboard_in_headless_chromium() {
-    let browser_dir = browser_dir();
+/// A running `presence-bridge demo` with these extra arguments, and its dashboard URL.
+fn demo(args: &[&str]) -> (std::process::Child, String) {
     let mut demo = Command::new(env!("CARGO_BIN_EXE_presence-bridge"))
-        // No backfill: the live view is what this test measures (analytics are tested in
-        // tests/analytics.rs and cli.rs).
-        .args([
-            "demo",
-            "--users",
-            "300",
-            "--bind",
-            "127.0.0.1:0",
-            "--backfill-hours",
-            "0",
-        ])
+        .args(["demo", "--bind", "127.0.0.1:0"])
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -108,13 +99,15 @@ fn dashboard_in_headless_chromium() {
         .recv_timeout(common::PATIENCE)
         .expect("demo printed its dashboard URL");
     assert!(url.contains("#token="), "{url}");
-    let artifacts = repo().join("target/test-artifacts");
-    std::fs::create_dir_all(&artifacts).unwrap();
-    let shot = artifacts.join("dashboard.png");
+    (demo, url)
+}
+
+/// Runs a browser script, then stops the demo; asserts the script said ALL OK and the demo
+/// stopped cleanly on SIGTERM.
+fn run_script(mut demo: std::process::Child, script: &str, args: &[&std::ffi::OsStr]) {
     let out = Command::new("node")
-        .arg(browser_dir.join("dashboard.mjs"))
-        .arg(&url)
-        .arg(&shot)
+        .arg(browser_dir().join(script))
+        .args(args)
         .output()
         .expect("node");
     let text = format!(
@@ -129,6 +122,32 @@ fn dashboard_in_headless_chromium() {
     let status = demo.wait().unwrap();
     assert!(out.status.success(), "browser test failed:\n{text}");
     assert!(text.contains("ALL OK"), "{text}");
-    assert!(shot.exists(), "screenshot saved");
     assert_eq!(status.code(), Some(0), "the demo stops cleanly on SIGTERM");
+}
+
+fn artifacts() -> std::path::PathBuf {
+    let dir = repo().join("target/test-artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn dashboard_in_headless_chromium() {
+    // No backfill: the live view is what this test measures (the history views have their
+    // own test below).
+    let (demo, url) = demo(&["--users", "300", "--backfill-hours", "0"]);
+    let shot = artifacts().join("dashboard.png");
+    run_script(demo, "dashboard.mjs", &[url.as_ref(), shot.as_os_str()]);
+    assert!(shot.exists(), "screenshot saved");
+}
+
+#[test]
+fn analytics_and_replay_views_in_headless_chromium() {
+    // Two hours of simulated past: the views have a history to chart, replay and export.
+    let (demo, url) = demo(&["--users", "200", "--backfill-hours", "2"]);
+    let dir = artifacts();
+    run_script(demo, "analytics.mjs", &[url.as_ref(), dir.as_os_str()]);
+    for f in ["analytics.png", "analytics-phone-dark.png", "replay.png"] {
+        assert!(dir.join(f).exists(), "{f} saved");
+    }
 }

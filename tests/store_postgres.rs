@@ -329,6 +329,18 @@ async fn retention_drops_old_partitions_only() {
         0,
         "idempotent"
     );
+    // Sessions that ended before the first day kept go too; open ones and recent ones stay.
+    pg.query(
+        "DELETE FROM presence_sessions; INSERT INTO presence_sessions (session_id, jid, resource, started_at, ended_at) VALUES \
+         (gen_random_uuid(), 'old@x.example', 'r', now() - interval '101 days', now() - interval '100 days'), \
+         (gen_random_uuid(), 'recent@x.example', 'r', now() - interval '4 days', now() - interval '3 days'), \
+         (gen_random_uuid(), 'open@x.example', 'r', now() - interval '100 days', NULL)",
+    );
+    assert_eq!(pg::drop_old_sessions(&c, 30, now).await.unwrap(), 1);
+    assert_eq!(
+        pg.query("SELECT string_agg(jid, ',' ORDER BY jid) FROM presence_sessions"),
+        "open@x.example,recent@x.example"
+    );
     // Writing the same batch again through the direct path fails on the unique key; the
     // idempotent path accepts it and keeps one copy.
     let again = vec![batch[1].clone(), batch[2].clone()];
@@ -368,15 +380,46 @@ fn migrate_twice_is_a_no_op() {
         String::from_utf8_lossy(&first.stderr)
     );
     assert!(String::from_utf8_lossy(&first.stdout).contains(
-        "applied 4 migration(s): V1__presence, V2__hot_updates, V3__end_reason_and_new_causes, V4__analytics_indexes"
+        "applied 5 migration(s): V1__presence, V2__hot_updates, V3__end_reason_and_new_causes, V4__analytics_indexes, V5__rollups"
     ));
     let second = run();
     assert_eq!(second.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&second.stdout).contains("schema up to date"));
     assert_eq!(
         pg.query("SELECT count(*) FROM refinery_schema_history"),
-        "4"
+        "5"
     );
+    // `rollup` builds every complete day of the retention; again, nothing; `--rebuild`
+    // forgets them all and builds them again (the repair path).
+    let rollup = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_presence-bridge"))
+            .current_dir(std::env::temp_dir())
+            .arg("rollup")
+            .args(extra)
+            .env("PRESENCE_BRIDGE__XMPP__PASSWORD", "x")
+            .env("PRESENCE_BRIDGE__STORE__POSTGRES_URL", pg.url())
+            .env("PRESENCE_BRIDGE__STORE__RETENTION_DAYS", "7")
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let first = rollup(&[]);
+    assert!(first.contains("built the rollups of"), "{first}");
+    let built = pg.query("SELECT count(*) FROM presence_rollup_days");
+    assert!(built == "7" || built == "6", "{built} days built");
+    assert!(rollup(&[]).contains("every complete day is built already"));
+    let again = rollup(&["--rebuild"]);
+    assert!(
+        again.contains(&format!("forgot {built} built day(s)")),
+        "{again}"
+    );
+    assert_eq!(pg.query("SELECT count(*) FROM presence_rollup_days"), built);
     // Without a database configured, migrate says which key is missing.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_presence-bridge"))
         .current_dir(std::env::temp_dir())

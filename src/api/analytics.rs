@@ -18,14 +18,12 @@ use super::rest::parse_time;
 use crate::presence::analytics::{self, Group, Span};
 use crate::presence::{UserJid, UserPresence};
 use crate::store::memory::HistoryFilter;
-use crate::store::reads;
+use crate::store::{reads, rollup};
 
 type State = web::Data<AppState>;
 
 /// Sessions one query may read; beyond it the window must be narrowed.
 const MAX_SPANS: usize = 2_000_000;
-/// Events one replay may read.
-const MAX_REPLAY_EVENTS: usize = 2_000_000;
 /// Points one concurrency answer may hold.
 const MAX_POINTS: i64 = 10_000;
 
@@ -58,6 +56,34 @@ pub(crate) fn window(
         ));
     }
     Ok((from, to))
+}
+
+/// The earliest instant the Postgres history still holds: the start of the oldest day that
+/// `store.retention_days` keeps (older event partitions are dropped, and older sessions with
+/// them).
+pub(crate) fn retention_horizon(retention_days: u32, now: DateTime<Utc>) -> DateTime<Utc> {
+    let day = now.date_naive() - Duration::days(i64::from(retention_days));
+    day.and_time(chrono::NaiveTime::MIN).and_utc()
+}
+
+/// 400 `outside_retention` for a window or instant before the history kept (Postgres only:
+/// the in-memory history answers what its ring still holds).
+pub(crate) fn retained(st: &AppState, from: DateTime<Utc>) -> Result<(), ApiError> {
+    if st.store.is_none() {
+        return Ok(());
+    }
+    let horizon = retention_horizon(st.retention_days, Utc::now());
+    if from < horizon {
+        return Err(ApiError::bad_request(
+            "outside_retention",
+            format!(
+                "history is kept for {} days (store.retention_days): the earliest instant is {}",
+                st.retention_days,
+                horizon.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A `domain` parameter: a DNS name (lower-cased), else 400 `invalid_parameter`.
@@ -210,7 +236,7 @@ pub struct OnlineTimeBody {
 }
 
 /// `GET /api/v1/analytics/online-time`.
-#[utoipa::path(get, path = "/api/v1/analytics/online-time", params(OnlineTimeParams), responses((status = 200, description = "Online time per user, domain or client", body = OnlineTimeBody), (status = 400, description = "`invalid_range`, `invalid_parameter` or `window_too_large`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody), (status = 503, description = "The store is unavailable", body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/analytics/online-time", params(OnlineTimeParams), responses((status = 200, description = "Online time per user, domain or client", body = OnlineTimeBody), (status = 400, description = "`outside_retention`, `invalid_range`, `invalid_parameter` or `window_too_large`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody), (status = 503, description = "The store is unavailable", body = super::error::ErrorBody)), security(("bearer" = [])))]
 #[route("/analytics/online-time", method = "GET", method = "HEAD")]
 pub async fn online_time(
     st: State,
@@ -218,6 +244,7 @@ pub async fn online_time(
     q: web::Query<OnlineTimeParams>,
 ) -> Result<HttpResponse, ApiError> {
     let (from, to) = window(&q.from, &q.to)?;
+    retained(&st, from)?;
     let (group, name) = match q.group.as_deref() {
         None | Some("user") => (Group::User, "user"),
         Some("domain") => (Group::Domain, "domain"),
@@ -236,8 +263,27 @@ pub async fn online_time(
             "limit must be 1..=10000",
         ));
     }
-    let spans = spans(&st, from, to, &filter(&p, &q.domain)?).await?;
-    let rows = analytics::online_time(&spans, from, to, Utc::now(), group, limit as usize);
+    let f = filter(&p, &q.domain)?;
+    let now = Utc::now();
+    let rows = if let Some(store) = &st.store {
+        // Built days from the rollups, the rest from sessions.
+        rollup::online_time(
+            store.pool(),
+            from,
+            to,
+            now,
+            group,
+            &f,
+            limit as usize,
+            MAX_SPANS,
+        )
+        .await
+        .map_err(ApiError::store)?
+        .ok_or_else(window_too_large)?
+    } else {
+        let spans = spans(&st, from, to, &f).await?;
+        analytics::online_time(&spans, from, to, now, group, limit as usize)
+    };
     Ok(HttpResponse::Ok().json(OnlineTimeBody {
         from,
         to,
@@ -293,7 +339,7 @@ pub struct ConcurrencyAnswer {
 }
 
 /// `GET /api/v1/analytics/concurrency`.
-#[utoipa::path(get, path = "/api/v1/analytics/concurrency", params(ConcurrencyParams), responses((status = 200, description = "Most users and resources online per step, and the peak", body = ConcurrencyAnswer), (status = 400, description = "`invalid_range`, `invalid_parameter`, `too_many_points` or `window_too_large`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody), (status = 503, description = "The store is unavailable", body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/analytics/concurrency", params(ConcurrencyParams), responses((status = 200, description = "Most users and resources online per step, and the peak", body = ConcurrencyAnswer), (status = 400, description = "`outside_retention`, `invalid_range`, `invalid_parameter`, `too_many_points` or `window_too_large`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody), (status = 503, description = "The store is unavailable", body = super::error::ErrorBody)), security(("bearer" = [])))]
 #[route("/analytics/concurrency", method = "GET", method = "HEAD")]
 pub async fn concurrency(
     st: State,
@@ -316,8 +362,30 @@ pub async fn concurrency(
             format!("{points} points; at most {MAX_POINTS}: widen the step or narrow the window"),
         ));
     }
-    let spans = spans(&st, from, to, &filter(&p, &q.domain)?).await?;
-    let c = analytics::concurrency(&spans, from, to, Duration::seconds(step), Utc::now());
+    retained(&st, from)?;
+    let f = filter(&p, &q.domain)?;
+    let now = Utc::now();
+    let rolled = match &st.store {
+        Some(store) => rollup::concurrency(
+            store.pool(),
+            from,
+            to,
+            Duration::seconds(step),
+            now,
+            &f,
+            MAX_SPANS,
+        )
+        .await
+        .map_err(ApiError::store)?,
+        None => None,
+    };
+    let c = match rolled {
+        Some(c) => c.ok_or_else(window_too_large)?,
+        None => {
+            let spans = spans(&st, from, to, &f).await?;
+            analytics::concurrency(&spans, from, to, Duration::seconds(step), now)
+        }
+    };
     Ok(HttpResponse::Ok().json(ConcurrencyAnswer {
         from,
         to,
@@ -365,7 +433,7 @@ pub struct ClientsBody {
 }
 
 /// `GET /api/v1/analytics/clients`.
-#[utoipa::path(get, path = "/api/v1/analytics/clients", params(ClientsParams), responses((status = 200, description = "Client software used in the window", body = ClientsBody), (status = 400, description = "`invalid_range`, `invalid_parameter` or `window_too_large`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody), (status = 503, description = "The store is unavailable", body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/analytics/clients", params(ClientsParams), responses((status = 200, description = "Client software used in the window", body = ClientsBody), (status = 400, description = "`outside_retention`, `invalid_range`, `invalid_parameter` or `window_too_large`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody), (status = 503, description = "The store is unavailable", body = super::error::ErrorBody)), security(("bearer" = [])))]
 #[route("/analytics/clients", method = "GET", method = "HEAD")]
 pub async fn clients(
     st: State,
@@ -373,6 +441,7 @@ pub async fn clients(
     q: web::Query<ClientsParams>,
 ) -> Result<HttpResponse, ApiError> {
     let (from, to) = window(&q.from, &q.to)?;
+    retained(&st, from)?;
     let spans = spans(&st, from, to, &filter(&p, &q.domain)?).await?;
     let rows = analytics::clients(&spans, from, to, Utc::now());
     Ok(HttpResponse::Ok().json(ClientsBody {
@@ -413,7 +482,7 @@ pub struct ReplayBody {
 }
 
 /// `GET /api/v1/replay`.
-#[utoipa::path(get, path = "/api/v1/replay", params(ReplayParams), responses((status = 200, description = "The presence map as it was at `at`", body = ReplayBody), (status = 400, description = "`invalid_parameter` or `window_too_large`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody), (status = 503, description = "The store is unavailable", body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/replay", params(ReplayParams), responses((status = 200, description = "The presence map as it was at `at`", body = ReplayBody), (status = 400, description = "`invalid_parameter`, `outside_retention` or `window_too_large`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody), (status = 503, description = "The store is unavailable", body = super::error::ErrorBody)), security(("bearer" = [])))]
 #[route("/replay", method = "GET", method = "HEAD")]
 pub async fn replay(
     st: State,
@@ -421,26 +490,15 @@ pub async fn replay(
     q: web::Query<ReplayParams>,
 ) -> Result<HttpResponse, ApiError> {
     let at = parse_time("at", &q.at)?.unwrap_or_else(Utc::now);
+    retained(&st, at)?;
     let f = filter(&p, &q.domain)?;
     let (spans, events) = if let Some(store) = &st.store {
         // The online stretch containing `at` cannot reach back beyond the history kept.
         let lookback = at - Duration::days(i64::from(st.retention_days.max(1)));
-        let spans = reads::replay_spans(store.pool(), at, lookback, &f, MAX_SPANS)
+        reads::replay_state(store.pool(), at, lookback, &f, MAX_SPANS)
             .await
             .map_err(ApiError::store)?
-            .ok_or_else(window_too_large)?;
-        // Each user's events from the start of their own stretch only.
-        let mut since: std::collections::HashMap<&str, DateTime<Utc>> = Default::default();
-        for s in &spans {
-            let e = since.entry(s.jid.as_str()).or_insert(s.start);
-            *e = (*e).min(s.start);
-        }
-        let users: Vec<(&str, DateTime<Utc>)> = since.into_iter().collect();
-        let events = reads::state_events(store.pool(), &users, at, MAX_REPLAY_EVENTS)
-            .await
-            .map_err(ApiError::store)?
-            .ok_or_else(window_too_large)?;
-        (spans, events)
+            .ok_or_else(window_too_large)?
     } else if let Some(h) = &st.history {
         let far = DateTime::<Utc>::MIN_UTC;
         let spans: Vec<Span> = h

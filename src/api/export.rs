@@ -11,16 +11,38 @@ use futures::stream::{self, Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
+use super::analytics::retained;
 use super::auth::{HistoryRead, Permissions};
 use super::error::ApiError;
 use crate::presence::model::rfc3339_millis;
 use crate::store::memory::HistoryFilter;
-use crate::store::reads::{self, EventRow, Order, SessionExportRow};
+use crate::store::reads::{self, EventRow, ExportCursor, Order, SessionExportRow};
 
 type State = web::Data<AppState>;
 
-/// Rows per Postgres page while streaming.
-const EXPORT_PAGE: i64 = 5000;
+/// Rows per `FETCH` (and per chunk of the in-memory export) while streaming.
+const EXPORT_PAGE: usize = 5000;
+/// Postgres exports running at once: each holds a connection of its own for its life.
+const EXPORT_SLOTS: usize = 4;
+
+/// A slot for one Postgres export, else 429 `too_many_exports`.
+fn export_slot() -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    static SLOTS: std::sync::OnceLock<std::sync::Arc<tokio::sync::Semaphore>> =
+        std::sync::OnceLock::new();
+    SLOTS
+        .get_or_init(|| std::sync::Arc::new(tokio::sync::Semaphore::new(EXPORT_SLOTS)))
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| {
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_exports",
+                format!("{EXPORT_SLOTS} exports are running; try again when one has finished"),
+            );
+            e.retry_after = Some(5);
+            e
+        })
+}
 
 fn window(
     from: &Option<String>,
@@ -169,7 +191,7 @@ fn disabled() -> ApiError {
 }
 
 /// `GET /api/v1/events`.
-#[utoipa::path(get, path = "/api/v1/events", params(EventsParams), responses((status = 200, description = "A page of every user's events in the window", body = EventsBody), (status = 400, description = "`invalid_range`, `invalid_parameter`, `invalid_jid` or `invalid_cursor`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read, or may not see that JID", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody), (status = 503, description = "The store is unavailable", body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/events", params(EventsParams), responses((status = 200, description = "A page of every user's events in the window", body = EventsBody), (status = 400, description = "`outside_retention`, `invalid_range`, `invalid_parameter`, `invalid_jid` or `invalid_cursor`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read, or may not see that JID", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody), (status = 503, description = "The store is unavailable", body = super::error::ErrorBody)), security(("bearer" = [])))]
 #[route("/events", method = "GET", method = "HEAD")]
 pub async fn events(
     st: State,
@@ -177,6 +199,7 @@ pub async fn events(
     q: web::Query<EventsParams>,
 ) -> Result<HttpResponse, ApiError> {
     let (from, to) = window(&q.from, &q.to)?;
+    retained(&st, from)?;
     let limit = q.limit.unwrap_or(1000);
     if !(1..=10_000).contains(&limit) {
         return Err(ApiError::bad_request(
@@ -375,7 +398,7 @@ fn streamed(
 }
 
 /// `GET /api/v1/export/events`.
-#[utoipa::path(get, path = "/api/v1/export/events", params(ExportParams), responses((status = 200, description = "The window's events, streamed: CSV `at,jid,resource,kind,show,status,priority,client` or NDJSON", content((String = "text/csv"), (String = "application/x-ndjson"))), (status = 400, description = "`invalid_range` or `invalid_parameter`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/export/events", params(ExportParams), responses((status = 200, description = "The window's events, streamed: CSV `at,jid,resource,kind,show,status,priority,client` or NDJSON", content((String = "text/csv"), (String = "application/x-ndjson"))), (status = 400, description = "`outside_retention`, `invalid_range` or `invalid_parameter`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody)), security(("bearer" = [])))]
 #[route("/export/events", method = "GET", method = "HEAD")]
 pub async fn export_events(
     st: State,
@@ -383,53 +406,38 @@ pub async fn export_events(
     q: web::Query<ExportParams>,
 ) -> Result<HttpResponse, ApiError> {
     let (from, to) = window(&q.from, &q.to)?;
+    retained(&st, from)?;
     let fmt = format(&q)?;
     let f = filter(&p, &None, &q.domain)?;
     const HEADER: &str = "at,jid,resource,kind,show,status,priority,client\r\n";
     if let Some(store) = &st.store {
-        let pool = store.pool().clone();
-        // The first page before the answer starts, so that a failing store is a clean 503
-        // and not a broken stream.
-        let first = reads::events_page(&pool, from, to, &f, Order::Asc, EXPORT_PAGE, None)
+        let permit = export_slot()?;
+        let mut cur = ExportCursor::events(store.pool(), from, to, &f)
             .await
             .map_err(ApiError::store)?;
-        let first_text: String = first
-            .events
-            .into_iter()
-            .map(|e| event_line(e, fmt))
-            .collect();
-        let start = first.next_cursor.map(Some);
-        // Then page by page: one page in memory at a time, whatever the window.
-        let pages = stream::unfold(start, move |cursor| {
-            let pool = pool.clone();
-            let f = f.clone();
-            async move {
-                let cursor = cursor?;
-                match reads::events_page(
-                    &pool,
-                    from,
-                    to,
-                    &f,
-                    Order::Asc,
-                    EXPORT_PAGE,
-                    cursor.as_deref(),
-                )
-                .await
-                {
-                    Ok(page) => {
-                        let next = page.next_cursor.clone().map(Some);
-                        let text: String = page
-                            .events
-                            .into_iter()
-                            .map(|e| event_line(e, fmt))
-                            .collect();
-                        Some((Ok(Bytes::from(text)), next))
-                    }
-                    Err(e) => Some((Err(ApiError::store(e)), None)),
+        // The first rows before the answer starts, so that a failing store is a clean 503
+        // and not a broken stream.
+        let first = cur
+            .next_events(EXPORT_PAGE)
+            .await
+            .map_err(ApiError::store)?;
+        let first_text: String = first.into_iter().map(|e| event_line(e, fmt)).collect();
+        // Then from the same cursor: one batch in memory at a time, whatever the window.
+        let rest = stream::unfold(Some((cur, permit)), move |state| async move {
+            let (mut cur, permit) = state?;
+            if cur.is_done() {
+                return None;
+            }
+            match cur.next_events(EXPORT_PAGE).await {
+                Ok(rows) if rows.is_empty() => None,
+                Ok(rows) => {
+                    let text: String = rows.into_iter().map(|e| event_line(e, fmt)).collect();
+                    Some((Ok(Bytes::from(text)), Some((cur, permit))))
                 }
+                Err(e) => Some((Err(ApiError::store(e)), None)),
             }
         });
-        let body = stream::iter([Ok(Bytes::from(first_text))]).chain(pages);
+        let body = stream::iter([Ok(Bytes::from(first_text))]).chain(rest);
         return Ok(streamed("events", fmt, HEADER, body));
     }
     let Some(h) = &st.history else {
@@ -442,7 +450,7 @@ pub async fn export_events(
         .map(EventRow::from_stored)
         .collect();
     let chunks = stream::iter(
-        rows.chunks(EXPORT_PAGE as usize)
+        rows.chunks(EXPORT_PAGE)
             .map(|c| c.to_vec())
             .collect::<Vec<_>>(),
     )
@@ -457,7 +465,7 @@ pub async fn export_events(
 }
 
 /// `GET /api/v1/export/sessions`.
-#[utoipa::path(get, path = "/api/v1/export/sessions", params(ExportParams), responses((status = 200, description = "The sessions overlapping the window, streamed: CSV `jid,resource,client,start,end,end_cause` (`end` empty while open) or NDJSON", content((String = "text/csv"), (String = "application/x-ndjson"))), (status = 400, description = "`invalid_range` or `invalid_parameter`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/export/sessions", params(ExportParams), responses((status = 200, description = "The sessions overlapping the window, streamed: CSV `jid,resource,client,start,end,end_cause` (`end` empty while open) or NDJSON", content((String = "text/csv"), (String = "application/x-ndjson"))), (status = 400, description = "`outside_retention`, `invalid_range` or `invalid_parameter`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks history:read", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "No history is kept", body = super::error::ErrorBody)), security(("bearer" = [])))]
 #[route("/export/sessions", method = "GET", method = "HEAD")]
 pub async fn export_sessions(
     st: State,
@@ -465,34 +473,35 @@ pub async fn export_sessions(
     q: web::Query<ExportParams>,
 ) -> Result<HttpResponse, ApiError> {
     let (from, to) = window(&q.from, &q.to)?;
+    retained(&st, from)?;
     let fmt = format(&q)?;
     let f = filter(&p, &None, &q.domain)?;
     const HEADER: &str = "jid,resource,client,start,end,end_cause\r\n";
     if let Some(store) = &st.store {
-        let pool = store.pool().clone();
-        let first = reads::sessions_page(&pool, from, to, &f, None, EXPORT_PAGE)
+        let permit = export_slot()?;
+        let mut cur = ExportCursor::sessions(store.pool(), from, to, &f)
+            .await
+            .map_err(ApiError::store)?;
+        let first = cur
+            .next_sessions(EXPORT_PAGE)
             .await
             .map_err(ApiError::store)?;
         let first_text: String = first.iter().map(|s| session_line(s, fmt)).collect();
-        let start =
-            (first.len() as i64 == EXPORT_PAGE).then(|| first.last().map(|r| (r.start, r.id)));
-        let pages = stream::unfold(start, move |after| {
-            let pool = pool.clone();
-            let f = f.clone();
-            async move {
-                let after = after?;
-                match reads::sessions_page(&pool, from, to, &f, after, EXPORT_PAGE).await {
-                    Ok(rows) => {
-                        let next = (rows.len() as i64 == EXPORT_PAGE)
-                            .then(|| rows.last().map(|r| (r.start, r.id)));
-                        let text: String = rows.iter().map(|s| session_line(s, fmt)).collect();
-                        Some((Ok(Bytes::from(text)), next))
-                    }
-                    Err(e) => Some((Err(ApiError::store(e)), None)),
+        let rest = stream::unfold(Some((cur, permit)), move |state| async move {
+            let (mut cur, permit) = state?;
+            if cur.is_done() {
+                return None;
+            }
+            match cur.next_sessions(EXPORT_PAGE).await {
+                Ok(rows) if rows.is_empty() => None,
+                Ok(rows) => {
+                    let text: String = rows.iter().map(|s| session_line(s, fmt)).collect();
+                    Some((Ok(Bytes::from(text)), Some((cur, permit))))
                 }
+                Err(e) => Some((Err(ApiError::store(e)), None)),
             }
         });
-        let body = stream::iter([Ok(Bytes::from(first_text))]).chain(pages);
+        let body = stream::iter([Ok(Bytes::from(first_text))]).chain(rest);
         return Ok(streamed("sessions", fmt, HEADER, body));
     }
     let Some(h) = &st.history else {
@@ -500,7 +509,7 @@ pub async fn export_sessions(
     };
     let rows = h.export_sessions(from, to, Utc::now(), &f);
     let text: Vec<Result<Bytes, ApiError>> = rows
-        .chunks(EXPORT_PAGE as usize)
+        .chunks(EXPORT_PAGE)
         .map(|c| {
             Ok(Bytes::from(
                 c.iter().map(|s| session_line(s, fmt)).collect::<String>(),

@@ -160,6 +160,8 @@ pub struct Point {
     pub users: u64,
     /// Most resources online at one instant of the step.
     pub resources: u64,
+    /// The first instant of the step with `users` online.
+    pub users_at: DateTime<Utc>,
 }
 
 /// `concurrency`'s answer.
@@ -208,6 +210,7 @@ pub fn concurrency(
             t,
             users: 0,
             resources: 0,
+            users_at: t,
         };
         let mut first = true;
         // The state at each distinct instant in [t, step_end): after every mark at that time.
@@ -238,7 +241,10 @@ pub fn concurrency(
                 m += 1;
             }
             first = false;
-            best.users = best.users.max(users);
+            if users > best.users {
+                best.users = users;
+                best.users_at = at;
+            }
             best.resources = best.resources.max(resources);
             if users > peak.1 {
                 peak = (at, users);

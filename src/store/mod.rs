@@ -12,6 +12,7 @@
 pub mod memory;
 pub mod pg;
 pub mod reads;
+pub mod rollup;
 pub mod spool;
 pub mod writer;
 
@@ -59,6 +60,9 @@ pub enum StoreError {
     /// A history cursor that this bridge did not issue.
     #[error("invalid cursor")]
     BadCursor,
+    /// A rollup could not be built or read.
+    #[error("rollup: {0}")]
+    Rollup(String),
 }
 
 impl StoreError {

@@ -4,7 +4,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::str::FromStr;
 use std::time::Duration;
 
-use chrono::{DateTime, Days, NaiveDate, Utc};
+use chrono::{DateTime, Days, NaiveDate, TimeZone, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use futures_util::pin_mut;
 use tokio_postgres::NoTls;
@@ -102,6 +102,26 @@ pub async fn ensure_partitions(
         client.batch_execute(&sql).await?;
     }
     Ok(())
+}
+
+/// Deletes the sessions that ended before the first day `retention_days` keeps (their events
+/// are gone with their partitions); returns how many.
+pub async fn drop_old_sessions(
+    client: &tokio_postgres::Client,
+    retention_days: u32,
+    now: DateTime<Utc>,
+) -> Result<u64, StoreError> {
+    let cutoff = now
+        .date_naive()
+        .checked_sub_days(Days::new(u64::from(retention_days)))
+        .unwrap_or(NaiveDate::MIN);
+    let cutoff = Utc.from_utc_datetime(&cutoff.and_time(chrono::NaiveTime::MIN));
+    Ok(client
+        .execute(
+            "DELETE FROM presence_sessions WHERE ended_at < $1",
+            &[&cutoff],
+        )
+        .await?)
 }
 
 /// Drops the daily partitions that end before `now - retention_days`; returns their names.
@@ -320,6 +340,10 @@ async fn write_sessions(
     tx: &tokio_postgres::Transaction<'_>,
     batch: &[StoredEvent],
 ) -> Result<(), tokio_postgres::Error> {
+    // A late batch (or a spool replay) changes days whose rollups may be built.
+    if let Some(earliest) = batch.iter().map(|e| e.at).min() {
+        super::rollup::invalidate(tx, earliest, Utc::now()).await?;
+    }
     let mut rows: Vec<SessionRow> = Vec::new();
     let mut open: HashMap<(&str, &str), usize> = HashMap::new();
     // Closes of sessions opened in an earlier batch: at most one per resource per batch

@@ -264,8 +264,24 @@ pub async fn spans(
     filter: &super::memory::HistoryFilter,
     max: usize,
 ) -> Result<Option<Vec<super::memory::SessionRow>>, StoreError> {
+    let mut c = pg::client(pool).await?;
+    let tx = c.transaction().await?;
+    tx.batch_execute(STATEMENT_TIMEOUT).await?;
+    let rows = spans_on(&tx, from, to, filter, max).await?;
+    tx.commit().await?;
+    Ok(rows)
+}
+
+/// [`spans`] on a connection or inside a transaction of the caller's.
+pub(crate) async fn spans_on(
+    c: &impl deadpool_postgres::GenericClient,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    filter: &super::memory::HistoryFilter,
+    max: usize,
+) -> Result<Option<Vec<super::memory::SessionRow>>, StoreError> {
     let (domains, jid) = filter_params(filter);
-    let rows = bounded_query(pool, "SELECT jid, resource, client, started_at, ended_at, end_cause FROM presence_sessions \
+    let rows = c.query("SELECT jid, resource, client, started_at, ended_at, end_cause FROM presence_sessions \
              WHERE tstzrange(started_at, CASE WHEN ended_at IS NULL THEN NULL ELSE greatest(started_at, ended_at) END, '[)') && tstzrange($1, $2, '[)') \
                AND ($3::text[] IS NULL OR split_part(jid, '@', 2) = ANY($3)) \
                AND ($4::text IS NULL OR jid = $4) \
@@ -294,7 +310,9 @@ pub async fn spans(
 
 /// The `(domains, jid)` parameters of a filter: domains lower-cased, the token's narrowed by
 /// the query's `domain`.
-fn filter_params(f: &super::memory::HistoryFilter) -> (Option<Vec<String>>, Option<String>) {
+pub(crate) fn filter_params(
+    f: &super::memory::HistoryFilter,
+) -> (Option<Vec<String>>, Option<String>) {
     let domains = match (&f.token_domains, &f.domain) {
         (Some(ds), Some(d)) => Some(
             ds.iter()
@@ -309,18 +327,36 @@ fn filter_params(f: &super::memory::HistoryFilter) -> (Option<Vec<String>>, Opti
     (domains, f.jid.as_ref().map(|j| j.as_str().to_owned()))
 }
 
-/// Sessions open at `at` and, for their users, the sessions of the unbroken online stretch
-/// that contains `at` (replay's `online_since`), found by walking back through sessions that
-/// reach the stretch's start (never past `lookback`), at most `max` rows.
-pub async fn replay_spans(
+/// What replay needs from Postgres, read in one snapshot: the sessions open at `at` and, for
+/// their users, the sessions of the unbroken online stretch that contains `at` (for
+/// `online_since`; found by walking back, one index probe per user and step, through sessions
+/// that reach the stretch's start, never past `lookback`); for each open session its last
+/// available event at or before `at`; for each user their last event at or before `at` (as an
+/// unavailable [`StateEvent`]: it only sets `last_change`). `Ok(None)` beyond `max` sessions.
+pub async fn replay_state(
     pool: &Pool,
     at: DateTime<Utc>,
     lookback: DateTime<Utc>,
     filter: &super::memory::HistoryFilter,
     max: usize,
-) -> Result<Option<Vec<crate::presence::analytics::Span>>, StoreError> {
+) -> Result<
+    Option<(
+        Vec<crate::presence::analytics::Span>,
+        Vec<crate::presence::analytics::StateEvent>,
+    )>,
+    StoreError,
+> {
+    use crate::presence::analytics::{Span, StateEvent};
     let (domains, jid) = filter_params(filter);
-    let rows = bounded_query(pool, "WITH RECURSIVE open AS ( \
+    let mut c = pg::client(pool).await?;
+    let tx = c
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    tx.batch_execute(STATEMENT_TIMEOUT).await?;
+    let rows = tx.query("WITH RECURSIVE open AS ( \
                  SELECT jid, resource, client, started_at, ended_at FROM presence_sessions \
                  WHERE tstzrange(started_at, CASE WHEN ended_at IS NULL THEN NULL ELSE greatest(started_at, ended_at) END, '[)') @> $1::timestamptz \
                    AND ($3::text[] IS NULL OR split_part(jid, '@', 2) = ANY($3)) \
@@ -328,82 +364,111 @@ pub async fn replay_spans(
              chain(jid, since) AS ( \
                  SELECT jid, min(started_at) FROM open GROUP BY jid \
                UNION \
-                 SELECT s.jid, s.started_at FROM presence_sessions s JOIN chain c ON s.jid = c.jid \
-                 WHERE s.started_at < c.since AND s.ended_at >= c.since AND s.started_at >= $2), \
+                 SELECT c.jid, x.since FROM chain c CROSS JOIN LATERAL ( \
+                   SELECT min(s.started_at) AS since FROM presence_sessions s \
+                   WHERE s.jid = c.jid \
+                     AND tstzrange(s.started_at, CASE WHEN s.ended_at IS NULL THEN NULL ELSE greatest(s.started_at, s.ended_at) END, '[)') \
+                         && tstzrange(c.since - interval '1 microsecond', c.since, '[]') \
+                     AND s.started_at < c.since AND s.started_at >= $2) x \
+                 WHERE x.since IS NOT NULL), \
              stretch AS (SELECT jid, min(since) AS since FROM chain GROUP BY jid) \
-             SELECT jid, resource, client, started_at, ended_at FROM open \
+             SELECT jid, resource, client, started_at, ended_at, true FROM open \
              UNION ALL \
-             SELECT s.jid, s.resource, s.client, s.started_at, s.ended_at FROM presence_sessions s \
-               JOIN stretch t ON s.jid = t.jid \
-             WHERE s.started_at >= t.since AND s.ended_at IS NOT NULL AND s.ended_at <= $1 \
+             SELECT s.jid, s.resource, s.client, s.started_at, s.ended_at, false FROM stretch t \
+               CROSS JOIN LATERAL (SELECT * FROM presence_sessions s \
+                 WHERE s.jid = t.jid AND s.ended_at >= t.since AND s.ended_at <= $1 AND s.started_at >= t.since) s \
              LIMIT $5",
             &[&at, &lookback, &domains, &jid, &(max as i64 + 1)]).await?;
     if rows.len() > max {
         return Ok(None);
     }
-    Ok(Some(
-        rows.iter()
-            .filter_map(|r| {
-                Some(crate::presence::analytics::Span {
-                    jid: UserJid::parse(r.get::<_, &str>(0)).ok()?,
-                    resource: r.get(1),
-                    client: r.get(2),
-                    start: r.get(3),
-                    end: r.get(4),
-                })
-            })
-            .collect(),
-    ))
-}
-
-/// The events of each user from the start of their stretch (`since`) to `at`, for replay.
-pub async fn state_events(
-    pool: &Pool,
-    users: &[(&str, DateTime<Utc>)],
-    at: DateTime<Utc>,
-    max: usize,
-) -> Result<Option<Vec<crate::presence::analytics::StateEvent>>, StoreError> {
-    let jids: Vec<&str> = users.iter().map(|u| u.0).collect();
-    let sinces: Vec<DateTime<Utc>> = users.iter().map(|u| u.1).collect();
-    let Some(earliest) = sinces.iter().min().copied() else {
-        return Ok(Some(Vec::new()));
-    };
-    let rows = bounded_query(
-        pool, // One range scan of [earliest stretch start, at] (partitions pruned by the
-        // bounds), hash-joined with the users and their own starts.
-        "SELECT e.jid, e.resource, e.at, e.kind, e.show, e.status, e.priority, e.client \
-             FROM presence_events e \
-             JOIN unnest($1::text[], $2::timestamptz[]) u(jid, since) ON e.jid = u.jid \
-             WHERE e.at >= $5 AND e.at <= $3 AND e.at >= u.since \
-             LIMIT $4",
-        &[&jids, &sinces, &at, &(max as i64 + 1), &earliest],
-    )
-    .await?;
-    if rows.len() > max {
-        return Ok(None);
+    let mut spans = Vec::with_capacity(rows.len());
+    let mut open: Vec<usize> = Vec::new();
+    for r in &rows {
+        let Ok(j) = UserJid::parse(r.get::<_, &str>(0)) else {
+            continue;
+        };
+        if r.get::<_, bool>(5) {
+            open.push(spans.len());
+        }
+        spans.push(Span {
+            jid: j,
+            resource: r.get(1),
+            client: r.get(2),
+            start: r.get(3),
+            end: r.get(4),
+        });
     }
-    Ok(Some(
-        rows.iter()
-            .filter_map(|r| {
-                let show: Option<String> = r.get(4);
-                let priority: Option<i16> = r.get(6);
-                Some(crate::presence::analytics::StateEvent {
-                    jid: UserJid::parse(r.get::<_, &str>(0)).ok()?,
-                    resource: r.get(1),
-                    at: r.get(2),
-                    available: r.get::<_, &str>(3) == "available",
-                    show: show.as_deref().and_then(Show::parse),
-                    status: r.get(5),
-                    priority: priority.and_then(|p| i8::try_from(p).ok()),
-                    client: r.get(7),
-                })
-            })
-            .collect(),
-    ))
+    let o_jid: Vec<&str> = open.iter().map(|&i| spans[i].jid.as_str()).collect();
+    let o_res: Vec<&str> = open.iter().map(|&i| spans[i].resource.as_str()).collect();
+    let o_start: Vec<DateTime<Utc>> = open.iter().map(|&i| spans[i].start).collect();
+    // Each open session's last available event (a few index entries back from `at`).
+    let states = tx
+        .query(
+            "SELECT o.jid, o.resource, e.at, e.show, e.status, e.priority, e.client \
+             FROM unnest($1::text[], $2::text[], $3::timestamptz[]) o(jid, resource, started) \
+             CROSS JOIN LATERAL (SELECT at, show, status, priority, client FROM presence_events e \
+               WHERE e.jid = o.jid AND e.at <= $4 AND e.at >= o.started \
+                 AND e.resource = o.resource AND e.kind = 'available' \
+               ORDER BY e.at DESC, e.event_id DESC LIMIT 1) e",
+            &[&o_jid, &o_res, &o_start, &at],
+        )
+        .await?;
+    // Each user's last event (any resource), from the start of their stretch.
+    let mut since: HashMap<&str, DateTime<Utc>> = HashMap::new();
+    for s in &spans {
+        let e = since.entry(s.jid.as_str()).or_insert(s.start);
+        *e = (*e).min(s.start);
+    }
+    let (u_jid, u_since): (Vec<&str>, Vec<DateTime<Utc>>) = since.into_iter().unzip();
+    let last = tx
+        .query(
+            "SELECT u.jid, x.at FROM unnest($1::text[], $2::timestamptz[]) u(jid, since) \
+             CROSS JOIN LATERAL (SELECT at FROM presence_events e \
+               WHERE e.jid = u.jid AND e.at <= $3 AND e.at >= u.since \
+               ORDER BY e.at DESC LIMIT 1) x",
+            &[&u_jid, &u_since, &at],
+        )
+        .await?;
+    tx.commit().await?;
+    let mut events = Vec::with_capacity(states.len() + last.len());
+    for r in &states {
+        let Ok(j) = UserJid::parse(r.get::<_, &str>(0)) else {
+            continue;
+        };
+        let show: Option<&str> = r.get(3);
+        let priority: Option<i16> = r.get(5);
+        events.push(StateEvent {
+            jid: j,
+            resource: r.get(1),
+            at: r.get(2),
+            available: true,
+            show: show.and_then(Show::parse),
+            status: r.get(4),
+            priority: priority.and_then(|p| i8::try_from(p).ok()),
+            client: r.get(6),
+        });
+    }
+    for r in &last {
+        let Ok(j) = UserJid::parse(r.get::<_, &str>(0)) else {
+            continue;
+        };
+        events.push(StateEvent {
+            jid: j,
+            resource: String::new(),
+            at: r.get(1),
+            available: false,
+            show: None,
+            status: None,
+            priority: None,
+            client: None,
+        });
+    }
+    Ok(Some((spans, events)))
 }
 
 /// Every window query of §6 runs under this statement timeout, in its own transaction.
-const STATEMENT_TIMEOUT: &str = "SET LOCAL statement_timeout = '10s'";
+pub(crate) const STATEMENT_TIMEOUT: &str = "SET LOCAL statement_timeout = '10s'";
 
 /// One bounded read: a transaction with [`STATEMENT_TIMEOUT`], the query, its rows.
 async fn bounded_query(
@@ -513,25 +578,7 @@ pub async fn events_page(
     )
     .await?;
     let more = rows.len() as i64 > limit;
-    let events: Vec<EventRow> = rows
-        .iter()
-        .take(limit as usize)
-        .map(|r| {
-            let show: Option<String> = r.get(5);
-            let priority: Option<i16> = r.get(7);
-            EventRow {
-                id: r.get(0),
-                at: r.get(1),
-                jid: r.get(2),
-                resource: r.get(3),
-                available: r.get::<_, &str>(4) == "available",
-                show: show.as_deref().and_then(Show::parse),
-                status: r.get(6),
-                priority: priority.and_then(|p| i8::try_from(p).ok()),
-                client: r.get(8),
-            }
-        })
-        .collect();
+    let events: Vec<EventRow> = rows.iter().take(limit as usize).map(event_row).collect();
     let next_cursor = if more {
         events.last().map(event_cursor)
     } else {
@@ -562,41 +609,150 @@ pub struct SessionExportRow {
     pub end_cause: Option<String>,
 }
 
-/// Sessions overlapping `[from, to)`, keyset-paged on `(started_at, session_id)` ascending:
-/// `after` is the last row of the previous page.
-pub async fn sessions_page(
-    pool: &Pool,
-    from: DateTime<Utc>,
-    to: DateTime<Utc>,
-    filter: &super::memory::HistoryFilter,
-    after: Option<(DateTime<Utc>, Uuid)>,
-    limit: i64,
-) -> Result<Vec<SessionExportRow>, StoreError> {
-    let (a_at, a_id) = match after {
-        Some((a, i)) => (Some(a), Some(i)),
-        None => (None, None),
-    };
-    let (domains, jid) = filter_params(filter);
-    let rows = bounded_query(pool, "SELECT session_id, jid, resource, client, started_at, ended_at, coalesce(end_reason, end_cause) \
+/// The columns `event_id, at, jid, resource, kind, show, status, priority, client`.
+fn event_row(r: &tokio_postgres::Row) -> EventRow {
+    let show: Option<&str> = r.get(5);
+    let priority: Option<i16> = r.get(7);
+    EventRow {
+        id: r.get(0),
+        at: r.get(1),
+        jid: r.get(2),
+        resource: r.get(3),
+        available: r.get::<_, &str>(4) == "available",
+        show: show.and_then(Show::parse),
+        status: r.get(6),
+        priority: priority.and_then(|p| i8::try_from(p).ok()),
+        client: r.get(8),
+    }
+}
+
+/// The columns `session_id, jid, resource, client, started_at, ended_at, cause`.
+fn session_export_row(r: &tokio_postgres::Row) -> SessionExportRow {
+    SessionExportRow {
+        id: r.get(0),
+        jid: r.get(1),
+        resource: r.get(2),
+        client: r.get(3),
+        start: r.get(4),
+        end: r.get(5),
+        end_cause: r.get(6),
+    }
+}
+
+/// An export's rows, read through one server-side cursor (`DECLARE … FETCH`) in one
+/// read-only transaction, so that a window of any size streams in constant memory with one
+/// plan and one index scan. Each `FETCH` runs under the statement timeout. The connection is
+/// taken out of the pool for the export's life and closed at its end (an export dropped
+/// half-way must not hand back a connection inside a transaction).
+pub struct ExportCursor {
+    client: deadpool_postgres::ClientWrapper,
+    done: bool,
+}
+
+impl std::fmt::Debug for ExportCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportCursor")
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+impl ExportCursor {
+    async fn open(
+        pool: &Pool,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Self, StoreError> {
+        let client = deadpool_postgres::Object::take(pg::client(pool).await?);
+        client
+            .batch_execute(&format!("BEGIN READ ONLY; {STATEMENT_TIMEOUT}"))
+            .await?;
+        client
+            .execute(
+                &format!("DECLARE export NO SCROLL CURSOR FOR {sql}"),
+                params,
+            )
+            .await?;
+        Ok(Self {
+            client,
+            done: false,
+        })
+    }
+
+    /// The events of a window in time order.
+    pub async fn events(
+        pool: &Pool,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        filter: &super::memory::HistoryFilter,
+    ) -> Result<Self, StoreError> {
+        let (domains, jid) = filter_params(filter);
+        Self::open(
+            pool,
+            "SELECT event_id, at, jid, resource, kind, show, status, priority, client FROM presence_events \
+             WHERE at >= $1 AND at < $2 \
+               AND ($3::text[] IS NULL OR split_part(jid, '@', 2) = ANY($3)) \
+               AND ($4::text IS NULL OR jid = $4) \
+             ORDER BY at, event_id",
+            &[&from, &to, &domains, &jid],
+        )
+        .await
+    }
+
+    /// The sessions overlapping a window, by start.
+    pub async fn sessions(
+        pool: &Pool,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        filter: &super::memory::HistoryFilter,
+    ) -> Result<Self, StoreError> {
+        let (domains, jid) = filter_params(filter);
+        Self::open(
+            pool,
+            "SELECT session_id, jid, resource, client, started_at, ended_at, coalesce(end_reason, end_cause) \
              FROM presence_sessions \
              WHERE tstzrange(started_at, CASE WHEN ended_at IS NULL THEN NULL ELSE greatest(started_at, ended_at) END, '[)') && tstzrange($1, $2, '[)') \
                AND ($3::text[] IS NULL OR split_part(jid, '@', 2) = ANY($3)) \
                AND ($4::text IS NULL OR jid = $4) \
-               AND ($5::timestamptz IS NULL OR (started_at, session_id) > ($5, $6::uuid)) \
-             ORDER BY started_at, session_id LIMIT $7",
-            &[&from, &to, &domains, &jid, &a_at, &a_id, &limit]).await?;
-    Ok(rows
-        .iter()
-        .map(|r| SessionExportRow {
-            id: r.get(0),
-            jid: r.get(1),
-            resource: r.get(2),
-            client: r.get(3),
-            start: r.get(4),
-            end: r.get(5),
-            end_cause: r.get(6),
-        })
-        .collect())
+             ORDER BY started_at, session_id",
+            &[&from, &to, &domains, &jid],
+        )
+        .await
+    }
+
+    async fn fetch(&mut self, n: usize) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        if self.done {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .client
+            .query(&format!("FETCH {n} FROM export"), &[])
+            .await?;
+        if rows.len() < n {
+            self.done = true;
+        }
+        Ok(rows)
+    }
+
+    /// The next `n` events (fewer at the end; empty when done).
+    pub async fn next_events(&mut self, n: usize) -> Result<Vec<EventRow>, StoreError> {
+        Ok(self.fetch(n).await?.iter().map(event_row).collect())
+    }
+
+    /// The next `n` sessions (fewer at the end; empty when done).
+    pub async fn next_sessions(&mut self, n: usize) -> Result<Vec<SessionExportRow>, StoreError> {
+        Ok(self
+            .fetch(n)
+            .await?
+            .iter()
+            .map(session_export_row)
+            .collect())
+    }
+
+    /// True once the last row was read.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
 }
 
 #[cfg(test)]

@@ -56,6 +56,7 @@ pub fn start(
         sink: sink.clone(),
         pool: pool.clone(),
     };
+    let w_pool = pool.clone();
     let w = Writer {
         cfg: cfg.clone(),
         pool,
@@ -70,6 +71,12 @@ pub fn start(
         last_retention: None,
         migrated: false,
         closing_since: None,
+        _rollups: {
+            // The rollup builder lives as long as the writer.
+            let stop = tokio_util::sync::CancellationToken::new();
+            tokio::spawn(super::rollup::run(w_pool, cfg.retention_days, stop.clone()));
+            stop.drop_guard()
+        },
     };
     Ok((handle, tokio::spawn(w.run())))
 }
@@ -90,6 +97,8 @@ struct Writer {
     migrated: bool,
     /// When the sink was closed (shutdown): past `flush_timeout_secs`, batches go to the spool.
     closing_since: Option<Instant>,
+    /// Stops the rollup builder when the writer ends.
+    _rollups: tokio_util::sync::DropGuard,
 }
 
 impl Writer {
@@ -385,6 +394,17 @@ impl Writer {
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "store: retention failed"),
+        }
+        // Sessions that ended before the oldest day kept go with their events.
+        match pg::drop_old_sessions(&c, self.cfg.retention_days, Utc::now()).await {
+            Ok(n) if n > 0 => {
+                tracing::info!(
+                    sessions = n,
+                    "store: deleted sessions past store.retention_days"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "store: session retention failed"),
         }
     }
 }

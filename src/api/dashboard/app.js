@@ -217,10 +217,11 @@ function counters() {
   fillChips($('c-show'), Object.entries(byShow).sort((a, b) => SHOW_ORDER[a[0]] - SHOW_ORDER[b[0]]), true);
   fillChips($('c-domain'), Object.entries(byDomain).sort((a, b) => b[1] - a[1]), false);
   // Domain filter options follow what is online.
-  const sel = $('f-domain');
-  const have = new Set([...sel.options].map((o) => o.value));
-  for (const d of Object.keys(byDomain).sort()) {
-    if (!have.has(d)) { const o = document.createElement('option'); o.value = d; o.textContent = d; sel.appendChild(o); }
+  for (const sel of [$('f-domain'), $('a-domain')]) {
+    const have = new Set([...sel.options].map((o) => o.value));
+    for (const d of Object.keys(byDomain).sort()) {
+      if (!have.has(d)) { const o = document.createElement('option'); o.value = d; o.textContent = d; sel.appendChild(o); }
+    }
   }
 }
 
@@ -478,6 +479,376 @@ $('lookup-form').addEventListener('submit', async (e) => {
   }
 });
 
+// ---------- views (tabs) ----------
+const TABS = ['live', 'analytics', 'replay'];
+function canReadHistory() { return st.scopes.includes('history:read') || st.scopes.includes('admin'); }
+
+function showTab(name, focus) {
+  for (const t of TABS) {
+    const on = t === name;
+    const b = $('tab-' + t);
+    b.setAttribute('aria-selected', String(on));
+    b.tabIndex = on ? 0 : -1;
+    $('view-' + t).hidden = !on;
+  }
+  if (focus) $('tab-' + name).focus();
+  if (name !== 'replay') pauseReplay();
+  if (name === 'analytics' && (!ana.loadedAt || Date.now() - ana.loadedAt > 60000)) loadAnalytics();
+  if (name === 'replay' && !rp.loaded) seekReplay();
+  if (name === 'live') schedule();
+}
+
+for (const t of TABS) $('tab-' + t).addEventListener('click', () => showTab(t, false));
+document.querySelector('.tabs').addEventListener('keydown', (e) => {
+  const i = TABS.findIndex((t) => $('tab-' + t).getAttribute('aria-selected') === 'true');
+  let j = null;
+  if (e.key === 'ArrowRight') j = (i + 1) % TABS.length;
+  else if (e.key === 'ArrowLeft') j = (i + TABS.length - 1) % TABS.length;
+  else if (e.key === 'Home') j = 0;
+  else if (e.key === 'End') j = TABS.length - 1;
+  if (j === null) return;
+  e.preventDefault();
+  showTab(TABS[j], true);
+});
+
+function duration(secs) {
+  const s = Math.round(secs);
+  if (s < 60) return s + ' s';
+  if (s < 3600) return Math.floor(s / 60) + ' min';
+  const h = Math.floor(s / 3600);
+  return h + ' h ' + String(Math.floor((s % 3600) / 60)).padStart(2, '0') + ' min';
+}
+
+function when(ms) {
+  return new Date(ms).toLocaleString([], { month: 'short', day: 'numeric', hour: '2-digit', minute: '2-digit' });
+}
+
+function query(params) {
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) if (v !== '' && v !== null && v !== undefined) q.set(k, v);
+  return q.toString();
+}
+
+// Exports stream from the bridge with the token in the header, then download as a file named
+// by the bridge's Content-Disposition.
+async function download(path, fallback) {
+  const r = await fetch(path, { headers: { Authorization: 'Bearer ' + st.token } });
+  if (!r.ok) {
+    let body = null;
+    try { body = await r.json(); } catch (_) { /* not JSON */ }
+    throw new ApiError(r.status, body && body.error, (body && body.message) || r.statusText);
+  }
+  const blob = await r.blob();
+  const m = (r.headers.get('Content-Disposition') || '').match(/filename="?([^";]+)"?/);
+  const a = document.createElement('a');
+  a.href = URL.createObjectURL(blob);
+  a.download = m ? m[1] : fallback;
+  document.body.appendChild(a);
+  a.click();
+  setTimeout(() => { URL.revokeObjectURL(a.href); a.remove(); }, 5000);
+  return blob.size;
+}
+
+function fillRows(tbody, rows) {
+  tbody.replaceChildren(...rows.map((cells) => {
+    const tr = document.createElement('tr');
+    for (const c of cells) {
+      const td = document.createElement('td');
+      if (c instanceof Node) td.appendChild(c); else td.textContent = c;
+      tr.appendChild(td);
+    }
+    return tr;
+  }));
+}
+
+function bar(fraction, text) {
+  const wrap = document.createElement('span');
+  wrap.className = 'barcell';
+  const b = document.createElement('span');
+  b.className = 'bar';
+  b.style.width = Math.max(1, Math.round(fraction * 100)) + '%';
+  const t = document.createElement('span');
+  t.textContent = text;
+  wrap.append(b, t);
+  return wrap;
+}
+
+// ---------- analytics ----------
+const ana = { loadedAt: 0, gen: 0, from: 0, to: 0 };
+const SVGNS = 'http://www.w3.org/2000/svg';
+// Steps: at most ~1,500 points whatever the window (the API allows 10,000).
+const STEP_FOR = { 3600: 10, 86400: 60, 604800: 600 };
+
+function analyticsWindow() {
+  const secs = Number($('a-window').value);
+  const to = Math.floor(Date.now() / 1000) * 1000;
+  return { secs, from: to - secs * 1000, to };
+}
+
+async function loadAnalytics() {
+  if (!canReadHistory()) return;
+  const gen = ++ana.gen;
+  const w = analyticsWindow();
+  ana.from = w.from; ana.to = w.to;
+  const base = { from: new Date(w.from).toISOString(), to: new Date(w.to).toISOString(), domain: $('a-domain').value };
+  $('a-status').textContent = 'Loading…';
+  try {
+    const [conc, lead, cli] = await Promise.all([
+      api('/api/v1/analytics/concurrency?' + query({ ...base, step: STEP_FOR[w.secs] || 60 })),
+      api('/api/v1/analytics/online-time?' + query({ ...base, group: $('a-group').value, limit: 20 })),
+      api('/api/v1/analytics/clients?' + query(base)),
+    ]);
+    if (gen !== ana.gen) return; // a newer request won
+    drawChart(conc);
+    const top = lead.rows.length ? lead.rows[0].seconds : 1;
+    $('a-lead-key').textContent = lead.group;
+    fillRows($('a-lead').tBodies[0], lead.rows.map((r, i) => [String(i + 1), r.key, bar(r.seconds / Math.max(1, top), duration(r.seconds)), String(r.sessions)]));
+    const cmax = cli.rows.reduce((m, r) => Math.max(m, r.seconds), 1);
+    fillRows($('a-clients').tBodies[0], cli.rows.map((r) => [r.client, String(r.users), String(r.resources), bar(r.seconds / cmax, duration(r.seconds))]));
+    ana.loadedAt = Date.now();
+    $('a-status').textContent = 'Updated ' + new Date().toLocaleTimeString();
+  } catch (e) {
+    if (gen !== ana.gen) return;
+    $('a-status').textContent = authMessage(e) || (e.code === 'history_disabled' ? 'No history is kept by this bridge.' : 'Analytics unavailable: ' + e.message);
+  }
+}
+
+function drawChart(c) {
+  const svg = $('a-chart');
+  for (const n of [...svg.querySelectorAll('path, line')]) n.remove();
+  const pts = c.points;
+  const X0 = 0, X1 = 800, Y0 = 214, Y1 = 6;
+  const max = Math.max(1, ...pts.map((p) => p.resources));
+  const t0 = Date.parse(c.from), t1 = Date.parse(c.to);
+  const x = (t) => X0 + ((t - t0) / Math.max(1, t1 - t0)) * (X1 - X0);
+  const y = (v) => Y0 - (v / max) * (Y0 - Y1);
+  const line = (cls, x1, y1, x2, y2) => {
+    const l = document.createElementNS(SVGNS, 'line');
+    l.setAttribute('class', cls);
+    l.setAttribute('x1', x1); l.setAttribute('y1', y1); l.setAttribute('x2', x2); l.setAttribute('y2', y2);
+    svg.appendChild(l);
+    return l;
+  };
+  for (const f of [0.25, 0.5, 0.75, 1]) line('grid', X0, y(max * f), X1, y(max * f));
+  const path = (cls, key) => {
+    const p = document.createElementNS(SVGNS, 'path');
+    p.setAttribute('class', cls);
+    // Steps: each point holds from t to t + step.
+    let d = '';
+    pts.forEach((pt, i) => {
+      const a = x(Date.parse(pt.t));
+      const b = i + 1 < pts.length ? x(Date.parse(pts[i + 1].t)) : X1;
+      d += (i ? 'L' : 'M') + a.toFixed(1) + ',' + y(pt[key]).toFixed(1) + 'L' + b.toFixed(1) + ',' + y(pt[key]).toFixed(1);
+    });
+    p.setAttribute('d', d);
+    svg.appendChild(p);
+  };
+  if (pts.length) {
+    path('series resources', 'resources');
+    path('series users', 'users');
+  }
+  const peakT = Date.parse(c.peak.t);
+  if (c.peak.users > 0) {
+    const m = line('peak', x(peakT), Y1, x(peakT), Y0);
+    m.setAttribute('id', 'a-peak-marker');
+    m.dataset.users = c.peak.users;
+    const title = document.createElementNS(SVGNS, 'title');
+    title.textContent = 'peak: ' + c.peak.users + ' users at ' + new Date(peakT).toLocaleString();
+    m.appendChild(title);
+  }
+  $('a-peak').textContent = c.peak.users > 0 ? '— peak ' + c.peak.users + ' users at ' + when(peakT) : '— nobody online in this window';
+  $('a-axis').textContent = when(t0) + ' → ' + when(t1) + ' · scale 0–' + max + ' · ' + c.step + ' s steps';
+  svg.setAttribute('aria-label', 'Online users over the window; peak ' + c.peak.users + ' users at ' + new Date(peakT).toLocaleString());
+}
+
+for (const id of ['a-window', 'a-domain', 'a-group']) $(id).addEventListener('change', loadAnalytics);
+$('a-refresh').addEventListener('click', loadAnalytics);
+$('a-export').addEventListener('click', async () => {
+  const w = analyticsWindow();
+  $('a-status').textContent = 'Exporting…';
+  try {
+    const bytes = await download('/api/v1/export/sessions?' + query({ from: new Date(w.from).toISOString(), to: new Date(w.to).toISOString(), domain: $('a-domain').value, format: 'csv' }), 'sessions.csv');
+    $('a-status').textContent = 'Exported ' + bytes.toLocaleString() + ' bytes of sessions';
+  } catch (e) {
+    $('a-status').textContent = authMessage(e) || 'Export failed: ' + e.message;
+  }
+});
+
+// ---------- replay ----------
+// The map at T comes from /replay; playing forward applies /events in time order.
+const rp = { loaded: false, gen: 0, at: 0, from: 0, to: 0, users: new Map(), queue: [], fetchedTo: 0, fetching: false, timer: 0, last: 0 };
+
+function replayWindow() {
+  const secs = Number($('r-window').value);
+  const to = Date.now();
+  return { from: to - secs * 1000, to };
+}
+
+function sliderTime() {
+  const s = $('r-slider');
+  return rp.from + (Number(s.value) / Number(s.max)) * (rp.to - rp.from);
+}
+
+function setSlider(t) {
+  const s = $('r-slider');
+  s.value = String(Math.round(((t - rp.from) / Math.max(1, rp.to - rp.from)) * Number(s.max)));
+  s.setAttribute('aria-valuetext', new Date(t).toLocaleString());
+}
+
+function aggregate(u) {
+  let best = null;
+  for (const r of u.resources.values()) {
+    if (!best || r.priority > best.priority || (r.priority === best.priority && SHOW_ORDER[r.show] < SHOW_ORDER[best.show])) best = r;
+  }
+  return best;
+}
+
+let seekTimer = 0;
+function seekReplay() {
+  clearTimeout(seekTimer);
+  seekTimer = setTimeout(() => loadReplay(sliderTime()), 120);
+}
+
+async function loadReplay(t) {
+  if (!canReadHistory()) return;
+  if (!rp.loaded) { const w = replayWindow(); rp.from = w.from; rp.to = w.to; t = sliderTime(); }
+  const gen = ++rp.gen;
+  rp.loaded = true;
+  $('r-count').textContent = 'Loading the map at ' + new Date(t).toLocaleString() + '…';
+  try {
+    const r = await api('/api/v1/replay?' + query({ at: new Date(t).toISOString() }));
+    if (gen !== rp.gen) return;
+    rp.users = new Map();
+    for (const u of r.users) {
+      const res = new Map();
+      for (const x of u.resources) res.set(x.resource, { resource: x.resource, show: x.show, status: x.status, priority: x.priority, client: x.client });
+      rp.users.set(u.jid, { jid: u.jid, resources: res, online_since: Date.parse(u.online_since), last_change: Date.parse(u.last_change) });
+    }
+    rp.at = Date.parse(r.at);
+    rp.queue = [];
+    rp.fetchedTo = rp.at;
+    renderReplay();
+  } catch (e) {
+    if (gen !== rp.gen) return;
+    $('r-count').textContent = authMessage(e) || (e.code === 'history_disabled' ? 'No history is kept by this bridge.' : 'Replay unavailable: ' + e.message);
+  }
+}
+
+function applyEvent(e) {
+  const at = Date.parse(e.at);
+  let u = rp.users.get(e.jid);
+  if (e.kind === 'available') {
+    if (!u) { u = { jid: e.jid, resources: new Map(), online_since: at, last_change: at }; rp.users.set(e.jid, u); }
+    u.resources.set(e.resource, { resource: e.resource, show: e.show, status: e.status, priority: e.priority || 0, client: e.client });
+    u.last_change = at;
+  } else if (u) {
+    u.resources.delete(e.resource);
+    u.last_change = at;
+    if (!u.resources.size) rp.users.delete(e.jid);
+  }
+}
+
+function renderReplay() {
+  $('r-at').textContent = '— ' + new Date(rp.at).toLocaleString();
+  setSlider(rp.at);
+  const users = [...rp.users.values()].sort((a, b) => (a.jid < b.jid ? -1 : 1));
+  let res = 0;
+  for (const u of users) res += u.resources.size;
+  $('r-count').textContent = users.length + ' users (' + res + ' resources) online at ' + new Date(rp.at).toLocaleString() + (users.length > 200 ? '; the first 200 shown' : '');
+  fillRows($('r-table').tBodies[0], users.slice(0, 200).map((u) => {
+    const top = aggregate(u);
+    const s = document.createElement('span');
+    s.className = 'show show-' + top.show;
+    s.textContent = SHOW_WORD[top.show];
+    const devices = [...u.resources.values()].map((r) => initials(r.client, r.resource)).join(' ');
+    return [u.jid, s, shown(top.status), devices, when(u.online_since)];
+  }));
+}
+
+async function fetchEvents(gen) {
+  if (rp.fetching) return;
+  rp.fetching = true;
+  try {
+    const speed = Number($('r-speed').value);
+    const from = rp.fetchedTo;
+    const to = Math.min(Date.now(), from + Math.max(60000, speed * 10000));
+    if (to <= from) return;
+    let cursor = null;
+    const got = [];
+    do {
+      const r = await api('/api/v1/events?' + query({ from: new Date(from).toISOString(), to: new Date(to).toISOString(), limit: 10000, cursor }));
+      got.push(...r.events);
+      cursor = r.next_cursor;
+    } while (cursor && got.length < 100000);
+    if (gen !== rp.gen) return;
+    rp.queue.push(...got);
+    rp.fetchedTo = to;
+  } catch (e) {
+    $('r-count').textContent = 'Playing stopped: ' + (authMessage(e) || e.message);
+    pauseReplay();
+  } finally {
+    rp.fetching = false;
+  }
+}
+
+function tick() {
+  const now = performance.now();
+  const speed = Number($('r-speed').value);
+  const next = Math.min(Date.now(), rp.at + (now - rp.last) * speed);
+  rp.last = now;
+  // Events not fetched yet: wait for them rather than skip them.
+  const target = Math.min(next, rp.fetchedTo);
+  let n = 0;
+  while (n < rp.queue.length && Date.parse(rp.queue[n].at) <= target) applyEvent(rp.queue[n++]);
+  rp.queue.splice(0, n);
+  rp.at = Math.max(rp.at, target);
+  if (rp.fetchedTo - rp.at < speed * 5000) fetchEvents(rp.gen);
+  renderReplay();
+  if (rp.at >= Date.now() - 1000) { pauseReplay(); $('r-count').textContent += ' — reached now'; }
+}
+
+function playReplay() {
+  if (rp.timer) return;
+  rp.last = performance.now();
+  rp.timer = setInterval(tick, 250);
+  $('r-play').textContent = 'Pause';
+  $('r-play').setAttribute('aria-pressed', 'true');
+  fetchEvents(rp.gen);
+}
+
+function pauseReplay() {
+  if (!rp.timer) return;
+  clearInterval(rp.timer);
+  rp.timer = 0;
+  $('r-play').textContent = 'Play';
+  $('r-play').setAttribute('aria-pressed', 'false');
+}
+
+$('r-play').addEventListener('click', () => (rp.timer ? pauseReplay() : playReplay()));
+$('r-slider').addEventListener('input', () => {
+  pauseReplay();
+  $('r-at').textContent = '— ' + new Date(sliderTime()).toLocaleString();
+  seekReplay();
+});
+$('r-window').addEventListener('change', () => {
+  pauseReplay();
+  const w = replayWindow();
+  rp.from = w.from; rp.to = w.to;
+  seekReplay();
+});
+$('r-export').addEventListener('click', async () => {
+  const w = replayWindow();
+  const out = $('r-count');
+  const before = out.textContent;
+  out.textContent = 'Exporting…';
+  try {
+    const bytes = await download('/api/v1/export/events?' + query({ from: new Date(w.from).toISOString(), to: new Date(w.to).toISOString(), format: 'csv' }), 'events.csv');
+    out.textContent = before + ' — exported ' + bytes.toLocaleString() + ' bytes of events';
+  } catch (e) {
+    out.textContent = authMessage(e) || 'Export failed: ' + e.message;
+  }
+});
+
 // ---------- start ----------
 async function start() {
   readToken();
@@ -492,6 +863,7 @@ async function start() {
   $('app').hidden = false;
   $('forget').hidden = false;
   $('banner').hidden = true;
+  for (const t of ['analytics', 'replay']) $('tab-' + t).hidden = !canReadHistory();
   st.epoch = null;
   connect();
   pollReady();

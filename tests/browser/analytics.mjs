@@ -1,0 +1,132 @@
+// Drives headless Chromium against a running `presence-bridge demo --backfill-hours 2`: the
+// Analytics view (concurrency chart with the peak marked, online-time leaderboard, clients,
+// export) and the Replay view (the slider changes the map to the API's map at T; play applies
+// events forward; export). Usage: node analytics.mjs <dashboard URL with #token=...> <screenshot
+// folder>. Exits non-zero with "FAIL: ..." on the first broken expectation.
+import { chromium } from 'playwright-core';
+import { readFileSync } from 'node:fs';
+
+const [url, dir] = process.argv.slice(2);
+const base = url.split('#')[0];
+const fail = (m) => { console.error('FAIL: ' + m); process.exit(1); };
+const step = (m) => console.log('ok - ' + m);
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+    '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic'],
+});
+try {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 1000 }, acceptDownloads: true });
+  const page = await context.newPage();
+  const errors = [];
+  page.on('pageerror', (e) => errors.push(e.message));
+  page.on('console', (m) => { if (m.type() === 'error') errors.push(m.text()); });
+  const external = [];
+  page.on('request', (r) => {
+    const u = r.url();
+    if (!u.startsWith(base) && !u.startsWith(base.replace('http', 'ws')) && !u.startsWith('blob:')) external.push(u);
+  });
+
+  await page.goto(url);
+  await page.waitForFunction(() => document.getElementById('conn-text').textContent === 'live', null, { timeout: 20000 });
+  // The backfill runs behind the live view: wait until it has passed 30 minutes ago.
+  await page.waitForFunction(async () => {
+    const at = new Date(Date.now() - 30 * 60000).toISOString();
+    const r = await api('/api/v1/replay?at=' + encodeURIComponent(at));
+    return r.users.length > 0;
+  }, null, { timeout: 120000, polling: 500 });
+  step('backfilled history is there');
+
+  // 1. Analytics, reached by keyboard from the Live tab.
+  await page.focus('#tab-live');
+  await page.keyboard.press('ArrowRight');
+  if ((await page.getAttribute('#tab-analytics', 'aria-selected')) !== 'true') fail('ArrowRight did not select Analytics');
+  if (!(await page.isHidden('#view-live'))) fail('the live view is still shown');
+  await page.waitForSelector('#a-peak-marker', { state: 'attached', timeout: 20000 });
+  await page.waitForFunction(() => document.querySelectorAll('#a-lead tbody tr').length > 0 && document.querySelectorAll('#a-clients tbody tr').length > 0, null, { timeout: 20000 });
+  const peakUsers = Number(await page.getAttribute('#a-peak-marker', 'data-users'));
+  const peakText = await page.textContent('#a-peak');
+  if (!(peakUsers > 0) || !peakText.includes('peak ' + peakUsers + ' users')) fail(`peak not marked: ${peakUsers} / "${peakText}"`);
+  // The marked peak is the API's peak of the same window.
+  const apiPeak = await page.evaluate(async () => {
+    const r = await api('/api/v1/analytics/concurrency?from=' + new Date(ana.from).toISOString() + '&to=' + new Date(ana.to).toISOString() + '&step=60');
+    return r.peak.users;
+  });
+  if (apiPeak !== peakUsers) fail(`chart peak ${peakUsers} != API peak ${apiPeak}`);
+  const paths = await page.locator('#a-chart path.series').count();
+  if (paths !== 2) fail('chart lines missing: ' + paths);
+  const lead = await page.locator('#a-lead tbody tr').count();
+  const firstKey = await page.textContent('#a-lead tbody tr td:nth-child(2)');
+  step(`analytics: peak ${peakUsers} users marked, ${lead} leaderboard rows (top: ${firstKey})`);
+
+  // Grouping by domain changes the leaderboard's keys.
+  await page.selectOption('#a-group', 'domain');
+  await page.waitForFunction(() => document.getElementById('a-lead-key').textContent === 'domain'
+    && [...document.querySelectorAll('#a-lead tbody tr td:nth-child(2)')].every((td) => !td.textContent.includes('@')), null, { timeout: 20000 });
+  step('leaderboard by domain');
+
+  // Export downloads a CSV with the header of contract §6.
+  const [dl] = await Promise.all([page.waitForEvent('download', { timeout: 20000 }), page.click('#a-export')]);
+  const csv = readFileSync(await dl.path(), 'utf8');
+  const lines = csv.trimEnd().split('\r\n');
+  if (lines[0] !== 'jid,resource,client,start,end,end_cause') fail('sessions CSV header: ' + lines[0]);
+  if (lines.length < 2) fail('sessions CSV is empty');
+  if (!/\.csv$/.test(dl.suggestedFilename())) fail('download name: ' + dl.suggestedFilename());
+  step(`sessions export: ${dl.suggestedFilename()}, ${lines.length - 1} rows`);
+  await page.screenshot({ path: dir + '/analytics.png', fullPage: true });
+
+  // Phone size: no horizontal overflow in the analytics view.
+  await page.setViewportSize({ width: 390, height: 844 });
+  await page.waitForTimeout(300);
+  if (await page.evaluate(() => document.documentElement.scrollWidth > window.innerWidth + 1)) fail('analytics overflows a phone-sized screen');
+  await page.emulateMedia({ colorScheme: 'dark' });
+  await page.screenshot({ path: dir + '/analytics-phone-dark.png', fullPage: true });
+  await page.emulateMedia({ colorScheme: 'light' });
+  await page.setViewportSize({ width: 1280, height: 1000 });
+  step('analytics readable on a phone (and dark)');
+
+  // 2. Replay, by keyboard from the Analytics tab.
+  await page.focus('#tab-analytics');
+  await page.keyboard.press('ArrowRight');
+  if ((await page.getAttribute('#tab-replay', 'aria-selected')) !== 'true') fail('ArrowRight did not select Replay');
+  await page.waitForFunction(() => /users \(\d+ resources\) online at/.test(document.getElementById('r-count').textContent), null, { timeout: 20000 });
+  const mapAt = () => page.evaluate(() => ({ at: rp.at, jids: [...rp.users.keys()].sort() }));
+  const apiMap = (at) => page.evaluate(async (t) => (await api('/api/v1/replay?at=' + new Date(t).toISOString())).users.map((u) => u.jid).sort(), at);
+  const m1 = await mapAt();
+  const a1 = await apiMap(m1.at);
+  if (JSON.stringify(m1.jids) !== JSON.stringify(a1)) fail('the replay map differs from the API at the same instant');
+  // The slider, by keyboard: 45 minutes earlier.
+  await page.focus('#r-slider');
+  for (let i = 0; i < 45; i++) await page.keyboard.press('ArrowLeft');
+  await page.waitForFunction((t) => rp.at < t - 40 * 60000 && !/Loading/.test(document.getElementById('r-count').textContent), m1.at, { timeout: 20000 });
+  const m2 = await mapAt();
+  if (JSON.stringify(m2.jids) === JSON.stringify(m1.jids)) fail('moving the slider 45 minutes did not change the map');
+  const a2 = await apiMap(m2.at);
+  if (JSON.stringify(m2.jids) !== JSON.stringify(a2)) fail('the map after the slider differs from the API at that instant');
+  step(`slider: ${m1.jids.length} users at ${new Date(m1.at).toISOString()} -> ${m2.jids.length} at ${new Date(m2.at).toISOString()}`);
+
+  // Play forward at 3600x: the events applied give the API's map at the instant reached.
+  await page.selectOption('#r-speed', '3600');
+  await page.click('#r-play');
+  await page.waitForFunction((t) => rp.at > t + 10 * 60000, m2.at, { timeout: 30000 });
+  await page.click('#r-play');
+  await page.waitForFunction(() => !rp.timer, null, { timeout: 5000 });
+  const m3 = await mapAt();
+  const a3 = await apiMap(m3.at);
+  if (JSON.stringify(m3.jids) !== JSON.stringify(a3)) fail(`played-forward map differs from the API at ${new Date(m3.at).toISOString()}: ${m3.jids.length} vs ${a3.length}`);
+  step(`play: advanced to ${new Date(m3.at).toISOString()} with ${m3.jids.length} users, equal to the API's map`);
+
+  const [dl2] = await Promise.all([page.waitForEvent('download', { timeout: 20000 }), page.click('#r-export')]);
+  const ev = readFileSync(await dl2.path(), 'utf8').split('\r\n');
+  if (ev[0] !== 'at,jid,resource,kind,show,status,priority,client') fail('events CSV header: ' + ev[0]);
+  if (ev.length < 3) fail('events CSV is empty');
+  step(`events export: ${dl2.suggestedFilename()}, ${ev.length - 2} rows`);
+  await page.screenshot({ path: dir + '/replay.png', fullPage: true });
+
+  if (errors.length) fail('browser errors: ' + errors.join(' | '));
+  if (external.length) fail('requests to other origins: ' + external.join(', '));
+  console.log('ALL OK');
+} finally {
+  await browser.close();
+}
