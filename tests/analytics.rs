@@ -742,3 +742,131 @@ async fn rollups_of_past_days_agree_and_follow_late_events() {
     db.stop().await;
     mem.stop().await;
 }
+
+/// Real clients through the shared ejabberd, with known overlaps: online-time equals each
+/// session the bridge recorded (to the millisecond), the peak is the two users at the instant
+/// the second came online, and replay inside each phase shows exactly who was online.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_clients_through_ejabberd_give_exact_analytics() {
+    init_logs();
+    let ej = Ejabberd::shared();
+    let lease = lease_component();
+    let pg = Pg::shared("anaej");
+    let a = ej.user("ana", &lease.domain);
+    let b = ej.user("anb", &lease.domain);
+    let (ja, jb) = (format!("{a}@localhost"), format!("{b}@localhost"));
+    let spool = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        xmpp: xmpp_cfg(&ej, &lease),
+        store: StoreConfig {
+            postgres_url: Some(DbUrl::new(pg.url())),
+            spool_dir: spool.path().to_path_buf(),
+            ..StoreConfig::default()
+        },
+        ..test_config()
+    };
+    let app = TestApp::start(cfg, Ingest::Xmpp).await;
+    app.connected().await;
+    let tok = token("presence:read history:read", None);
+    let online = |jid: &str, want: bool| {
+        let (app, jid, tok) = (&app, jid.to_owned(), tok.clone());
+        async move {
+            eventually("presence", || {
+                let (_, body, _) = app.get(&format!("/api/v1/presence/{jid}"), Some(&tok));
+                body["online"] == want
+            })
+            .await;
+        }
+    };
+    let pause = || tokio::time::sleep(std::time::Duration::from_millis(300));
+    let t0 = Utc::now();
+    let mut pa = Client::login(ej.c2s, &a, "phone").await;
+    pa.presence(Some("chat"), Some("a here"), 1, None).await;
+    online(&ja, true).await;
+    pause().await;
+    let m1 = Utc::now();
+    let mut pb = Client::login(ej.c2s, &b, "laptop").await;
+    pb.presence(Some("away"), Some("b here"), 0, None).await;
+    online(&jb, true).await;
+    pause().await;
+    let m2 = Utc::now();
+    pa.unavailable(None).await;
+    online(&ja, false).await;
+    pause().await;
+    let m3 = Utc::now();
+    pb.unavailable(None).await;
+    online(&jb, false).await;
+    let t1 = Utc::now() + Duration::seconds(1);
+    eventually("sessions written", || {
+        pg.query("SELECT count(*) FROM presence_sessions WHERE ended_at IS NOT NULL") == "2"
+    })
+    .await;
+    let exact = |jid: &str, what: &str| {
+        pg.query(&format!(
+            "SELECT {what} FROM presence_sessions WHERE jid = '{jid}'"
+        ))
+    };
+    let ms = |jid: &str| {
+        exact(
+            jid,
+            "floor(extract(epoch FROM (ended_at - started_at)) * 1000)::bigint",
+        )
+        .parse::<i64>()
+        .unwrap()
+    };
+    let w = format!("from={}&to={}", ts(t0), ts(t1));
+    let ot = get(&app, &format!("/api/v1/analytics/online-time?{w}"), &tok);
+    let rows = ot["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{ot}");
+    for (jid, r) in [(&ja, ms(&ja)), (&jb, ms(&jb))] {
+        let row = rows.iter().find(|x| x["key"] == **jid).unwrap();
+        assert_eq!(
+            row["seconds"].as_f64().unwrap(),
+            r as f64 / 1000.0,
+            "{jid}: {ot}"
+        );
+        assert_eq!(row["sessions"], 1);
+    }
+    let conc = get(
+        &app,
+        &format!("/api/v1/analytics/concurrency?{w}&step=3600"),
+        &tok,
+    );
+    assert_eq!(conc["peak"]["users"], 2, "{conc}");
+    let b_start = exact(
+        &jb,
+        "to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')",
+    );
+    assert_eq!(
+        conc["peak"]["t"], b_start,
+        "the peak is reached when b comes online"
+    );
+    let at = |t: DateTime<Utc>| {
+        let r = get(&app, &format!("/api/v1/replay?at={}", ts(t)), &tok);
+        r["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["jid"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let mut both = vec![ja.clone(), jb.clone()];
+    both.sort();
+    assert_eq!(at(m1), vec![ja.clone()]);
+    assert_eq!(at(m2), both);
+    assert_eq!(at(m3), vec![jb.clone()]);
+    let r = get(&app, &format!("/api/v1/replay?at={}", ts(m2)), &tok);
+    let ua = r["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["jid"] == *ja)
+        .unwrap();
+    assert_eq!(
+        (ua["show"].as_str(), ua["status"].as_str()),
+        (Some("chat"), Some("a here"))
+    );
+    pb.close().await;
+    pa.close().await;
+    app.stop().await;
+}
