@@ -5,6 +5,7 @@
 //! body limit, rate limits per token and per IP on `/api/v1`, and a graceful stop that closes
 //! WebSockets with 1001.
 
+pub mod admin;
 pub mod analytics;
 pub mod auth;
 pub mod error;
@@ -70,6 +71,8 @@ pub struct AppState {
     pub history: Option<crate::store::memory::MemoryHistory>,
     /// `store.retention_days`: how far back replay looks for an online stretch.
     pub retention_days: u32,
+    /// The open WebSocket sessions by id (contract §8's subscribers list).
+    pub subscribers: DashMap<String, Arc<ws::Subscriber>>,
 }
 
 /// How often the concurrency is sampled.
@@ -116,6 +119,7 @@ impl AppState {
             reconciler: None,
             history: None,
             retention_days: 30,
+            subscribers: DashMap::new(),
         }
     }
 
@@ -178,8 +182,8 @@ async fn style_css() -> HttpResponse {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "presence-bridge", description = "Live XMPP presence: REST and WebSocket (contract v1)"),
-    paths(rest::healthz, rest::readyz, rest::metrics, rest::list, rest::one, rest::last_seen, rest::last_seen_bulk, rest::history, rest::stats, rest::concurrency, rest::admin_reconcile, analytics::online_time, analytics::concurrency, analytics::clients, analytics::replay, export::events, export::export_events, export::export_sessions, ws::ws, openapi_doc),
-    components(schemas(ErrorBody, rest::Health, rest::Ready, rest::PresenceList, rest::BulkBody, rest::BulkAnswer, rest::StatsBody, rest::ConcurrencyBody, rest::Order, rest::BareJidText, Sample, crate::presence::UserPresence, crate::presence::ResourcePresence, crate::presence::Show, lookup::LastSeen, lookup::HistoryBody, lookup::HistoryEntry, crate::sources::reconcile::Outcome, analytics::OnlineTimeBody, analytics::OnlineTimeRow, analytics::ConcurrencyAnswer, analytics::PointBody, analytics::PeakBody, analytics::ClientsBody, analytics::ClientRowBody, analytics::ReplayBody, export::EventsBody, export::EventBody, analytics::GroupParam, export::FormatParam)),
+    paths(rest::healthz, rest::readyz, rest::metrics, rest::list, rest::one, rest::last_seen, rest::last_seen_bulk, rest::history, rest::stats, rest::concurrency, rest::admin_reconcile, admin::subscribers, admin::close_subscriber, admin::resync, admin::erase_user, analytics::online_time, analytics::concurrency, analytics::clients, analytics::replay, export::events, export::export_events, export::export_sessions, ws::ws, openapi_doc),
+    components(schemas(ErrorBody, rest::Health, rest::Ready, rest::PresenceList, rest::BulkBody, rest::BulkAnswer, rest::StatsBody, rest::ConcurrencyBody, rest::Order, rest::BareJidText, Sample, crate::presence::UserPresence, crate::presence::ResourcePresence, crate::presence::Show, lookup::LastSeen, lookup::HistoryBody, lookup::HistoryEntry, crate::sources::reconcile::Outcome, analytics::OnlineTimeBody, analytics::OnlineTimeRow, analytics::ConcurrencyAnswer, analytics::PointBody, analytics::PeakBody, analytics::ClientsBody, analytics::ClientRowBody, analytics::ReplayBody, export::EventsBody, export::EventBody, analytics::GroupParam, export::FormatParam, admin::SubscribersBody, admin::ResyncBody, ws::SubscriberBody, ws::FilterBody)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -239,6 +243,10 @@ const ROUTES: &[(&str, &str)] = &[
     ("/api/v1/stats/concurrency", "GET, HEAD"),
     ("/api/v1/ws", "GET"),
     ("/api/v1/admin/reconcile", "POST"),
+    ("/api/v1/admin/resync", "POST"),
+    ("/api/v1/admin/subscribers", "GET, HEAD"),
+    ("/api/v1/admin/subscribers/{id}", "DELETE"),
+    ("/api/v1/users/{jid}", "DELETE"),
     ("/api/v1/analytics/online-time", "GET, HEAD"),
     ("/api/v1/analytics/concurrency", "GET, HEAD"),
     ("/api/v1/analytics/clients", "GET, HEAD"),
@@ -377,6 +385,10 @@ pub fn serve(
             .service(rest::concurrency)
             .service(rest::stats)
             .service(rest::admin_reconcile)
+            .service(admin::subscribers)
+            .service(admin::close_subscriber)
+            .service(admin::resync)
+            .service(admin::erase_user)
             .service(analytics::online_time)
             .service(analytics::concurrency)
             .service(analytics::clients)

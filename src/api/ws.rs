@@ -112,6 +112,23 @@ impl Filter {
         Ok(Filter { jids, domains })
     }
 
+    /// The filter as the subscribers list shows it: (jids, domains), sorted; `None` = any.
+    fn describe(&self) -> FilterBody {
+        let mut jids: Option<Vec<String>> = self
+            .jids
+            .as_ref()
+            .map(|j| j.iter().map(|x| x.as_str().to_owned()).collect());
+        let mut domains: Option<Vec<String>> =
+            self.domains.as_ref().map(|d| d.iter().cloned().collect());
+        if let Some(j) = &mut jids {
+            j.sort();
+        }
+        if let Some(d) = &mut domains {
+            d.sort();
+        }
+        FilterBody { jids, domains }
+    }
+
     fn passes(&self, p: &Permissions, jid: &UserJid) -> bool {
         if !p.can_see(jid) {
             return false;
@@ -208,6 +225,111 @@ impl Drop for Slot {
     }
 }
 
+/// A session's filter in the subscribers list (`null` = no narrowing).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct FilterBody {
+    /// Only these users.
+    pub jids: Option<Vec<String>>,
+    /// Only these domains.
+    pub domains: Option<Vec<String>>,
+}
+
+/// One open WebSocket session, as an operator sees it (contract §8).
+#[derive(Debug)]
+pub struct Subscriber {
+    /// Random id, for `DELETE /api/v1/admin/subscribers/{id}`.
+    pub id: String,
+    /// The token's subject.
+    pub sub: String,
+    /// The peer's address.
+    pub remote_addr: Option<String>,
+    /// When the session opened.
+    pub connected_at: chrono::DateTime<Utc>,
+    filter: std::sync::Mutex<FilterBody>,
+    frames_sent: std::sync::atomic::AtomicU64,
+    resyncs: std::sync::atomic::AtomicU64,
+    /// Cancelled by an operator: the session says `closed_by_admin` and closes with 1008.
+    kick: tokio_util::sync::CancellationToken,
+}
+
+/// `GET /api/v1/admin/subscribers` row.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct SubscriberBody {
+    /// Session id.
+    pub id: String,
+    /// The token's subject.
+    pub sub: String,
+    /// The peer's address.
+    pub remote_addr: Option<String>,
+    /// When the session opened.
+    #[serde(with = "crate::presence::model::rfc3339_millis")]
+    pub connected_at: chrono::DateTime<Utc>,
+    /// Its current filter.
+    pub filter: FilterBody,
+    /// Frames sent to it.
+    pub frames_sent: u64,
+    /// Times it fell behind and got a fresh snapshot.
+    pub resyncs: u64,
+}
+
+impl Subscriber {
+    /// What the subscribers list shows.
+    pub fn body(&self) -> SubscriberBody {
+        use std::sync::atomic::Ordering::Relaxed;
+        SubscriberBody {
+            id: self.id.clone(),
+            sub: self.sub.clone(),
+            remote_addr: self.remote_addr.clone(),
+            connected_at: self.connected_at,
+            filter: self
+                .filter
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            frames_sent: self.frames_sent.load(Relaxed),
+            resyncs: self.resyncs.load(Relaxed),
+        }
+    }
+
+    /// Asks the session to close (`closed_by_admin`, 1008).
+    pub fn close(&self) {
+        self.kick.cancel();
+    }
+
+    fn set_filter(&self, f: &Filter) {
+        *self.filter.lock().unwrap_or_else(|p| p.into_inner()) = f.describe();
+    }
+}
+
+/// Keeps a session in `AppState::subscribers` for its life.
+struct Registered {
+    st: Arc<AppState>,
+    info: Arc<Subscriber>,
+}
+
+impl Registered {
+    fn new(st: Arc<AppState>, sub: &str, remote_addr: Option<String>, filter: &Filter) -> Self {
+        let info = Arc::new(Subscriber {
+            id: format!("{:016x}", rand::random::<u64>()),
+            sub: sub.to_owned(),
+            remote_addr,
+            connected_at: Utc::now(),
+            filter: std::sync::Mutex::new(filter.describe()),
+            frames_sent: Default::default(),
+            resyncs: Default::default(),
+            kick: tokio_util::sync::CancellationToken::new(),
+        });
+        st.subscribers.insert(info.id.clone(), info.clone());
+        Registered { st, info }
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.st.subscribers.remove(&self.info.id);
+    }
+}
+
 /// `GET /api/v1/ws`: the live feed (contract §5). Upgrades to a WebSocket; see the README
 /// for the frames.
 #[utoipa::path(get, path = "/api/v1/ws", params(WsQuery), responses(
@@ -262,6 +384,7 @@ pub async fn ws(
     // The session runs on this actix worker's runtime, owned by the app's task tracker:
     // shutdown waits for it (and so for its 1001 close frame).
     let tasks = st.tasks.clone();
+    let remote = req.peer_addr().map(|a| a.to_string());
     actix_web::rt::spawn(tasks.track_future(run(
         st.into_inner(),
         perms,
@@ -269,7 +392,7 @@ pub async fn ws(
         resume,
         session,
         stream,
-        slot,
+        (slot, remote),
     )));
     Ok(resp)
 }
@@ -336,6 +459,7 @@ enum End {
 
 struct Conn {
     st: Arc<AppState>,
+    info: Arc<Subscriber>,
     session: Session,
     send_timeout: Duration,
     /// The client sent its Close first: answering it completes the closing handshake.
@@ -347,6 +471,9 @@ impl Conn {
         let n = text.len() as u64;
         match tokio::time::timeout(self.send_timeout, self.session.text(text)).await {
             Ok(Ok(())) => {
+                self.info
+                    .frames_sent
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.st.metrics.ws_frames.inc();
                 self.st.metrics.ws_bytes.inc_by(n);
                 Ok(())
@@ -418,11 +545,13 @@ async fn run(
     resume: Option<(u64, String)>,
     session: Session,
     mut stream: actix_ws::AggregatedMessageStream,
-    _slot: Slot,
+    (_slot, remote): (Slot, Option<String>),
 ) {
     st.metrics.ws_sessions.inc();
+    let registered = Registered::new(st.clone(), &perms.sub, remote, &filter);
     let mut conn = Conn {
         st: st.clone(),
+        info: registered.info.clone(),
         session: session.clone(),
         send_timeout: st.http.ws_send_timeout_secs,
         peer_closed: false,
@@ -495,6 +624,11 @@ async fn session_loop(
             _ = st.shutdown.cancelled() => {
                 return Ok(Some(CloseReason { code: CloseCode::Away, description: Some("server shutting down".into()) }));
             }
+            _ = conn.info.kick.cancelled() => {
+                st.metrics.ws_closed.with_label_values(&["closed_by_admin"]).inc();
+                conn.error("closed_by_admin", "an operator closed this session").await?;
+                return Ok(Some(CloseReason { code: CloseCode::Policy, description: Some("closed by an operator".into()) }));
+            }
             msg = stream.next() => {
                 last_heard = Instant::now();
                 if matches!(msg, Some(Ok(AggregatedMessage::Text(_) | AggregatedMessage::Binary(_) | AggregatedMessage::Ping(_))))
@@ -509,6 +643,7 @@ async fn session_loop(
                         Ok(ClientMessage::Ping) => conn.send(r#"{"type":"pong"}"#.to_owned()).await?,
                         Ok(ClientMessage::Subscribe(f)) => {
                             *filter = f;
+                            conn.info.set_filter(filter);
                             conn.snapshot(&mut sub, perms, filter).await?;
                         }
                         Err((code, message)) => conn.error(code, &message).await?,
@@ -587,6 +722,9 @@ async fn resync(
     filter: &Filter,
 ) -> Result<(), End> {
     st.metrics.ws_resyncs.with_label_values(&["lagged"]).inc();
+    conn.info
+        .resyncs
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     *sub = st.engine.hub().subscribe();
     conn.send(r#"{"type":"resync","reason":"lagged"}"#.to_owned())
         .await?;

@@ -171,6 +171,7 @@ enum Command {
         offline_at: DateTime<Utc>,
     },
     Barrier(oneshot::Sender<u64>),
+    Forget(UserJid, oneshot::Sender<bool>),
 }
 
 /// State shared between the sequencer and readers.
@@ -302,6 +303,15 @@ impl Engine {
         self.ask(Command::Barrier).await
     }
 
+    /// Forgets a user (a right-to-erasure request, contract §8): removes them from the map,
+    /// the counters and any resync round. If they were online, subscribers get one `offline`
+    /// change for them (published to the hub only: the sinks record nothing about a user
+    /// being erased). `true` if the user was known. Their next presence makes them new.
+    pub async fn forget(&self, jid: &UserJid) -> Result<bool, EngineClosed> {
+        let jid = jid.clone();
+        self.ask(|reply| Command::Forget(jid, reply)).await
+    }
+
     /// Starts a resync round: every resource online now must be confirmed (by any presence
     /// of that resource) before [`Engine::resync_end`] with the same generation, or it goes
     /// offline with cause `resync`.
@@ -414,6 +424,10 @@ impl Sequencer {
                 Command::Barrier(reply) => {
                     let _ = reply.send(self.shared.seq.load(Ordering::Acquire));
                 }
+                Command::Forget(jid, reply) => {
+                    let known = self.forget(&jid);
+                    let _ = reply.send(known);
+                }
                 Command::ResyncBegin(generation) => {
                     let pending = self
                         .shared
@@ -469,6 +483,52 @@ impl Sequencer {
                 }
             }
         }
+    }
+
+    fn forget(&mut self, jid: &UserJid) -> bool {
+        if let Some(r) = &mut self.resync {
+            r.pending.retain(|(j, _)| j != jid);
+        }
+        let Some((_, prev)) = self.shared.map.remove(jid) else {
+            return false;
+        };
+        self.metrics.known_users.set(self.shared.map.len() as i64);
+        if !prev.online {
+            return true;
+        }
+        let seq = self.shared.seq.load(Ordering::Relaxed) + 1;
+        {
+            let mut stats = self.shared.stats.write().unwrap_or_else(|p| p.into_inner());
+            stats.account(&prev, -1);
+            stats.seq = seq;
+            self.metrics.online_users.set(stats.online_users as i64);
+            self.metrics
+                .online_resources
+                .set(stats.online_resources as i64);
+        }
+        self.online.remove(jid);
+        let now = Utc::now();
+        let gone = Arc::new(UserPresence {
+            jid: jid.clone(),
+            online: false,
+            show: Show::Offline,
+            status: None,
+            priority: 0,
+            online_since: None,
+            last_change: now,
+            last_seen: None,
+            resources: Vec::new(),
+        });
+        self.shared.seq.store(seq, Ordering::Release);
+        self.metrics.changes.inc();
+        self.shared.hub.publish(Arc::new(Change {
+            seq,
+            jid: jid.clone(),
+            op: super::model::Op::Offline,
+            presence: gone,
+            received_at: now,
+        }));
+        true
     }
 
     fn confirm(&mut self, ev: &PresenceEvent) {

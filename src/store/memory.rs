@@ -27,6 +27,9 @@ struct MemSession {
     end_reason: Option<String>,
     /// Sequence number of the event that opened it (sessions are evicted with their events).
     opened_by: u64,
+    /// Erased on request (contract §8): kept as a placeholder so positions stay valid, never
+    /// shown.
+    erased: bool,
 }
 
 #[derive(Debug, Default)]
@@ -100,6 +103,7 @@ impl MemoryHistory {
                     end_cause: None,
                     end_reason: None,
                     opened_by: seq,
+                    erased: false,
                 });
                 g.open.insert(key, index);
             }
@@ -118,6 +122,29 @@ impl MemoryHistory {
                 }
             }
         }
+    }
+
+    /// Erases everything about one user (contract §8): their events go, their sessions become
+    /// placeholders nothing shows. Returns (events, sessions) erased.
+    pub fn erase(&self, jid: &UserJid) -> (usize, usize) {
+        let mut g = self.lock();
+        let before = g.events.len();
+        g.events.retain(|(_, e)| e.jid != jid.as_str());
+        let events = before - g.events.len();
+        let mut sessions = 0;
+        let placeholder = UserJid::parse("erased@erased.invalid").ok();
+        for s in g.sessions.iter_mut().filter(|s| s.jid == *jid && !s.erased) {
+            s.erased = true;
+            if let Some(p) = &placeholder {
+                s.jid = p.clone();
+            }
+            s.resource.clear();
+            s.client = None;
+            s.end_reason = None;
+            sessions += 1;
+        }
+        g.open.retain(|(j, _), _| j != jid);
+        (events, sessions)
     }
 
     /// Events kept.
@@ -143,7 +170,8 @@ impl MemoryHistory {
         let g = self.lock();
         let mut out = Vec::new();
         for s in &g.sessions {
-            if s.start >= to || s.end.unwrap_or(now) <= from || !filter.matches(&s.jid) {
+            if s.erased || s.start >= to || s.end.unwrap_or(now) <= from || !filter.matches(&s.jid)
+            {
                 continue;
             }
             if out.len() == max {
@@ -175,7 +203,9 @@ impl MemoryHistory {
         let mut out: Vec<super::reads::SessionExportRow> = g
             .sessions
             .iter()
-            .filter(|s| s.start < to && s.end.unwrap_or(now) > from && filter.matches(&s.jid))
+            .filter(|s| {
+                !s.erased && s.start < to && s.end.unwrap_or(now) > from && filter.matches(&s.jid)
+            })
             .map(|s| super::reads::SessionExportRow {
                 id: uuid::Uuid::from_u128(s.id),
                 jid: s.jid.as_str().to_owned(),

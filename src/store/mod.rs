@@ -306,6 +306,11 @@ struct SinkInner {
     depth: IntGauge,
     /// Cancelled by [`StoreSink::close`]; wakes the writer out of a batch window at once.
     closed: CancellationToken,
+    /// Events ever pushed, and ever settled by the writer (committed or spooled): an event
+    /// pushed when `pushed` was N is settled once `settled` reaches N.
+    pushed: std::sync::atomic::AtomicU64,
+    settled: std::sync::atomic::AtomicU64,
+    settled_notify: Notify,
 }
 
 impl StoreSink {
@@ -317,6 +322,9 @@ impl StoreSink {
                 notify: Notify::new(),
                 depth: metrics.queue_depth.clone(),
                 closed: CancellationToken::new(),
+                pushed: Default::default(),
+                settled: Default::default(),
+                settled_notify: Notify::new(),
             }),
         }
     }
@@ -327,11 +335,46 @@ impl StoreSink {
         let before = q.len();
         q.extend(events);
         let added = q.len() - before;
+        self.inner
+            .pushed
+            .fetch_add(added as u64, std::sync::atomic::Ordering::AcqRel);
         drop(q);
         if added > 0 {
             self.inner.depth.add(added as i64);
             self.inner.notify.notify_one();
         }
+    }
+
+    /// How many events were ever pushed: a mark for [`StoreSink::settled_through`].
+    pub fn pushed(&self) -> u64 {
+        self.inner.pushed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The writer settled (committed to Postgres or spooled) `n` more events.
+    fn settle(&self, n: u64) {
+        self.inner
+            .settled
+            .fetch_add(n, std::sync::atomic::Ordering::AcqRel);
+        self.inner.settled_notify.notify_waiters();
+    }
+
+    /// Waits until every event pushed before `mark` was taken is settled; `false` on timeout.
+    pub async fn settled_through(&self, mark: u64, timeout: std::time::Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.inner.settled_notify.notified();
+                if self
+                    .inner
+                    .settled
+                    .load(std::sync::atomic::Ordering::Acquire)
+                    >= mark
+                {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
     }
 
     /// Events waiting for the writer.

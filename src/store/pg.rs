@@ -104,6 +104,47 @@ pub async fn ensure_partitions(
     Ok(())
 }
 
+/// What an erasure removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Erased {
+    /// History rows.
+    pub events: u64,
+    /// Session rows.
+    pub sessions: u64,
+    /// Last-seen rows (0 or 1).
+    pub last_seen: u64,
+}
+
+/// Erases one user (contract §8, right to erasure) in one transaction: history, sessions,
+/// last-seen, and their per-user rollup rows (the per-client and per-minute rollups are counts
+/// with no identity in them and stay).
+pub async fn erase_user(
+    client: &mut tokio_postgres::Client,
+    jid: &str,
+) -> Result<Erased, StoreError> {
+    let tx = client.transaction().await?;
+    let events = tx
+        .execute("DELETE FROM presence_events WHERE jid = $1", &[&jid])
+        .await?;
+    let sessions = tx
+        .execute("DELETE FROM presence_sessions WHERE jid = $1", &[&jid])
+        .await?;
+    let last_seen = tx
+        .execute("DELETE FROM presence_last_seen WHERE jid = $1", &[&jid])
+        .await?;
+    tx.execute(
+        "DELETE FROM presence_rollup_user_day WHERE jid = $1",
+        &[&jid],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Erased {
+        events,
+        sessions,
+        last_seen,
+    })
+}
+
 /// Deletes the sessions that ended before the first day `retention_days` keeps (their events
 /// are gone with their partitions); returns how many.
 pub async fn drop_old_sessions(

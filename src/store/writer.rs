@@ -183,9 +183,12 @@ impl Writer {
             self.spool_batch(batch, Some("writer queue past store.queue_capacity".into()));
             return;
         }
-        if let Err(e) = self.write(&batch, false).await {
-            tracing::warn!(error = %e, events = batch.len(), "store: Postgres write failed; spooling");
-            self.spool_batch(batch, Some(e.to_string()));
+        match self.write(&batch, false).await {
+            Ok(()) => self.sink.settle(batch.len() as u64),
+            Err(e) => {
+                tracing::warn!(error = %e, events = batch.len(), "store: Postgres write failed; spooling");
+                self.spool_batch(batch, Some(e.to_string()));
+            }
         }
     }
 
@@ -263,6 +266,7 @@ impl Writer {
         match self.spool.append(&batch) {
             Ok(()) => {
                 let n = batch.len() as u64;
+                self.sink.settle(n);
                 self.metrics.events_spooled.inc_by(n);
                 self.spooled += n;
                 if !self.spool_pending {

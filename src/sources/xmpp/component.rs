@@ -205,6 +205,7 @@ pub struct ComponentHandle {
     status: watch::Receiver<ConnectionStatus>,
     metrics: XmppMetrics,
     probes: mpsc::Sender<UserJid>,
+    resyncs: mpsc::Sender<()>,
 }
 
 impl ComponentHandle {
@@ -225,6 +226,16 @@ impl ComponentHandle {
     /// the supervisor has ended; probes queued while disconnected go out after the handshake.
     pub fn probe(&self, user: &UserJid) -> bool {
         self.probes.try_send(user.clone()).is_ok()
+    }
+    /// Asks the connected session for a resync round now (as after a reconnect: every known
+    /// user probed; resources not confirmed within `xmpp.resync_grace_secs` go offline).
+    /// `false` when the supervisor has ended. A request made while one is already waiting
+    /// joins it; one made while disconnected runs after the next handshake's own round.
+    pub fn resync_now(&self) -> bool {
+        match self.resyncs.try_send(()) {
+            Ok(()) | Err(mpsc::error::TrySendError::Full(())) => true,
+            Err(mpsc::error::TrySendError::Closed(())) => false,
+        }
     }
 }
 
@@ -256,7 +267,9 @@ pub fn spawn(
         ..ConnectionStatus::default()
     });
     let (probes_tx, probes_rx) = mpsc::channel(PROBE_QUEUE);
+    let (resyncs_tx, resyncs_rx) = mpsc::channel(1);
     let sup = Supervisor {
+        resyncs: resyncs_rx,
         translator: Translator::new(&cfg),
         cfg,
         engine,
@@ -274,6 +287,7 @@ pub fn spawn(
             status: status_rx,
             metrics: opts.metrics,
             probes: probes_tx,
+            resyncs: resyncs_tx,
         },
         task,
     )
@@ -326,6 +340,8 @@ struct Supervisor {
     generation: u64,
     tasks: TaskTracker,
     probes: mpsc::Receiver<UserJid>,
+    /// Operator requests for a resync round (`POST /api/v1/admin/resync`).
+    resyncs: mpsc::Receiver<()>,
     /// Users probed for the reconciler, and until when their answers count as `reconcile`.
     reconcile_probed: std::collections::HashMap<UserJid, Instant>,
 }
@@ -592,6 +608,25 @@ impl Supervisor {
                     if let Err(e) = stream.send(&stanza).await {
                         return SessionEnd::Lost(format!("write failed: {e}"));
                     }
+                }
+                Some(()) = self.resyncs.recv() => {
+                    self.generation += 1;
+                    let generation = self.generation;
+                    tracing::info!(generation, "resync: requested by an operator");
+                    if self.engine.resync_begin(generation).await.is_err() {
+                        return SessionEnd::Cancelled;
+                    }
+                    self.status.send_modify(|s| s.resyncing = true);
+                    self.tasks.spawn(resync(
+                        self.engine.clone(),
+                        self.cfg.clone(),
+                        self.metrics.clone(),
+                        self.status.clone(),
+                        out_tx.clone(),
+                        generation,
+                        Utc::now(),
+                        session_cancel.clone(),
+                    ));
                 }
                 Some(user) = self.probes.recv() => {
                     let Ok(to) = BareJid::new(user.as_str()) else { continue };
