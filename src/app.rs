@@ -155,10 +155,10 @@ impl AppBuilder {
             engine: external,
         } = self;
         let registry = Registry::new();
-        let auth = Auth::from_config(&cfg.auth)?;
+        let auth = Auth::from_config_in(&cfg.auth, &registry)?;
         if !auth.configured() {
             tracing::warn!(
-                "neither auth.jwt_secret nor auth.jwt_public_key_file is set: every authenticated request gets 401"
+                "none of auth.jwt_secret, auth.jwt_public_key_file, auth.jwks_url is set: every authenticated request gets 401"
             );
         }
         let tls = match (&cfg.http.tls_cert, &cfg.http.tls_key) {
@@ -315,6 +315,12 @@ impl AppBuilder {
         state.history = memory_history;
         state.retention_days = cfg.store.retention_days;
         state.reconciler = reconciler;
+        if let Some(j) = auth.jwks() {
+            // Keys are fetched in the background: until the first fetch, tokens with a kid
+            // get 401 and /readyz says the JWKS is unavailable.
+            state.jwks = Some(j.clone());
+            tasks.spawn(j.clone().run(cancel.clone()));
+        }
         let state = Arc::new(state);
         api::spawn_sampler(state.clone());
         let server = api::serve(listener, state.clone(), auth, tls).map_err(AppError::Http)?;

@@ -670,7 +670,7 @@ impl HttpConfig {
 }
 
 /// `[auth]`: JWT verification.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// HS256 secret.
@@ -683,10 +683,64 @@ pub struct AuthConfig {
     pub issuer: Option<String>,
     /// Required `aud`, when set.
     pub audience: Option<String>,
+    /// An identity provider's JWKS document (contract §8): tokens with a `kid` are verified
+    /// with that key (RS256, ES256, EdDSA). `https://`, or `http://` to a loopback address.
+    pub jwks_url: Option<String>,
+    /// Seconds between JWKS refreshes (also refreshed when an unknown `kid` arrives, at most
+    /// once per 10 s).
+    #[serde(with = "secs")]
+    pub jwks_refresh_secs: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            jwt_secret: Secret::default(),
+            jwt_secret_file: None,
+            jwt_public_key_file: None,
+            issuer: None,
+            audience: None,
+            jwks_url: None,
+            jwks_refresh_secs: Duration::from_secs(300),
+        }
+    }
+}
+
+/// True for `https://…`, or `http://` to 127.0.0.1, `[::1]` or localhost.
+fn secure_or_loopback(url: &str) -> bool {
+    if url.starts_with("https://") {
+        return true;
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let host = rest.split('/').next().unwrap_or("");
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    let name = if host.starts_with('[') {
+        host.split(']')
+            .next()
+            .map(|h| format!("{h}]"))
+            .unwrap_or_default()
+    } else {
+        host.split(':').next().unwrap_or("").to_owned()
+    };
+    matches!(name.as_str(), "127.0.0.1" | "localhost" | "[::1]")
 }
 
 impl AuthConfig {
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(u) = &self.jwks_url
+            && !secure_or_loopback(u)
+        {
+            return Err(ConfigError::invalid(
+                "auth.jwks_url",
+                "must be an https:// URL (http:// only to a loopback address)",
+            ));
+        }
+        at_least_one(
+            "auth.jwks_refresh_secs",
+            self.jwks_refresh_secs.as_secs() as usize,
+        )?;
         if !self.jwt_secret.is_empty() && self.jwt_public_key_file.is_some() {
             return Err(ConfigError::invalid(
                 "auth.jwt_public_key_file",

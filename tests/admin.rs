@@ -353,7 +353,11 @@ async fn erasure_from_memory_history_and_refused_while_postgres_is_down() {
         assert_eq!(r.status, 200);
         assert!(r.text.contains("dave@a.example"), "{}", r.text);
         assert!(!r.text.contains("carol"), "{}", r.text);
-        assert!(!r.text.contains("erased"), "placeholders never show: {}", r.text);
+        assert!(
+            !r.text.contains("erased"),
+            "placeholders never show: {}",
+            r.text
+        );
     }
     app.stop().await;
 

@@ -1,8 +1,10 @@
 //! JWT verification → a permissions value; scoped extractors that handlers must take.
 //!
 //! The algorithm comes from the configuration (HS256 for `auth.jwt_secret`; RS256 or ES256
-//! from the key type of `auth.jwt_public_key_file`), never from the token's header, and `none`
-//! is never accepted. `exp` is required; `iss`/`aud` are checked when configured.
+//! from the key type of `auth.jwt_public_key_file`; for a token with a `kid`, the type of that
+//! key in the `auth.jwks_url` document), never from the token's header alone, and `none` is
+//! never accepted. `exp` is required; `nbf` is enforced; `iss`/`aud` (a string or an array in
+//! the token) are checked when configured.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -144,6 +146,7 @@ pub enum AuthError {
 pub struct Auth {
     key: Option<DecodingKey>,
     validation: Validation,
+    jwks: Option<Arc<super::jwks::Jwks>>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -151,13 +154,28 @@ impl std::fmt::Debug for Auth {
         f.debug_struct("Auth")
             .field("configured", &self.key.is_some())
             .field("algorithms", &self.validation.algorithms)
+            .field("jwks", &self.jwks.is_some())
             .finish()
     }
 }
 
 impl Auth {
-    /// From the config; a key file that cannot be read or parsed names its key.
+    /// From the config, with the JWKS metrics in a private registry (tests, tools).
     pub fn from_config(cfg: &AuthConfig) -> Result<Auth, ConfigError> {
+        Self::from_config_in(cfg, &prometheus::Registry::new())
+    }
+
+    /// The JWKS keys, when `auth.jwks_url` is set (the app runs its refresh loop).
+    pub fn jwks(&self) -> Option<&Arc<super::jwks::Jwks>> {
+        self.jwks.as_ref()
+    }
+
+    /// From the config, registering the JWKS metrics in `registry`; a key file that cannot be
+    /// read or parsed names its key.
+    pub fn from_config_in(
+        cfg: &AuthConfig,
+        registry: &prometheus::Registry,
+    ) -> Result<Auth, ConfigError> {
         let (key, alg) = if let Some(path) = &cfg.jwt_public_key_file {
             let pem = std::fs::read(path).map_err(|e| ConfigError::Invalid {
                 key: "auth.jwt_public_key_file".into(),
@@ -184,7 +202,15 @@ impl Auth {
         let mut validation = Validation::new(alg);
         validation.leeway = LEEWAY_SECS;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A configured issuer or audience must be in the token, not merely not contradicted.
+        let mut required = vec!["exp", "sub"];
+        if cfg.issuer.is_some() {
+            required.push("iss");
+        }
+        if cfg.audience.is_some() {
+            required.push("aud");
+        }
+        validation.set_required_spec_claims(&required);
         match &cfg.issuer {
             Some(iss) => validation.set_issuer(&[iss]),
             None => validation.iss = None,
@@ -193,18 +219,72 @@ impl Auth {
             Some(aud) => validation.set_audience(&[aud]),
             None => validation.validate_aud = false,
         }
-        Ok(Auth { key, validation })
+        let jwks = cfg
+            .jwks_url
+            .as_ref()
+            .map(|url| {
+                super::jwks::Jwks::new(url, cfg.jwks_refresh_secs, registry)
+                    .map(Arc::new)
+                    .map_err(|reason| ConfigError::Invalid {
+                        key: "auth.jwks_url".into(),
+                        reason,
+                    })
+            })
+            .transpose()?;
+        Ok(Auth {
+            key,
+            validation,
+            jwks,
+        })
     }
 
     /// True when tokens can be verified at all.
     pub fn configured(&self) -> bool {
-        self.key.is_some()
+        self.key.is_some() || self.jwks.is_some()
     }
 
-    /// Verifies a token.
+    /// Verifies a token: one with a `kid` against the JWKS keys when `auth.jwks_url` is set
+    /// (refreshing them once when the `kid` is unknown, at most every 10 s), any other with
+    /// the configured secret or public key.
+    pub async fn verify_async(&self, token: &str) -> Result<Permissions, AuthError> {
+        if let Some(jwks) = &self.jwks
+            && let Ok(header) = jsonwebtoken::decode_header(token)
+            && let Some(kid) = header.kid.as_deref()
+        {
+            let key = match jwks.key(kid) {
+                Some(k) => k,
+                None => {
+                    jwks.refresh_for_unknown_kid().await;
+                    jwks.key(kid)
+                        .ok_or_else(|| AuthError::Invalid("unknown key id".into()))?
+                }
+            };
+            let mut v = self.validation.clone();
+            v.algorithms = vec![key.algorithm];
+            return self.permissions(token, &key.key, &v);
+        }
+        self.verify(token)
+    }
+
+    /// Verifies a token with the configured secret or public key (no JWKS lookup).
     pub fn verify(&self, token: &str) -> Result<Permissions, AuthError> {
-        let key = self.key.as_ref().ok_or(AuthError::NotConfigured)?;
-        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
+        let Some(key) = self.key.as_ref() else {
+            return Err(if self.jwks.is_some() {
+                AuthError::Invalid("no key id (kid) in the token header".into())
+            } else {
+                AuthError::NotConfigured
+            });
+        };
+        self.permissions(token, key, &self.validation)
+    }
+
+    fn permissions(
+        &self,
+        token: &str,
+        key: &DecodingKey,
+        validation: &Validation,
+    ) -> Result<Permissions, AuthError> {
+        let data = jsonwebtoken::decode::<Claims>(token, key, validation)
             .map_err(|e| AuthError::Invalid(describe(&e)))?;
         let c = data.claims;
         if c.sub.trim().is_empty() {
@@ -303,12 +383,15 @@ struct TokenQuery {
 }
 
 /// Authenticates a request: 401 without a valid token.
-pub fn authenticate(req: &HttpRequest, allow_query: bool) -> Result<Permissions, ApiError> {
+pub async fn authenticate(req: &HttpRequest, allow_query: bool) -> Result<Permissions, ApiError> {
     let auth = req
         .app_data::<web::Data<Auth>>()
-        .ok_or_else(|| ApiError::internal("auth not configured"))?;
+        .ok_or_else(|| ApiError::internal("auth not configured"))?
+        .clone();
     let token = bearer(req, allow_query).ok_or(ApiError::unauthorized(AuthError::Missing))?;
-    auth.verify(&token).map_err(ApiError::unauthorized)
+    auth.verify_async(&token)
+        .await
+        .map_err(ApiError::unauthorized)
 }
 
 /// Requires `scope`: 403 without it.
@@ -331,13 +414,15 @@ macro_rules! scoped_extractor {
 
         impl FromRequest for $name {
             type Error = ApiError;
-            type Future = std::future::Ready<Result<Self, ApiError>>;
+            type Future = futures::future::LocalBoxFuture<'static, Result<Self, ApiError>>;
             fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-                std::future::ready(
-                    authenticate(req, false)
+                let req = req.clone();
+                Box::pin(async move {
+                    authenticate(&req, false)
+                        .await
                         .and_then(|p| require(p, $scope))
-                        .map($name),
-                )
+                        .map($name)
+                })
             }
         }
     };

@@ -10,6 +10,7 @@ pub mod analytics;
 pub mod auth;
 pub mod error;
 pub mod export;
+pub mod jwks;
 pub mod limits;
 pub mod lookup;
 pub mod metrics;
@@ -73,6 +74,8 @@ pub struct AppState {
     pub retention_days: u32,
     /// The open WebSocket sessions by id (contract §8's subscribers list).
     pub subscribers: DashMap<String, Arc<ws::Subscriber>>,
+    /// The identity provider's keys, when `auth.jwks_url` is set.
+    pub jwks: Option<Arc<jwks::Jwks>>,
 }
 
 /// How often the concurrency is sampled.
@@ -120,6 +123,7 @@ impl AppState {
             history: None,
             retention_days: 30,
             subscribers: DashMap::new(),
+            jwks: None,
         }
     }
 
@@ -183,7 +187,7 @@ async fn style_css() -> HttpResponse {
 #[openapi(
     info(title = "presence-bridge", description = "Live XMPP presence: REST and WebSocket (contract v1)"),
     paths(rest::healthz, rest::readyz, rest::metrics, rest::list, rest::one, rest::last_seen, rest::last_seen_bulk, rest::history, rest::stats, rest::concurrency, rest::admin_reconcile, admin::subscribers, admin::close_subscriber, admin::resync, admin::erase_user, analytics::online_time, analytics::concurrency, analytics::clients, analytics::replay, export::events, export::export_events, export::export_sessions, ws::ws, openapi_doc),
-    components(schemas(ErrorBody, rest::Health, rest::Ready, rest::PresenceList, rest::BulkBody, rest::BulkAnswer, rest::StatsBody, rest::ConcurrencyBody, rest::Order, rest::BareJidText, Sample, crate::presence::UserPresence, crate::presence::ResourcePresence, crate::presence::Show, lookup::LastSeen, lookup::HistoryBody, lookup::HistoryEntry, crate::sources::reconcile::Outcome, analytics::OnlineTimeBody, analytics::OnlineTimeRow, analytics::ConcurrencyAnswer, analytics::PointBody, analytics::PeakBody, analytics::ClientsBody, analytics::ClientRowBody, analytics::ReplayBody, export::EventsBody, export::EventBody, analytics::GroupParam, export::FormatParam, admin::SubscribersBody, admin::ResyncBody, ws::SubscriberBody, ws::FilterBody)),
+    components(schemas(ErrorBody, rest::Health, rest::Ready, rest::PresenceList, rest::BulkBody, rest::BulkAnswer, rest::StatsBody, rest::ConcurrencyBody, rest::Order, rest::BareJidText, Sample, crate::presence::UserPresence, crate::presence::ResourcePresence, crate::presence::Show, lookup::LastSeen, lookup::HistoryBody, lookup::HistoryEntry, crate::sources::reconcile::Outcome, analytics::OnlineTimeBody, analytics::OnlineTimeRow, analytics::ConcurrencyAnswer, analytics::PointBody, analytics::PeakBody, analytics::ClientsBody, analytics::ClientRowBody, analytics::ReplayBody, export::EventsBody, export::EventBody, analytics::GroupParam, export::FormatParam, admin::SubscribersBody, admin::ResyncBody, jwks::JwksStatus, ws::SubscriberBody, ws::FilterBody)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;

@@ -61,6 +61,9 @@ pub struct Ready {
     /// `connected` / `disconnected`, when `[amqp]` is set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub amqp: Option<&'static str>,
+    /// The identity provider's keys, when `auth.jwks_url` is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<super::jwks::JwksStatus>,
     /// The engine's epoch and seq.
     pub epoch: String,
     /// Last seq.
@@ -68,7 +71,7 @@ pub struct Ready {
 }
 
 /// `GET /readyz`.
-#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "Connected and the store accepts writes", body = Ready), (status = 503, description = "Not ready (XMPP disconnected)", body = Ready)))]
+#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "Connected and the store accepts writes", body = Ready), (status = 503, description = "Not ready (XMPP disconnected, or no key from auth.jwks_url yet)", body = Ready)))]
 #[route("/readyz", method = "GET", method = "HEAD")]
 pub async fn readyz(st: State) -> HttpResponse {
     let status = st.component.as_ref().map(|c| c.status());
@@ -109,11 +112,14 @@ pub async fn readyz(st: State) -> HttpResponse {
             })
             .unwrap_or_default(),
         amqp: amqp.map(|a| if a { "connected" } else { "disconnected" }),
+        jwks: st.jwks.as_ref().map(|j| j.status()),
         epoch: st.engine.epoch().to_string(),
         seq: st.engine.seq(),
     };
-    // Spooling still accepts writes (durably, on disk): the bridge stays ready.
-    let code = if xmpp_ok {
+    // Spooling still accepts writes (durably, on disk): the bridge stays ready. Without any
+    // key from its identity provider it cannot authenticate anyone's tokens: not ready.
+    let jwks_ok = body.jwks.as_ref().is_none_or(|j| j.state != "unavailable");
+    let code = if xmpp_ok && jwks_ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -345,7 +345,7 @@ pub async fn ws(
     body: web::Payload,
     st: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let perms = require(authenticate(&req, true)?, Scope::PresenceRead)?;
+    let perms = require(authenticate(&req, true).await?, Scope::PresenceRead)?;
     if !origin_ok(&req, &st.http) {
         return Err(
             ApiError::forbidden("this Origin is not allowed (http.allowed_origins)")
