@@ -203,6 +203,14 @@ async fn erasure_removes_everything_about_a_user_from_postgres() {
         pg.query("SELECT count(*) FROM presence_events") == "4"
     })
     .await;
+    // Per-user rollup rows (the builder's first pass must be over, or it would replace them).
+    eventually("first rollup pass", || {
+        pg.query("SELECT count(*) FROM presence_rollup_days")
+            .parse::<u32>()
+            .unwrap()
+            >= 29
+    })
+    .await;
     pg.query(
         "INSERT INTO presence_rollup_user_day VALUES (current_date - 3, 'alice@a.example', 1000, 1), (current_date - 3, 'bob@a.example', 1000, 1)",
     );

@@ -54,6 +54,16 @@ async fn script(app: &TestApp, t0: DateTime<Utc>) {
     app.engine().barrier().await.unwrap();
 }
 
+/// Waits until the writer has committed everything queued so far: events, sessions and
+/// last-seen (they go in three parallel transactions, so counting events alone is not enough).
+async fn settled(app: &TestApp) {
+    let sink = app.store().sink();
+    assert!(
+        sink.settled_through(sink.pushed(), PATIENCE).await,
+        "the writer settled within {PATIENCE:?}"
+    );
+}
+
 fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
@@ -410,10 +420,8 @@ async fn postgres_history_gives_the_same_answers() {
     let app = TestApp::start(cfg, Ingest::None).await;
     let t0 = start_of_window();
     script(&app, t0).await;
-    eventually("written", || {
-        pg.query("SELECT count(*) FROM presence_events") == "5"
-    })
-    .await;
+    settled(&app).await;
+    assert_eq!(pg.query("SELECT count(*) FROM presence_events"), "5");
     check(&app, t0);
     // Before the history kept (store.retention_days, 30): 400 outside_retention everywhere.
     let t = token("history:read", None);
@@ -491,10 +499,8 @@ async fn postgres_and_memory_agree_on_random_histories() {
     assert_eq!(mem.engine().barrier().await.unwrap(), seq);
     // Every record the memory history holds reaches Postgres (the same records, one writer).
     let expected = mem.state().history.as_ref().unwrap().len().to_string();
-    eventually("written", || {
-        pg.query("SELECT count(*) FROM presence_events") == expected
-    })
-    .await;
+    settled(&db).await;
+    assert_eq!(pg.query("SELECT count(*) FROM presence_events"), expected);
     let end = at;
     let mut queries = Vec::new();
     for _ in 0..12 {
@@ -582,10 +588,8 @@ async fn rollups_of_past_days_agree_and_follow_late_events() {
     db.engine().barrier().await.unwrap();
     mem.engine().barrier().await.unwrap();
     let expected = mem.state().history.as_ref().unwrap().len().to_string();
-    eventually("written", || {
-        pg.query("SELECT count(*) FROM presence_events") == expected
-    })
-    .await;
+    settled(&db).await;
+    assert_eq!(pg.query("SELECT count(*) FROM presence_events"), expected);
     let pool = db.state().store.as_ref().unwrap().pool().clone();
     let built = rollup::build_due(&pool, 30, Utc::now()).await.unwrap();
     let days: Vec<_> = (0..3)

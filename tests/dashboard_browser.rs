@@ -78,10 +78,24 @@ fn demo(args: &[&str]) -> (std::process::Child, String) {
         .args(["demo", "--bind", "127.0.0.1:0"])
         .args(args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stdout = demo.stdout.take().unwrap();
+    let stderr = demo.stderr.take().unwrap();
+    // With a backfill, wait for its end: until then the past is still being written, and a
+    // view and the API asked a moment apart could see different pasts.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("simulated history backfilled") {
+                let _ = done_tx.send(());
+            }
+        }
+    });
     // Read the URL, then keep draining stdout in the background (never close the pipe under
     // a running process).
     let (tx, rx) = std::sync::mpsc::channel();
@@ -99,6 +113,14 @@ fn demo(args: &[&str]) -> (std::process::Child, String) {
         .recv_timeout(common::PATIENCE)
         .expect("demo printed its dashboard URL");
     assert!(url.contains("#token="), "{url}");
+    let backfill = args
+        .windows(2)
+        .any(|w| w[0] == "--backfill-hours" && w[1] != "0");
+    if backfill {
+        done_rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("the demo logged the end of its backfill");
+    }
     (demo, url)
 }
 

@@ -480,7 +480,7 @@ $('lookup-form').addEventListener('submit', async (e) => {
 });
 
 // ---------- views (tabs) ----------
-const TABS = ['live', 'analytics', 'replay'];
+const TABS = ['live', 'analytics', 'replay', 'admin'];
 function canReadHistory() { return st.scopes.includes('history:read') || st.scopes.includes('admin'); }
 
 function showTab(name, focus) {
@@ -495,20 +495,22 @@ function showTab(name, focus) {
   if (name !== 'replay') pauseReplay();
   if (name === 'analytics' && (!ana.loadedAt || Date.now() - ana.loadedAt > 60000)) loadAnalytics();
   if (name === 'replay' && !rp.loaded) seekReplay();
+  if (name === 'admin') loadSubscribers();
   if (name === 'live') schedule();
 }
 
 for (const t of TABS) $('tab-' + t).addEventListener('click', () => showTab(t, false));
 document.querySelector('.tabs').addEventListener('keydown', (e) => {
-  const i = TABS.findIndex((t) => $('tab-' + t).getAttribute('aria-selected') === 'true');
+  const tabs = TABS.filter((t) => !$('tab-' + t).hidden);
+  const i = tabs.findIndex((t) => $('tab-' + t).getAttribute('aria-selected') === 'true');
   let j = null;
-  if (e.key === 'ArrowRight') j = (i + 1) % TABS.length;
-  else if (e.key === 'ArrowLeft') j = (i + TABS.length - 1) % TABS.length;
+  if (e.key === 'ArrowRight') j = (i + 1) % tabs.length;
+  else if (e.key === 'ArrowLeft') j = (i + tabs.length - 1) % tabs.length;
   else if (e.key === 'Home') j = 0;
-  else if (e.key === 'End') j = TABS.length - 1;
+  else if (e.key === 'End') j = tabs.length - 1;
   if (j === null) return;
   e.preventDefault();
-  showTab(TABS[j], true);
+  showTab(tabs[j], true);
 });
 
 function duration(secs) {
@@ -849,6 +851,78 @@ $('r-export').addEventListener('click', async () => {
   }
 });
 
+// ---------- admin (scope admin) ----------
+async function loadSubscribers() {
+  try {
+    const r = await api('/api/v1/admin/subscribers');
+    $('ad-subs-count').textContent = '(' + r.subscribers.length + ' open)';
+    fillRows($('ad-subs').tBodies[0], r.subscribers.map((s) => {
+      const b = document.createElement('button');
+      b.type = 'button';
+      b.className = 'ghost small';
+      b.textContent = 'Close';
+      b.dataset.id = s.id;
+      b.setAttribute('aria-label', 'Close the session of ' + s.sub + ' from ' + (s.remote_addr || 'unknown'));
+      const f = s.filter.jids || s.filter.domains ? [...(s.filter.jids || []), ...(s.filter.domains || [])].join(', ') : 'everything';
+      return [s.sub, s.remote_addr || '—', relative(s.connected_at) + ' ago', f, String(s.frames_sent), String(s.resyncs), b];
+    }));
+  } catch (e) {
+    $('ad-status').textContent = authMessage(e) || 'Subscribers unavailable: ' + e.message;
+  }
+}
+
+$('ad-refresh').addEventListener('click', loadSubscribers);
+$('ad-subs').addEventListener('click', async (e) => {
+  const b = e.target.closest('button[data-id]');
+  if (!b) return;
+  try {
+    await api('/api/v1/admin/subscribers/' + encodeURIComponent(b.dataset.id), { method: 'DELETE' });
+    $('ad-status').textContent = 'Session closed.';
+  } catch (err) {
+    $('ad-status').textContent = authMessage(err) || 'Could not close it: ' + err.message;
+  }
+  setTimeout(loadSubscribers, 300);
+});
+$('ad-resync').addEventListener('click', async () => {
+  try {
+    await api('/api/v1/admin/resync', { method: 'POST' });
+    $('ad-status').textContent = 'Resync started: every known user is being probed.';
+  } catch (e) {
+    $('ad-status').textContent = authMessage(e) || 'Resync refused (' + e.code + '): ' + e.message;
+  }
+});
+
+$('ad-erase-form').addEventListener('submit', (e) => {
+  e.preventDefault();
+  const jid = $('ad-erase-jid').value.trim();
+  if (!jid) return;
+  $('cf-text').textContent = 'Everything the bridge keeps about ' + jid + ' is deleted: history, sessions, last-seen.';
+  $('cf-input').value = '';
+  $('cf-ok').disabled = true;
+  $('confirm').dataset.jid = jid;
+  $('confirm').showModal();
+  $('cf-input').focus();
+});
+$('cf-input').addEventListener('input', () => {
+  $('cf-ok').disabled = $('cf-input').value.trim() !== $('confirm').dataset.jid;
+});
+$('cf-cancel').addEventListener('click', () => $('confirm').close('cancel'));
+$('cf-form').addEventListener('submit', async (e) => {
+  e.preventDefault();
+  const jid = $('confirm').dataset.jid;
+  if ($('cf-input').value.trim() !== jid) return;
+  $('confirm').close('ok');
+  const out = $('ad-erase-out');
+  out.textContent = 'Erasing ' + jid + '…';
+  try {
+    await api('/api/v1/users/' + encodeURIComponent(jid), { method: 'DELETE' });
+    out.textContent = jid + ' erased.';
+    $('ad-erase-jid').value = '';
+  } catch (err) {
+    out.textContent = authMessage(err) || 'Not erased (' + err.code + '): ' + err.message;
+  }
+});
+
 // ---------- start ----------
 async function start() {
   readToken();
@@ -864,6 +938,7 @@ async function start() {
   $('forget').hidden = false;
   $('banner').hidden = true;
   for (const t of ['analytics', 'replay']) $('tab-' + t).hidden = !canReadHistory();
+  $('tab-admin').hidden = !st.scopes.includes('admin');
   st.epoch = null;
   connect();
   pollReady();
