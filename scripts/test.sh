@@ -10,6 +10,8 @@
 #   - Prosody 0.12 + prosody-modules (each Prosody test runs its own instance);
 #   - docker-compose, promtool and systemd-analyze, which validate compose.yaml, the alert
 #     rules and the systemd unit (tests/deploy.rs; no container engine is needed or used);
+#   - the pinned standardwebhooks PyPI package in a venv under target/ (the webhook tests'
+#     receiver verifies every signature with it);
 #   - Debian's Chromium and the pinned playwright-core npm package for the dashboard test
 #     (screenshots in target/test-artifacts/);
 #   - after the suite: schemathesis (pinned, in a venv under target/) against the running
@@ -23,6 +25,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/install-deps.sh ejabberd postgres rabbitmq prosody deploy-tools chromium node python-venv curl
 scripts/start-postgres.sh
 scripts/start-rabbitmq.sh
+# The webhook tests' receiver verifies with the standardwebhooks package (pinned, in a venv).
+scripts/webhook-venv.sh >/dev/null
 # playwright-core (pinned in tests/browser/package-lock.json) drives Debian's Chromium; it
 # never downloads a browser of its own.
 if [ ! -d tests/browser/node_modules/playwright-core ]; then

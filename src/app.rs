@@ -39,6 +39,8 @@ use crate::sources::simulator::Simulator;
 use crate::sources::xmpp::{self, ComponentHandle, FatalError, SpawnOptions, XmppMetrics};
 use crate::store::memory::MemoryHistory;
 use crate::store::{self, StoreError, StoreHandle, StoreMetrics};
+use crate::webhooks::outbox::Outbox;
+use crate::webhooks::{self, WebhookSink, Webhooks};
 
 /// How long the parts other than the store flush may take to stop.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -205,6 +207,39 @@ impl AppBuilder {
         // Memory-only: this run's history in memory (contract §6).
         let memory_history = (store.is_none() && external.is_none())
             .then(|| MemoryHistory::new(cfg.store.memory_history_events));
+        // Webhooks and alerts (contract §7): their own tasks, stopped after the engine so that
+        // the last changes still reach the outbox.
+        let webhook_cancel = CancellationToken::new();
+        let webhook_tasks = TaskTracker::new();
+        let webhooks = match external {
+            Some(_) => None,
+            None => {
+                let outbox = match &store {
+                    Some(s) => Outbox::Postgres(s.pool().clone()),
+                    None => Outbox::memory(),
+                };
+                let settings = webhooks::Settings {
+                    endpoints: cfg.webhooks.clone(),
+                    alerts: cfg.alerts.clone(),
+                    timeout: cfg.webhooks_timeout_secs,
+                    max_attempts: cfg.webhooks_max_attempts,
+                };
+                Some(
+                    Webhooks::start(
+                        settings,
+                        outbox,
+                        &registry,
+                        webhook_tasks.clone(),
+                        webhook_cancel.clone(),
+                    )
+                    .await
+                    .map_err(|reason| ConfigError::Invalid {
+                        key: "webhooks".into(),
+                        reason,
+                    })?,
+                )
+            }
+        };
         let (engine, engine_task) = match external {
             Some(e) => (e, None),
             None => {
@@ -214,6 +249,9 @@ impl AppBuilder {
                     .collect();
                 if let Some(h) = &memory_history {
                     sinks.push(Arc::new(h.clone()));
+                }
+                if let Some(w) = &webhooks {
+                    sinks.push(Arc::new(WebhookSink(w.clone())));
                 }
                 let (e, t) = Engine::start_with(
                     &cfg.presence,
@@ -226,6 +264,9 @@ impl AppBuilder {
                 (e, Some(t))
             }
         };
+        if let Some(w) = &webhooks {
+            w.set_epoch(engine.epoch().clone());
+        }
 
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -315,6 +356,7 @@ impl AppBuilder {
         state.history = memory_history;
         state.retention_days = cfg.store.retention_days;
         state.reconciler = reconciler;
+        state.webhooks = webhooks.clone();
         if let Some(j) = auth.jwks() {
             // Keys are fetched in the background: until the first fetch, tokens with a kid
             // get 401 and /readyz says the JWKS is unavailable.
@@ -342,6 +384,9 @@ impl AppBuilder {
             engine_task,
             store_task,
             flush_timeout: cfg.store.flush_timeout_secs,
+            webhooks,
+            webhook_cancel,
+            webhook_tasks,
         })
     }
 }
@@ -364,6 +409,9 @@ pub struct App {
     engine_task: Option<JoinHandle<()>>,
     store_task: Option<JoinHandle<()>>,
     flush_timeout: Duration,
+    webhooks: Option<Arc<Webhooks>>,
+    webhook_cancel: CancellationToken,
+    webhook_tasks: TaskTracker,
 }
 
 impl App {
@@ -446,6 +494,13 @@ impl App {
             self.engine.close().await;
             stop_by(deadline, "the presence engine", t).await;
         }
+        // The last changes' webhook messages reach the outbox; deliveries stop.
+        if let Some(w) = &self.webhooks {
+            stop_by(deadline, "the webhook outbox", w.flush()).await;
+        }
+        self.webhook_cancel.cancel();
+        self.webhook_tasks.close();
+        stop_by(deadline, "webhook deliveries", self.webhook_tasks.wait()).await;
         // The writer drains its queue (to Postgres, or the spool past the flush timeout).
         if let (Some(store), Some(t)) = (&self.store, self.store_task.take()) {
             store.close();
@@ -484,5 +539,6 @@ async fn stop_by(deadline: Instant, what: &str, f: impl std::future::Future) {
 impl Drop for App {
     fn drop(&mut self) {
         self.cancel.cancel();
+        self.webhook_cancel.cancel();
     }
 }

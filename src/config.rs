@@ -273,9 +273,14 @@ fn mask_keyword_values(s: &str) -> String {
 }
 
 /// The whole configuration. Every key is documented in `config/bridge.example.toml`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// Seconds a webhook endpoint has to answer 2xx (contract §7).
+    #[serde(with = "secs")]
+    pub webhooks_timeout_secs: Duration,
+    /// Attempts per webhook message before it is `failed`.
+    pub webhooks_max_attempts: u32,
     /// XMPP component connection.
     pub xmpp: XmppConfig,
     /// HTTP/WebSocket server.
@@ -294,6 +299,156 @@ pub struct Config {
     /// `[reconcile]`: comparison with the server's own session list (contract §10).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reconcile: Option<ReconcileConfig>,
+    /// `[alerts]`: flapping and login-storm thresholds (contract §7).
+    pub alerts: AlertsConfig,
+    /// `[[webhooks]]`: endpoints from the config file (contract §7).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            webhooks_timeout_secs: Duration::from_secs(10),
+            webhooks_max_attempts: 10,
+            xmpp: XmppConfig::default(),
+            http: HttpConfig::default(),
+            auth: AuthConfig::default(),
+            store: StoreConfig::default(),
+            presence: PresenceConfig::default(),
+            log: LogConfig::default(),
+            amqp: None,
+            reconcile: None,
+            alerts: AlertsConfig::default(),
+            webhooks: Vec::new(),
+        }
+    }
+}
+
+/// `[alerts]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// A user going online↔offline this many times (0: off)...
+    pub flapping_transitions: u32,
+    /// ...within this many seconds: one `alert.flapping`, then quiet for a window.
+    pub flapping_window_secs: u64,
+    /// This many users of one domain coming online (0: off)...
+    pub storm_logins: u32,
+    /// ...within this many seconds: one `alert.storm`, then quiet for a window.
+    pub storm_window_secs: u64,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            flapping_transitions: 6,
+            flapping_window_secs: 60,
+            storm_logins: 1000,
+            storm_window_secs: 10,
+        }
+    }
+}
+
+/// One `[[webhooks]]` endpoint.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// Its id (letters, digits, `.`, `_`, `-`; at most 64).
+    pub id: String,
+    /// Where messages are POSTed.
+    pub url: String,
+    /// `whsec_` + base64 of at least 24 bytes.
+    pub secret: Secret,
+    /// File holding the secret (alternative to `secret`).
+    pub secret_file: Option<PathBuf>,
+    /// Event types: presence.online/.offline/.update, alert.flapping, alert.storm.
+    pub events: Vec<String>,
+    /// Only users of these domains (empty: all).
+    pub domains: Vec<String>,
+    /// Only these users (empty: all).
+    pub jids: Vec<String>,
+}
+
+/// The webhook event types (contract §7).
+pub const WEBHOOK_EVENTS: [&str; 5] = [
+    "presence.online",
+    "presence.offline",
+    "presence.update",
+    "alert.flapping",
+    "alert.storm",
+];
+
+impl WebhookConfig {
+    /// Checks one endpoint; `key` names it in errors (`webhooks[0]`).
+    pub fn check(&self, key: &str) -> Result<(), ConfigError> {
+        let ok_id = !self.id.is_empty()
+            && self.id.len() <= 64
+            && self
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !ok_id {
+            return Err(ConfigError::invalid(
+                &format!("{key}.id"),
+                "letters, digits, '.', '_' or '-', 1 to 64 of them",
+            ));
+        }
+        if !(self.url.starts_with("https://") || self.url.starts_with("http://")) {
+            return Err(ConfigError::invalid(
+                &format!("{key}.url"),
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if let Err(e) = decode_webhook_secret(self.secret.expose()) {
+            return Err(ConfigError::invalid(&format!("{key}.secret"), e));
+        }
+        if self.events.is_empty() {
+            return Err(ConfigError::invalid(
+                &format!("{key}.events"),
+                "at least one event type",
+            ));
+        }
+        if let Some(bad) = self
+            .events
+            .iter()
+            .find(|e| !WEBHOOK_EVENTS.contains(&e.as_str()))
+        {
+            return Err(ConfigError::invalid(
+                &format!("{key}.events"),
+                format!(
+                    "unknown event type {bad:?}: use {}",
+                    WEBHOOK_EVENTS.join(", ")
+                ),
+            ));
+        }
+        if let Some(bad) = self
+            .jids
+            .iter()
+            .find(|j| crate::presence::UserJid::parse(j).is_err())
+        {
+            return Err(ConfigError::invalid(
+                &format!("{key}.jids"),
+                format!("{bad:?} is not a bare JID"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The HMAC key of a Standard Webhooks secret: `whsec_` + base64 of at least 24 bytes.
+pub fn decode_webhook_secret(s: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine as _;
+    let b64 = s
+        .strip_prefix("whsec_")
+        .ok_or("must start with whsec_ (Standard Webhooks)")?;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|_| "the part after whsec_ must be base64".to_owned())?;
+    if key.len() < 24 {
+        return Err(format!("the key is {} bytes; at least 24", key.len()));
+    }
+    Ok(key)
 }
 
 /// `[amqp]`: consume `mod_event_pusher_rabbit`'s presence exchange.
@@ -1014,6 +1169,18 @@ impl Config {
             }
             self.auth.jwt_secret = Secret::new(read_secret_file("auth.jwt_secret_file", path)?);
         }
+        for (i, w) in self.webhooks.iter_mut().enumerate() {
+            if let Some(path) = &w.secret_file {
+                let key = format!("webhooks[{i}].secret_file");
+                if !w.secret.is_empty() {
+                    return Err(ConfigError::invalid(
+                        &key,
+                        "set either secret or secret_file, not both",
+                    ));
+                }
+                w.secret = Secret::new(read_secret_file(&key, path)?.trim().to_owned());
+            }
+        }
         if let Some(path) = &self.store.postgres_url_file {
             if self.store.postgres_url.is_some() {
                 return Err(ConfigError::invalid(
@@ -1045,6 +1212,21 @@ impl Config {
         self.auth.validate()?;
         self.store.validate()?;
         self.presence.validate()?;
+        let mut ids = std::collections::HashSet::new();
+        for (i, w) in self.webhooks.iter().enumerate() {
+            w.check(&format!("webhooks[{i}]"))?;
+            if !ids.insert(w.id.as_str()) {
+                return Err(ConfigError::invalid(
+                    &format!("webhooks[{i}].id"),
+                    format!("{:?} is used twice", w.id),
+                ));
+            }
+        }
+        at_least_one("webhooks_max_attempts", self.webhooks_max_attempts as usize)?;
+        at_least_one(
+            "webhooks_timeout_secs",
+            self.webhooks_timeout_secs.as_secs() as usize,
+        )?;
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(ConfigError::invalid(
                 "log.level",

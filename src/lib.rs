@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //!
-//! Dependencies point one way: `config` ← `presence` ← {`sources`, `store`} ← `api` ← `app`
+//! Dependencies point one way: `config` ← `presence` ← {`sources`, `store`, `webhooks`} ← `api` ← `app`
 //! ← `cli` (and `telemetry`, `shutdown` are utilities at the bottom). A module never imports
 //! one to its right. `docs/architecture.md` has the data flow and the task tree.
 //!
@@ -27,6 +27,10 @@
 //!   last-seen upserted once per user per batch) and spools batches to disk (checksummed,
 //!   fsync'd) while Postgres is down or slow, replaying them in order later.
 //!   [`store::reads`] returns rows (last-seen, history pages, known users at start-up).
+//! - [`webhooks`]: contract §7 — a sink that turns changes (and the alerts it detects:
+//!   flapping users, login storms) into messages for the configured endpoints, a durable
+//!   outbox (Postgres, or memory), and one delivery task per endpoint (Standard Webhooks
+//!   signatures, ordered, retried with backoff and jitter).
 //! - [`api`]: one actix-web server: REST (last-seen, presence, history, stats), the WebSocket
 //!   feed (snapshot + batched diffs, resume, filters, lag → resync), JWT auth turned into a
 //!   permissions value that scoped handlers must take, rate limits, `/metrics` (rendering the
@@ -52,3 +56,4 @@ pub mod shutdown;
 pub mod sources;
 pub mod store;
 pub mod telemetry;
+pub mod webhooks;

@@ -152,10 +152,22 @@ pub async fn erase_user(
         erased.sessions += e.sessions;
         erased.last_seen += e.last_seen;
     }
+    // Pending webhook messages about the user go too (those still queued first reach the
+    // outbox, so none slips past).
+    let mut messages = 0;
+    if let Some(w) = &st.webhooks {
+        w.flush().await;
+        messages = w
+            .outbox()
+            .erase_jid(jid.as_str())
+            .await
+            .map_err(|e| unavailable(&e))?;
+    }
     tracing::warn!(
         by = %p.sub,
         jid = %jid,
         known,
+        webhook_messages = messages,
         events = erased.events,
         sessions = erased.sessions,
         last_seen = erased.last_seen,

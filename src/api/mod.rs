@@ -15,6 +15,7 @@ pub mod limits;
 pub mod lookup;
 pub mod metrics;
 pub mod rest;
+pub mod webhooks;
 pub mod ws;
 
 use std::net::TcpListener;
@@ -76,6 +77,8 @@ pub struct AppState {
     pub subscribers: DashMap<String, Arc<ws::Subscriber>>,
     /// The identity provider's keys, when `auth.jwks_url` is set.
     pub jwks: Option<Arc<jwks::Jwks>>,
+    /// Webhooks and alerts (absent when the engine belongs to someone else).
+    pub webhooks: Option<Arc<crate::webhooks::Webhooks>>,
 }
 
 /// How often the concurrency is sampled.
@@ -124,6 +127,7 @@ impl AppState {
             retention_days: 30,
             subscribers: DashMap::new(),
             jwks: None,
+            webhooks: None,
         }
     }
 
@@ -186,8 +190,8 @@ async fn style_css() -> HttpResponse {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "presence-bridge", description = "Live XMPP presence: REST and WebSocket (contract v1)"),
-    paths(rest::healthz, rest::readyz, rest::metrics, rest::list, rest::one, rest::last_seen, rest::last_seen_bulk, rest::history, rest::stats, rest::concurrency, rest::admin_reconcile, admin::subscribers, admin::close_subscriber, admin::resync, admin::erase_user, analytics::online_time, analytics::concurrency, analytics::clients, analytics::replay, export::events, export::export_events, export::export_sessions, ws::ws, openapi_doc),
-    components(schemas(ErrorBody, rest::Health, rest::Ready, rest::PresenceList, rest::BulkBody, rest::BulkAnswer, rest::StatsBody, rest::ConcurrencyBody, rest::Order, rest::BareJidText, Sample, crate::presence::UserPresence, crate::presence::ResourcePresence, crate::presence::Show, lookup::LastSeen, lookup::HistoryBody, lookup::HistoryEntry, crate::sources::reconcile::Outcome, analytics::OnlineTimeBody, analytics::OnlineTimeRow, analytics::ConcurrencyAnswer, analytics::PointBody, analytics::PeakBody, analytics::ClientsBody, analytics::ClientRowBody, analytics::ReplayBody, export::EventsBody, export::EventBody, analytics::GroupParam, export::FormatParam, admin::SubscribersBody, admin::ResyncBody, jwks::JwksStatus, ws::SubscriberBody, ws::FilterBody)),
+    paths(rest::healthz, rest::readyz, rest::metrics, rest::list, rest::one, rest::last_seen, rest::last_seen_bulk, rest::history, rest::stats, rest::concurrency, rest::admin_reconcile, admin::subscribers, admin::close_subscriber, admin::resync, admin::erase_user, webhooks::list, webhooks::create, webhooks::remove, webhooks::deliveries, webhooks::alerts, analytics::online_time, analytics::concurrency, analytics::clients, analytics::replay, export::events, export::export_events, export::export_sessions, ws::ws, openapi_doc),
+    components(schemas(ErrorBody, rest::Health, rest::Ready, rest::PresenceList, rest::BulkBody, rest::BulkAnswer, rest::StatsBody, rest::ConcurrencyBody, rest::Order, rest::BareJidText, Sample, crate::presence::UserPresence, crate::presence::ResourcePresence, crate::presence::Show, lookup::LastSeen, lookup::HistoryBody, lookup::HistoryEntry, crate::sources::reconcile::Outcome, analytics::OnlineTimeBody, analytics::OnlineTimeRow, analytics::ConcurrencyAnswer, analytics::PointBody, analytics::PeakBody, analytics::ClientsBody, analytics::ClientRowBody, analytics::ReplayBody, export::EventsBody, export::EventBody, analytics::GroupParam, export::FormatParam, admin::SubscribersBody, admin::ResyncBody, jwks::JwksStatus, webhooks::WebhookBody, webhooks::WebhooksBody, webhooks::NewWebhook, webhooks::CreatedWebhook, webhooks::DeliveriesBody, webhooks::AlertsBody, crate::webhooks::outbox::Attempt, crate::webhooks::Source, crate::webhooks::alerts::Alert, ws::SubscriberBody, ws::FilterBody)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -251,6 +255,10 @@ const ROUTES: &[(&str, &str)] = &[
     ("/api/v1/admin/subscribers", "GET, HEAD"),
     ("/api/v1/admin/subscribers/{id}", "DELETE"),
     ("/api/v1/users/{jid}", "DELETE"),
+    ("/api/v1/webhooks", "GET, HEAD, POST"),
+    ("/api/v1/webhooks/{id}", "DELETE"),
+    ("/api/v1/webhooks/{id}/deliveries", "GET, HEAD"),
+    ("/api/v1/alerts", "GET, HEAD"),
     ("/api/v1/analytics/online-time", "GET, HEAD"),
     ("/api/v1/analytics/concurrency", "GET, HEAD"),
     ("/api/v1/analytics/clients", "GET, HEAD"),
@@ -393,6 +401,11 @@ pub fn serve(
             .service(admin::close_subscriber)
             .service(admin::resync)
             .service(admin::erase_user)
+            .service(webhooks::list)
+            .service(webhooks::create)
+            .service(webhooks::remove)
+            .service(webhooks::deliveries)
+            .service(webhooks::alerts)
             .service(analytics::online_time)
             .service(analytics::concurrency)
             .service(analytics::clients)

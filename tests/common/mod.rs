@@ -8,7 +8,8 @@
 //! - [`events`]: the event builder;
 //! - [`fake_http`]: a local HTTP server for admin APIs that cannot run here (MongooseIM);
 //! - [`prosody`]: private Prosody instances;
-//! - [`rabbit`]: RabbitMQ (the machine's broker or a private node) and an event pusher.
+//! - [`rabbit`]: RabbitMQ (the machine's broker or a private node) and an event pusher;
+//! - [`webhook_receiver`]: a webhook receiver that verifies with the `standardwebhooks` package.
 #![allow(dead_code, unused_imports)]
 
 pub mod app;
@@ -19,6 +20,7 @@ pub mod http;
 pub mod pg;
 pub mod prosody;
 pub mod rabbit;
+pub mod webhook_receiver;
 pub mod xmpp_client;
 
 use std::net::TcpListener;
@@ -34,6 +36,7 @@ pub use http::*;
 pub use pg::*;
 pub use prosody::*;
 pub use rabbit::*;
+pub use webhook_receiver::*;
 pub use xmpp_client::*;
 
 /// Generous upper bound for anything to happen; tests never assert on wall-clock time, they

@@ -1,0 +1,792 @@
+//! Webhooks and alerts (contract §7), to the Standard Webhooks specification.
+//!
+//! - [`WebhookSink`] is a [`ChangeSink`]: on the sequencer it matches each change (and each
+//!   alert the [`alerts::Detector`] raises from it) against the endpoints' filters and pushes
+//!   the messages onto an in-memory queue — it never waits.
+//! - The outbox task moves that queue into the [`outbox::Outbox`] in batches: Postgres tables
+//!   when a store is configured (a message counts once committed; a restart loses nothing
+//!   committed), memory otherwise.
+//! - One delivery task per endpoint sends its messages in order: `POST` with `webhook-id`
+//!   (the same on every retry), `webhook-timestamp` and `webhook-signature: v1,<base64
+//!   HMAC-SHA256 of "id.timestamp.body">`; a 2xx within `webhooks_timeout_secs` delivers;
+//!   anything else is retried with exponential backoff and jitter (1 s doubling, capped at 10
+//!   min) up to `webhooks_max_attempts`, then marked `failed`, and the next message goes. A
+//!   slow or dead endpoint only holds up its own task.
+
+pub mod alerts;
+pub mod outbox;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use dashmap::DashMap;
+use hmac::{Hmac, Mac};
+use prometheus::{IntCounterVec, Registry};
+use serde::Serialize;
+use sha2::Sha256;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{AlertsConfig, WebhookConfig, decode_webhook_secret};
+use crate::presence::{Applied, ChangeSink, Op, UserJid};
+use crate::telemetry;
+use outbox::{Attempt, Outbox, Pending};
+
+/// The first retry delay; it doubles per attempt.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+/// The longest retry delay.
+const RETRY_MAX: Duration = Duration::from_secs(600);
+/// Largest response body read from an endpoint (the rest is dropped).
+const MAX_RESPONSE_BYTES: usize = 64 << 10;
+/// Alerts kept for the dashboard's strip.
+const RECENT_ALERTS: usize = 50;
+
+/// Where an endpoint comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// `[[webhooks]]` in the config file.
+    Config,
+    /// `POST /api/v1/webhooks`.
+    Api,
+}
+
+/// One endpoint.
+#[derive(Clone)]
+pub struct Endpoint {
+    /// Its id.
+    pub id: String,
+    /// Where messages go.
+    pub url: String,
+    /// `whsec_…` (never shown after creation).
+    secret: String,
+    key: Vec<u8>,
+    /// Event types wanted.
+    pub events: Vec<String>,
+    /// Only these domains (empty: all).
+    pub domains: Vec<String>,
+    /// Only these users (empty: all).
+    pub jids: Vec<String>,
+    /// Config file or API.
+    pub source: Source,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("id", &self.id)
+            .field("url", &crate::config::mask_url_password(&self.url))
+            .field("events", &self.events)
+            .finish()
+    }
+}
+
+impl Endpoint {
+    /// An endpoint from its parts (the secret is checked).
+    pub fn new(cfg: &WebhookConfig, source: Source) -> Result<Endpoint, String> {
+        let key = decode_webhook_secret(cfg.secret.expose())?;
+        Ok(Endpoint {
+            id: cfg.id.clone(),
+            url: cfg.url.clone(),
+            secret: cfg.secret.expose().to_owned(),
+            key,
+            events: cfg.events.clone(),
+            domains: cfg.domains.iter().map(|d| d.to_lowercase()).collect(),
+            jids: cfg
+                .jids
+                .iter()
+                .filter_map(|j| UserJid::parse(j).ok())
+                .map(|j| j.as_str().to_owned())
+                .collect(),
+            source,
+        })
+    }
+
+    /// The secret, for storing an API-made endpoint.
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+
+    fn wants(&self, kind: &str, jid: Option<&UserJid>, domain: Option<&str>) -> bool {
+        if !self.events.iter().any(|e| e == kind) {
+            return false;
+        }
+        let domain = jid.map(|j| j.domain()).or(domain);
+        let by_jid = jid.is_some_and(|j| self.jids.iter().any(|x| x == j.as_str()));
+        let by_domain = domain.is_some_and(|d| self.domains.iter().any(|x| x == d));
+        match (self.jids.is_empty(), self.domains.is_empty()) {
+            (true, true) => true,
+            _ => by_jid || by_domain,
+        }
+    }
+
+    /// `webhook-signature` for one attempt.
+    pub fn sign(&self, id: &str, timestamp: i64, body: &str) -> String {
+        sign(&self.key, id, timestamp, body)
+    }
+}
+
+/// `v1,<base64 HMAC-SHA256 of "id.timestamp.body">` (Standard Webhooks).
+pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &str) -> String {
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
+        return String::new();
+    };
+    mac.update(id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body.as_bytes());
+    format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    )
+}
+
+/// A fresh `whsec_` secret (32 random bytes).
+pub fn new_secret() -> String {
+    let bytes: [u8; 32] = rand::random();
+    format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+/// A message about to enter the outbox.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// The endpoint.
+    pub endpoint: String,
+    /// `msg_…`, the `webhook-id`.
+    pub id: String,
+    /// The event type.
+    pub kind: &'static str,
+    /// The JSON body.
+    pub body: Arc<str>,
+    /// The user it is about (erasure removes it while pending).
+    pub jid: Option<String>,
+}
+
+/// The webhook metrics.
+#[derive(Debug, Clone)]
+pub struct WebhookMetrics {
+    /// Delivery attempts by result.
+    pub attempts: IntCounterVec,
+    /// Alerts raised by type.
+    pub alerts: IntCounterVec,
+    /// Messages accepted into the outbox.
+    pub accepted: prometheus::IntCounter,
+}
+
+impl WebhookMetrics {
+    /// Registers them in `r`.
+    pub fn new(r: &Registry) -> Self {
+        Self {
+            attempts: telemetry::counter_vec(
+                r,
+                "presence_bridge_webhook_attempts_total",
+                "Webhook delivery attempts, by result (delivered, retrying, failed)",
+                &["result"],
+            ),
+            alerts: telemetry::counter_vec(
+                r,
+                "presence_bridge_alerts_total",
+                "Alerts raised, by type (flapping, storm)",
+                &["type"],
+            ),
+            accepted: telemetry::counter(
+                r,
+                "presence_bridge_webhook_messages_total",
+                "Webhook messages accepted into the outbox",
+            ),
+        }
+    }
+}
+
+/// Everything webhooks: endpoints, the queue from the sequencer, the outbox, the workers.
+pub struct Webhooks {
+    endpoints: DashMap<String, (Arc<Endpoint>, CancellationToken)>,
+    queue: Mutex<VecDeque<Message>>,
+    queued: Notify,
+    /// Wakes an endpoint's worker when its messages are in the outbox.
+    wake: DashMap<String, Arc<Notify>>,
+    outbox: Outbox,
+    detector: Mutex<alerts::Detector>,
+    recent: Mutex<VecDeque<alerts::Alert>>,
+    epoch: Mutex<Arc<str>>,
+    client: reqwest::Client,
+    timeout: Duration,
+    max_attempts: u32,
+    metrics: WebhookMetrics,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl std::fmt::Debug for Webhooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhooks")
+            .field("endpoints", &self.endpoints.len())
+            .finish()
+    }
+}
+
+/// The sequencer's end: a [`ChangeSink`] that never waits.
+#[derive(Debug, Clone)]
+pub struct WebhookSink(pub Arc<Webhooks>);
+
+/// What [`Webhooks::start`] needs.
+#[derive(Debug)]
+pub struct Settings {
+    /// `[[webhooks]]`.
+    pub endpoints: Vec<WebhookConfig>,
+    /// `[alerts]`.
+    pub alerts: AlertsConfig,
+    /// `webhooks_timeout_secs`.
+    pub timeout: Duration,
+    /// `webhooks_max_attempts`.
+    pub max_attempts: u32,
+}
+
+impl Webhooks {
+    /// Starts the outbox task and one worker per endpoint (config ones, then the ones made
+    /// through the API and kept in Postgres).
+    pub async fn start(
+        settings: Settings,
+        outbox: Outbox,
+        registry: &Registry,
+        tasks: TaskTracker,
+        cancel: CancellationToken,
+    ) -> Result<Arc<Webhooks>, String> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .connect_timeout(settings.timeout)
+            // Never to another host: a receiver that redirects is answering non-2xx.
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("presence-bridge/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let w = Arc::new(Webhooks {
+            endpoints: DashMap::new(),
+            queue: Mutex::new(VecDeque::new()),
+            queued: Notify::new(),
+            wake: DashMap::new(),
+            outbox,
+            detector: Mutex::new(alerts::Detector::new(settings.alerts)),
+            recent: Mutex::new(VecDeque::new()),
+            epoch: Mutex::new(Arc::from("")),
+            client,
+            timeout: settings.timeout,
+            max_attempts: settings.max_attempts,
+            metrics: WebhookMetrics::new(registry),
+            tasks: tasks.clone(),
+            cancel: cancel.clone(),
+        });
+        for c in &settings.endpoints {
+            let e = Endpoint::new(c, Source::Config)?;
+            w.add(e);
+        }
+        match w.outbox.load_endpoints().await {
+            Ok(list) => {
+                for e in list {
+                    if w.endpoints.contains_key(&e.id) {
+                        tracing::warn!(id = %e.id, "webhooks: an API endpoint has the id of a config one; the config one wins");
+                        continue;
+                    }
+                    w.add(e);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "webhooks: cannot load the endpoints made through the API")
+            }
+        }
+        tasks.spawn(w.clone().outbox_task());
+        Ok(w)
+    }
+
+    /// The epoch the presence messages carry (set once the engine exists).
+    pub fn set_epoch(&self, epoch: Arc<str>) {
+        *self.epoch.lock().unwrap_or_else(|p| p.into_inner()) = epoch;
+    }
+
+    fn add(self: &Arc<Self>, e: Endpoint) {
+        let stop = self.cancel.child_token();
+        let e = Arc::new(e);
+        self.wake.insert(e.id.clone(), Arc::new(Notify::new()));
+        self.endpoints
+            .insert(e.id.clone(), (e.clone(), stop.clone()));
+        self.tasks.spawn(self.clone().worker(e, stop));
+    }
+
+    /// The endpoints, by id.
+    pub fn list(&self) -> Vec<Arc<Endpoint>> {
+        let mut v: Vec<Arc<Endpoint>> =
+            self.endpoints.iter().map(|e| e.value().0.clone()).collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// The outbox (pending counts, delivery logs, erasure).
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    /// The last alerts, newest first.
+    pub fn recent_alerts(&self) -> Vec<alerts::Alert> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .rev()
+            .cloned()
+            .collect()
+    }
+
+    /// Creates an endpoint through the API (kept in Postgres when configured).
+    pub async fn create(
+        self: &Arc<Self>,
+        cfg: WebhookConfig,
+    ) -> Result<Arc<Endpoint>, CreateError> {
+        if self.endpoints.contains_key(&cfg.id) {
+            return Err(CreateError::Exists);
+        }
+        let e = Endpoint::new(&cfg, Source::Api).map_err(CreateError::Invalid)?;
+        self.outbox
+            .save_endpoint(&e)
+            .await
+            .map_err(CreateError::Store)?;
+        let e2 = e.clone();
+        self.add(e);
+        Ok(Arc::new(e2))
+    }
+
+    /// Deletes an API endpoint with its pending messages.
+    pub async fn delete(&self, id: &str) -> Result<(), DeleteError> {
+        let source = self
+            .endpoints
+            .get(id)
+            .map(|e| e.value().0.source)
+            .ok_or(DeleteError::Unknown)?;
+        if source == Source::Config {
+            return Err(DeleteError::FromConfig);
+        }
+        self.outbox
+            .delete_endpoint(id)
+            .await
+            .map_err(DeleteError::Store)?;
+        if let Some((_, (_, stop))) = self.endpoints.remove(id) {
+            stop.cancel();
+        }
+        self.wake.remove(id);
+        Ok(())
+    }
+
+    /// Moves queued messages into the outbox in batches, then wakes their workers.
+    async fn outbox_task(self: Arc<Self>) {
+        let mut maintenance = tokio::time::interval(Duration::from_secs(600));
+        loop {
+            let batch: Vec<Message> = {
+                let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                let n = q.len().min(5_000);
+                q.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                tokio::select! {
+                    () = self.queued.notified() => continue,
+                    _ = maintenance.tick() => {
+                        if let Err(e) = self.outbox.prune().await {
+                            tracing::debug!(error = %e, "webhooks: prune failed");
+                        }
+                        continue;
+                    }
+                    () = self.cancel.cancelled() => return,
+                }
+            }
+            match self.outbox.append(&batch).await {
+                Ok(()) => {
+                    self.metrics.accepted.inc_by(batch.len() as u64);
+                    let mut woken: Vec<&str> = batch.iter().map(|m| m.endpoint.as_str()).collect();
+                    woken.dedup();
+                    for id in woken {
+                        if let Some(n) = self.wake.get(id) {
+                            n.notify_one();
+                        }
+                    }
+                }
+                Err(e) => {
+                    // Put them back in front and try again shortly (the store may be down).
+                    tracing::warn!(error = %e, messages = batch.len(), "webhooks: outbox write failed; retrying");
+                    {
+                        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                        for m in batch.into_iter().rev() {
+                            q.push_front(m);
+                        }
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = self.cancel.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// One endpoint's deliveries, in order, until cancelled.
+    async fn worker(self: Arc<Self>, ep: Arc<Endpoint>, stop: CancellationToken) {
+        let wake = self
+            .wake
+            .get(&ep.id)
+            .map(|n| n.value().clone())
+            .unwrap_or_default();
+        let mut batch: VecDeque<Pending> = VecDeque::new();
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            if batch.is_empty() {
+                match self.outbox.next(&ep.id, 100).await {
+                    Ok(b) => batch = b.into(),
+                    Err(e) => {
+                        tracing::debug!(error = %e, endpoint = %ep.id, "webhooks: outbox read failed");
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            () = stop.cancelled() => return,
+                        }
+                        continue;
+                    }
+                }
+            }
+            let Some(m) = batch.front().cloned() else {
+                tokio::select! {
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    () = stop.cancelled() => return,
+                }
+                continue;
+            };
+            let wait = (m.next_attempt_at - Utc::now())
+                .to_std()
+                .unwrap_or_default();
+            if !wait.is_zero() {
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = stop.cancelled() => return,
+                }
+            }
+            let attempt = m.attempts + 1;
+            let (ok, status, error) = self.deliver(&ep, &m).await;
+            let outcome = if ok {
+                "delivered"
+            } else if attempt >= self.max_attempts {
+                "failed"
+            } else {
+                "retrying"
+            };
+            self.metrics.attempts.with_label_values(&[outcome]).inc();
+            let next =
+                Utc::now() + chrono::Duration::from_std(backoff(attempt)).unwrap_or_default();
+            let log = Attempt {
+                message_id: m.id.clone(),
+                kind: m.kind.clone(),
+                attempt,
+                at: Utc::now(),
+                status: outcome,
+                response_status: status,
+                error,
+            };
+            if outcome == "failed" {
+                tracing::warn!(endpoint = %ep.id, message = %m.id, attempts = attempt, "webhooks: message failed after the last attempt");
+            }
+            // Until the outbox records the outcome, the message stays at the head.
+            loop {
+                match self.outbox.record(&ep.id, &m, &log, next).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "webhooks: cannot record an attempt; retrying");
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            () = stop.cancelled() => return,
+                        }
+                    }
+                }
+            }
+            if outcome == "retrying" {
+                if let Some(front) = batch.front_mut() {
+                    front.attempts = attempt;
+                    front.next_attempt_at = next;
+                }
+            } else {
+                batch.pop_front();
+            }
+        }
+    }
+
+    /// One POST: (2xx, HTTP status, error text).
+    async fn deliver(&self, ep: &Endpoint, m: &Pending) -> (bool, Option<u16>, Option<String>) {
+        let ts = Utc::now().timestamp();
+        let sig = ep.sign(&m.id, ts, &m.body);
+        let sent = self
+            .client
+            .post(&ep.url)
+            .header("content-type", "application/json")
+            .header("webhook-id", &m.id)
+            .header("webhook-timestamp", ts.to_string())
+            .header("webhook-signature", sig)
+            .body(m.body.to_string())
+            .send()
+            .await;
+        let mut resp = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                let why = if e.is_timeout() {
+                    format!("no answer within {} s", self.timeout.as_secs())
+                } else if e.is_connect() {
+                    "cannot connect".to_owned()
+                } else {
+                    "request failed".to_owned()
+                };
+                return (false, None, Some(why));
+            }
+        };
+        let status = resp.status().as_u16();
+        // Read (and drop) at most MAX_RESPONSE_BYTES of the answer, within the timeout.
+        let mut read = 0usize;
+        let drained = tokio::time::timeout(self.timeout, async {
+            while let Ok(Some(c)) = resp.chunk().await {
+                read += c.len();
+                if read > MAX_RESPONSE_BYTES {
+                    break;
+                }
+            }
+        })
+        .await;
+        let ok = resp.status().is_success() && drained.is_ok();
+        let error = (!ok).then(|| {
+            if drained.is_err() {
+                "answer body not finished within the timeout".to_owned()
+            } else {
+                format!("HTTP {status}")
+            }
+        });
+        (ok, Some(status), error)
+    }
+
+    /// Moves whatever is queued into the outbox now (shutdown, after the engine stopped).
+    pub async fn flush(&self) {
+        loop {
+            let batch: Vec<Message> = {
+                let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                let n = q.len().min(5_000);
+                q.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                return;
+            }
+            if let Err(e) = self.outbox.append(&batch).await {
+                tracing::error!(error = %e, messages = batch.len(), "webhooks: messages not accepted at shutdown");
+                return;
+            }
+            self.metrics.accepted.inc_by(batch.len() as u64);
+        }
+    }
+
+    fn enqueue(&self, msgs: Vec<Message>) {
+        if msgs.is_empty() {
+            return;
+        }
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(msgs);
+        self.queued.notify_one();
+    }
+}
+
+/// Why a create failed.
+#[derive(Debug)]
+pub enum CreateError {
+    /// The id is taken.
+    Exists,
+    /// A bad field.
+    Invalid(String),
+    /// The store refused.
+    Store(String),
+}
+
+/// Why a delete failed.
+#[derive(Debug)]
+pub enum DeleteError {
+    /// No such endpoint.
+    Unknown,
+    /// It comes from the config file.
+    FromConfig,
+    /// The store refused.
+    Store(String),
+}
+
+/// `min · 2^(attempt-1)` capped at [`RETRY_MAX`], with equal jitter (uniform in the upper
+/// half), so that receivers that come back are not hit in step.
+pub fn backoff(attempt: u32) -> Duration {
+    let exp = RETRY_MIN.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+    let d = exp.min(RETRY_MAX);
+    let half = d / 2;
+    half + Duration::from_secs_f64(half.as_secs_f64() * rand::random::<f64>())
+}
+
+#[derive(Serialize)]
+struct Body<'a, D: Serialize> {
+    r#type: &'a str,
+    #[serde(with = "crate::presence::model::rfc3339_millis")]
+    timestamp: DateTime<Utc>,
+    data: D,
+}
+
+#[derive(Serialize)]
+struct PresenceData<'a> {
+    #[serde(flatten)]
+    change: &'a crate::presence::Change,
+    epoch: &'a str,
+}
+
+fn message_id() -> String {
+    format!(
+        "msg_{}",
+        uuid::Uuid::from_u128(rand::random::<u128>()).simple()
+    )
+}
+
+impl ChangeSink for WebhookSink {
+    fn accept(&self, applied: Applied<'_>) {
+        let w = &self.0;
+        let c = applied.change;
+        let kind = match c.op {
+            Op::Online => "presence.online",
+            Op::Offline => "presence.offline",
+            Op::Update => "presence.update",
+        };
+        let at = applied.event.at;
+        let raised = w
+            .detector
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .feed(&c.jid, c.op, at);
+        if w.endpoints.is_empty() && raised.is_empty() {
+            return;
+        }
+        let mut msgs = Vec::new();
+        let mut body: Option<Arc<str>> = None;
+        for e in w.endpoints.iter() {
+            let ep = &e.value().0;
+            if !ep.wants(kind, Some(&c.jid), None) {
+                continue;
+            }
+            let b = body
+                .get_or_insert_with(|| {
+                    let epoch = w.epoch.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    Arc::from(
+                        serde_json::to_string(&Body {
+                            r#type: kind,
+                            timestamp: at,
+                            data: PresenceData {
+                                change: c,
+                                epoch: &epoch,
+                            },
+                        })
+                        .unwrap_or_default(),
+                    )
+                })
+                .clone();
+            msgs.push(Message {
+                endpoint: ep.id.clone(),
+                id: message_id(),
+                kind,
+                body: b,
+                jid: Some(c.jid.as_str().to_owned()),
+            });
+        }
+        for a in raised {
+            let label = if a.kind() == "alert.flapping" {
+                "flapping"
+            } else {
+                "storm"
+            };
+            w.metrics.alerts.with_label_values(&[label]).inc();
+            tracing::info!(alert = a.kind(), data = %a.data(), "alert raised");
+            let b: Arc<str> = Arc::from(
+                serde_json::to_string(&Body {
+                    r#type: a.kind(),
+                    timestamp: at,
+                    data: a.data(),
+                })
+                .unwrap_or_default(),
+            );
+            let domain = match &a {
+                alerts::Alert::Storm { domain, .. } => Some(domain.as_str()),
+                alerts::Alert::Flapping { .. } => None,
+            };
+            for e in w.endpoints.iter() {
+                let ep = &e.value().0;
+                if ep.wants(a.kind(), a.jid(), domain) {
+                    msgs.push(Message {
+                        endpoint: ep.id.clone(),
+                        id: message_id(),
+                        kind: a.kind(),
+                        body: b.clone(),
+                        jid: a.jid().map(|j| j.as_str().to_owned()),
+                    });
+                }
+            }
+            let mut r = w.recent.lock().unwrap_or_else(|p| p.into_inner());
+            if r.len() == RECENT_ALERTS {
+                r.pop_front();
+            }
+            r.push_back(a);
+        }
+        w.enqueue(msgs);
+    }
+}
+
+/// Pending counts per endpoint, for the list.
+pub type PendingCounts = HashMap<String, u64>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Standard Webhooks specification's example: secret, id, timestamp, payload and the
+    /// signature it gives.
+    #[test]
+    fn signature_matches_the_specification_example() {
+        let key = decode_webhook_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let sig = sign(
+            &key,
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            r#"{"test": 2432232314}"#,
+        );
+        assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_caps() {
+        for a in 1..30 {
+            let d = backoff(a);
+            let full = RETRY_MIN
+                .saturating_mul(1u32 << (a - 1).min(20))
+                .min(RETRY_MAX);
+            assert!(d >= full / 2 && d <= full, "{a}: {d:?}");
+        }
+        assert!(backoff(40) <= RETRY_MAX);
+    }
+
+    #[test]
+    fn secrets_are_checked() {
+        assert!(decode_webhook_secret(&new_secret()).unwrap().len() == 32);
+        assert!(decode_webhook_secret("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_err());
+        assert!(decode_webhook_secret("whsec_c2hvcnQ=").is_err());
+        assert!(decode_webhook_secret("whsec_!!!").is_err());
+    }
+}
