@@ -214,8 +214,13 @@ impl AppBuilder {
         let webhooks = match external {
             Some(_) => None,
             None => {
-                let outbox = match &store {
-                    Some(s) => Outbox::Postgres(s.pool().clone()),
+                // A pool of its own: its connections' I/O then runs on the webhook runtime
+                // (low priority) and never on the writer's connections.
+                let outbox = match &cfg.store.postgres_url {
+                    Some(url) => Outbox::Postgres(
+                        store::pg::pool(url.expose(), 4, cfg.store.connect_timeout_secs)
+                            .map_err(AppError::from)?,
+                    ),
                     None => Outbox::memory(),
                 };
                 let settings = webhooks::Settings {

@@ -394,10 +394,25 @@ impl WebhookConfig {
                 "letters, digits, '.', '_' or '-', 1 to 64 of them",
             ));
         }
-        if !(self.url.starts_with("https://") || self.url.starts_with("http://")) {
+        let url_ok = reqwest::Url::parse(&self.url).is_ok_and(|u| {
+            matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty())
+        }) && !self.url.chars().any(char::is_control);
+        if !url_ok {
             return Err(ConfigError::invalid(
                 &format!("{key}.url"),
-                "must be an http:// or https:// URL",
+                "must be an http:// or https:// URL with a host",
+            ));
+        }
+        if let Some(bad) = self.domains.iter().find(|d| {
+            d.is_empty()
+                || d.len() > 253
+                || !d
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        }) {
+            return Err(ConfigError::invalid(
+                &format!("{key}.domains"),
+                format!("{bad:?} is not a domain name"),
             ));
         }
         if let Err(e) = decode_webhook_secret(self.secret.expose()) {
@@ -1253,19 +1268,41 @@ fn toml_string(cfg: &Config) -> String {
     // figment re-exports no TOML writer; serde_json → a small TOML rendering keeps deps lean.
     let value = serde_json::to_value(cfg).unwrap_or(serde_json::Value::Null);
     let mut out = String::new();
-    if let serde_json::Value::Object(sections) = value {
-        for (section, body) in sections {
-            out.push_str(&format!("[{section}]\n"));
-            if let serde_json::Value::Object(keys) = body {
-                for (k, v) in keys {
-                    if v.is_null() {
-                        out.push_str(&format!("# {k} = (unset)\n"));
-                    } else {
-                        out.push_str(&format!("{k} = {v}\n"));
-                    }
+    let keys = |out: &mut String, body: &serde_json::Value| {
+        if let serde_json::Value::Object(keys) = body {
+            for (k, v) in keys {
+                if v.is_null() {
+                    out.push_str(&format!("# {k} = (unset)\n"));
+                } else {
+                    out.push_str(&format!("{k} = {v}\n"));
                 }
             }
-            out.push('\n');
+        }
+    };
+    if let serde_json::Value::Object(entries) = value {
+        // Top-level keys first (TOML puts them before any table), then tables, then arrays
+        // of tables.
+        for (k, v) in &entries {
+            if !v.is_object() && !v.is_array() {
+                out.push_str(&format!("{k} = {v}\n"));
+            }
+        }
+        out.push('\n');
+        for (section, body) in &entries {
+            if body.is_object() {
+                out.push_str(&format!("[{section}]\n"));
+                keys(&mut out, body);
+                out.push('\n');
+            }
+        }
+        for (section, body) in &entries {
+            if let serde_json::Value::Array(items) = body {
+                for item in items {
+                    out.push_str(&format!("[[{section}]]\n"));
+                    keys(&mut out, item);
+                    out.push('\n');
+                }
+            }
         }
     }
     out

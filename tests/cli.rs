@@ -260,6 +260,18 @@ fn the_example_configs_optional_sections_are_valid_when_enabled() {
         !stdout.contains("change-me\""),
         "the reconcile password is masked: {stdout}"
     );
+    assert!(
+        stdout.contains("[[webhooks]]") && stdout.contains("[alerts]"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("masked)\nwebhooks_max_attempts = 10\nwebhooks_timeout_secs = 10"),
+        "top-level keys come first: {stdout}"
+    );
+    assert!(
+        !stdout.contains("whsec_"),
+        "the webhook secret is masked: {stdout}"
+    );
 }
 
 #[test]

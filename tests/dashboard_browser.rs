@@ -153,6 +153,64 @@ fn artifacts() -> std::path::PathBuf {
     dir
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alert_strip_shows_a_flapping_user() {
+    let dir = browser_dir();
+    let mut cfg = test_config();
+    cfg.alerts.flapping_transitions = 4;
+    let app = TestApp::start(cfg, Ingest::None).await;
+    let now = chrono::Utc::now();
+    for i in 0..4u128 {
+        let kind = if i % 2 == 0 {
+            available(Show::Chat, "", 0, None)
+        } else {
+            presence_bridge::presence::EventKind::Unavailable {
+                status: None,
+                reason: None,
+            }
+        };
+        app.engine()
+            .apply(event(
+                i + 1,
+                "flappy@example.com",
+                "r",
+                now + chrono::Duration::seconds(i as i64),
+                kind,
+            ))
+            .await
+            .unwrap();
+    }
+    app.engine().barrier().await.unwrap();
+    let t = token("presence:read", None);
+    common::eventually("alert raised", || {
+        let (_, b, _) = app.get("/api/v1/alerts", Some(&t));
+        b["alerts"].as_array().is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    let url = format!("http://127.0.0.1:{}/#token={t}", app.port);
+    let shot = artifacts().join("alerts.png");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(dir.join("alerts.mjs"))
+            .args([
+                url.as_str(),
+                "flappy@example.com is flapping: 4 online/offline changes",
+            ])
+            .arg(&shot)
+            .output()
+            .expect("node")
+    })
+    .await
+    .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.contains("ALL OK"), "{text}");
+    app.stop().await;
+}
+
 #[test]
 fn dashboard_in_headless_chromium() {
     // No backfill: the live view is what this test measures (the history views have their

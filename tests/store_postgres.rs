@@ -380,14 +380,14 @@ fn migrate_twice_is_a_no_op() {
         String::from_utf8_lossy(&first.stderr)
     );
     assert!(String::from_utf8_lossy(&first.stdout).contains(
-        "applied 5 migration(s): V1__presence, V2__hot_updates, V3__end_reason_and_new_causes, V4__analytics_indexes, V5__rollups"
+        "applied 6 migration(s): V1__presence, V2__hot_updates, V3__end_reason_and_new_causes, V4__analytics_indexes, V5__rollups, V6__webhooks"
     ));
     let second = run();
     assert_eq!(second.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&second.stdout).contains("schema up to date"));
     assert_eq!(
         pg.query("SELECT count(*) FROM refinery_schema_history"),
-        "5"
+        "6"
     );
     // `rollup` builds every complete day of the retention; again, nothing; `--rebuild`
     // forgets them all and builds them again (the repair path).

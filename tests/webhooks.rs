@@ -342,6 +342,8 @@ async fn the_api_creates_lists_and_deletes_endpoints() {
     assert_eq!((c, again["error"].as_str()), (409, Some("webhook_exists")));
     for bad in [
         serde_json::json!({"url": "ftp://x", "events": ["presence.online"]}),
+        serde_json::json!({"url": "https://v\u{cd}\u{0}", "events": ["presence.online"]}),
+        serde_json::json!({"url": rx.url("/x"), "events": ["presence.online"], "domains": ["a b"]}),
         serde_json::json!({"url": rx.url("/x"), "events": ["presence.sometimes"]}),
         serde_json::json!({"url": rx.url("/x"), "events": []}),
         serde_json::json!({"url": rx.url("/x"), "events": ["presence.online"], "jids": ["not a jid"]}),

@@ -88,18 +88,52 @@ pub async fn list(st: State, _admin: AdminScope) -> Result<HttpResponse, ApiErro
 #[serde(deny_unknown_fields)]
 pub struct NewWebhook {
     /// Where messages go (`http://` or `https://`).
+    #[schema(
+        format = "uri",
+        pattern = r"^https?://[^\s]+$",
+        example = "https://hooks.example.com/presence"
+    )]
     pub url: String,
-    /// Event types: presence.online, presence.offline, presence.update, alert.flapping, alert.storm.
+    /// Event types (at least one).
+    #[schema(min_items = 1, value_type = Vec<EventType>)]
     pub events: Vec<String>,
     /// Only these domains.
     #[serde(default)]
+    #[schema(value_type = Vec<DomainText>)]
     pub domains: Vec<String>,
     /// Only these users.
     #[serde(default)]
+    #[schema(value_type = Vec<super::rest::BareJidText>)]
     pub jids: Vec<String>,
-    /// An id of your choosing (default: generated).
+    /// An id of your choosing (default: generated): letters, digits, `.`, `_`, `-`.
     #[serde(default)]
+    #[schema(pattern = r"^[A-Za-z0-9._-]{1,64}$")]
     pub id: Option<String>,
+}
+
+/// A domain name, for the OpenAPI document.
+#[derive(Debug, utoipa::ToSchema)]
+#[schema(value_type = String, pattern = r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$", example = "example.com")]
+pub struct DomainText(#[allow(dead_code)] String);
+
+/// A webhook event type, for the OpenAPI document.
+#[derive(Debug, utoipa::ToSchema)]
+pub enum EventType {
+    /// A user came online.
+    #[schema(rename = "presence.online")]
+    PresenceOnline,
+    /// A user's last resource left.
+    #[schema(rename = "presence.offline")]
+    PresenceOffline,
+    /// An online user changed.
+    #[schema(rename = "presence.update")]
+    PresenceUpdate,
+    /// A user flapped.
+    #[schema(rename = "alert.flapping")]
+    AlertFlapping,
+    /// A login storm.
+    #[schema(rename = "alert.storm")]
+    AlertStorm,
 }
 
 /// `POST /api/v1/webhooks` answer: the endpoint and its secret, shown this once.
@@ -122,7 +156,7 @@ pub struct CreatedWebhook {
 }
 
 /// `POST /api/v1/webhooks`.
-#[utoipa::path(post, path = "/api/v1/webhooks", request_body = NewWebhook, responses((status = 201, description = "Created; the secret is shown this once", body = CreatedWebhook), (status = 400, description = "`invalid_body` or `invalid_parameter`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks the admin scope", body = super::error::ErrorBody), (status = 409, description = "`webhook_exists`", body = super::error::ErrorBody), (status = 413, description = "Body too large", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 503, description = "`store_unavailable`", body = super::error::ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/api/v1/webhooks", request_body = NewWebhook, responses((status = 201, description = "Created; the secret is shown this once", body = CreatedWebhook), (status = 400, description = "`invalid_body` or `invalid_parameter`", body = super::error::ErrorBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks the admin scope", body = super::error::ErrorBody), (status = 409, description = "`webhook_exists`", body = super::error::ErrorBody), (status = 413, description = "Body too large", body = super::error::ErrorBody), (status = 415, description = "Body is not `application/json`", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 503, description = "`store_unavailable`", body = super::error::ErrorBody)), security(("bearer" = [])))]
 #[post("/webhooks")]
 pub async fn create(
     st: State,

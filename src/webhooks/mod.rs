@@ -44,6 +44,9 @@ const RETRY_MAX: Duration = Duration::from_secs(600);
 const MAX_RESPONSE_BYTES: usize = 64 << 10;
 /// Alerts kept for the dashboard's strip.
 const RECENT_ALERTS: usize = 50;
+/// Changes waiting to become messages, at most (beyond it the oldest are dropped and counted:
+/// the outbox cannot keep up, e.g. Postgres is down for long).
+const MAX_QUEUED: usize = 1_000_000;
 
 /// Where an endpoint comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -179,6 +182,8 @@ pub struct WebhookMetrics {
     pub alerts: IntCounterVec,
     /// Messages accepted into the outbox.
     pub accepted: prometheus::IntCounter,
+    /// Changes dropped before becoming messages (queue full).
+    pub dropped: prometheus::IntCounter,
 }
 
 impl WebhookMetrics {
@@ -202,6 +207,11 @@ impl WebhookMetrics {
                 "presence_bridge_webhook_messages_total",
                 "Webhook messages accepted into the outbox",
             ),
+            dropped: telemetry::counter(
+                r,
+                "presence_bridge_webhook_dropped_total",
+                "Changes dropped before becoming webhook messages (the outbox fell 1,000,000 behind)",
+            ),
         }
     }
 }
@@ -209,8 +219,13 @@ impl WebhookMetrics {
 /// Everything webhooks: endpoints, the queue from the sequencer, the outbox, the workers.
 pub struct Webhooks {
     endpoints: DashMap<String, (Arc<Endpoint>, CancellationToken)>,
-    queue: Mutex<VecDeque<Message>>,
+    /// Changes from the sequencer, not yet turned into messages (the turning happens on the
+    /// outbox task: the sequencer only pushes).
+    queue: Mutex<VecDeque<(crate::presence::Change, DateTime<Utc>)>>,
     queued: Notify,
+    /// The batch being appended (kept on a failed append): one appender at a time, so the
+    /// outbox receives messages in the order of the changes.
+    appending: tokio::sync::Mutex<Vec<Message>>,
     /// Wakes an endpoint's worker when its messages are in the outbox.
     wake: DashMap<String, Arc<Notify>>,
     outbox: Outbox,
@@ -223,6 +238,44 @@ pub struct Webhooks {
     metrics: WebhookMetrics,
     tasks: TaskTracker,
     cancel: CancellationToken,
+    /// The webhook tasks' own runtime: one worker thread at the lowest CPU priority (nice 19),
+    /// so that turning changes into messages and delivering them only uses CPU the engine,
+    /// the sources and the API leave (see docs/benchmarks.md).
+    runtime: Background,
+}
+
+/// A runtime that shuts down in the background when dropped (it may be dropped on another
+/// runtime's thread).
+struct Background(Option<tokio::runtime::Runtime>);
+
+impl Background {
+    fn new() -> Result<Background, String> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("pb-webhooks")
+            .on_thread_start(|| {
+                // Lowest priority for a normal thread: nice 19 (no privileges needed).
+                let _ = thread_priority::set_current_thread_priority(
+                    thread_priority::ThreadPriority::Min,
+                );
+            })
+            .enable_all()
+            .build()
+            .map(|rt| Background(Some(rt)))
+            .map_err(|e| format!("cannot start the webhook runtime: {e}"))
+    }
+
+    fn handle(&self) -> Option<&tokio::runtime::Handle> {
+        self.0.as_ref().map(|r| r.handle())
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl std::fmt::Debug for Webhooks {
@@ -273,6 +326,7 @@ impl Webhooks {
             endpoints: DashMap::new(),
             queue: Mutex::new(VecDeque::new()),
             queued: Notify::new(),
+            appending: tokio::sync::Mutex::new(Vec::new()),
             wake: DashMap::new(),
             outbox,
             detector: Mutex::new(alerts::Detector::new(settings.alerts)),
@@ -284,6 +338,7 @@ impl Webhooks {
             metrics: WebhookMetrics::new(registry),
             tasks: tasks.clone(),
             cancel: cancel.clone(),
+            runtime: Background::new()?,
         });
         for c in &settings.endpoints {
             let e = Endpoint::new(c, Source::Config)?;
@@ -303,7 +358,7 @@ impl Webhooks {
                 tracing::warn!(error = %e, "webhooks: cannot load the endpoints made through the API")
             }
         }
-        tasks.spawn(w.clone().outbox_task());
+        w.spawn(w.clone().outbox_task());
         Ok(w)
     }
 
@@ -318,7 +373,19 @@ impl Webhooks {
         self.wake.insert(e.id.clone(), Arc::new(Notify::new()));
         self.endpoints
             .insert(e.id.clone(), (e.clone(), stop.clone()));
-        self.tasks.spawn(self.clone().worker(e, stop));
+        self.spawn(self.clone().worker(e, stop));
+    }
+
+    /// Runs a task on the webhook runtime, tracked for shutdown.
+    fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        match self.runtime.handle() {
+            Some(h) => {
+                self.tasks.spawn_on(f, h);
+            }
+            None => {
+                self.tasks.spawn(f);
+            }
+        }
     }
 
     /// The endpoints, by id.
@@ -384,47 +451,74 @@ impl Webhooks {
         Ok(())
     }
 
-    /// Moves queued messages into the outbox in batches, then wakes their workers.
+    /// Takes up to `n` queued changes and turns them into messages (alerts included).
+    fn take(&self, n: usize) -> Option<Vec<Message>> {
+        let items: Vec<(crate::presence::Change, DateTime<Utc>)> = {
+            // The sequencer pushes under this lock: hold it for O(1) when the whole queue fits.
+            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            if q.len() <= n {
+                Vec::from(std::mem::take(&mut *q))
+            } else {
+                q.drain(..n).collect()
+            }
+        };
+        if items.is_empty() {
+            return None;
+        }
+        let mut msgs = Vec::new();
+        for (c, at) in &items {
+            self.messages_for(c, *at, &mut msgs);
+        }
+        Some(msgs)
+    }
+
+    /// Appends the next batch (or the one a failed append left): `Ok(false)` when nothing
+    /// was queued.
+    async fn pump(&self) -> Result<bool, String> {
+        let mut batch = self.appending.lock().await;
+        if batch.is_empty() {
+            match self.take(5_000) {
+                Some(b) => *batch = b,
+                None => return Ok(false),
+            }
+        }
+        if batch.is_empty() {
+            return Ok(true);
+        }
+        self.outbox.append(&batch).await?;
+        self.metrics.accepted.inc_by(batch.len() as u64);
+        let mut woken: Vec<&str> = batch.iter().map(|m| m.endpoint.as_str()).collect();
+        woken.sort_unstable();
+        woken.dedup();
+        for id in woken {
+            if let Some(n) = self.wake.get(id) {
+                n.notify_one();
+            }
+        }
+        batch.clear();
+        Ok(true)
+    }
+
+    /// Moves queued changes into the outbox as messages, in batches, then wakes their workers.
     async fn outbox_task(self: Arc<Self>) {
         let mut maintenance = tokio::time::interval(Duration::from_secs(600));
         loop {
-            let batch: Vec<Message> = {
-                let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-                let n = q.len().min(5_000);
-                q.drain(..n).collect()
-            };
-            if batch.is_empty() {
-                tokio::select! {
-                    () = self.queued.notified() => continue,
-                    _ = maintenance.tick() => {
-                        if let Err(e) = self.outbox.prune().await {
-                            tracing::debug!(error = %e, "webhooks: prune failed");
+            match self.pump().await {
+                Ok(true) => continue,
+                Ok(false) => {
+                    tokio::select! {
+                        () = self.queued.notified() => {}
+                        _ = maintenance.tick() => {
+                            if let Err(e) = self.outbox.prune().await {
+                                tracing::debug!(error = %e, "webhooks: prune failed");
+                            }
                         }
-                        continue;
-                    }
-                    () = self.cancel.cancelled() => return,
-                }
-            }
-            match self.outbox.append(&batch).await {
-                Ok(()) => {
-                    self.metrics.accepted.inc_by(batch.len() as u64);
-                    let mut woken: Vec<&str> = batch.iter().map(|m| m.endpoint.as_str()).collect();
-                    woken.dedup();
-                    for id in woken {
-                        if let Some(n) = self.wake.get(id) {
-                            n.notify_one();
-                        }
+                        () = self.cancel.cancelled() => return,
                     }
                 }
                 Err(e) => {
-                    // Put them back in front and try again shortly (the store may be down).
-                    tracing::warn!(error = %e, messages = batch.len(), "webhooks: outbox write failed; retrying");
-                    {
-                        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-                        for m in batch.into_iter().rev() {
-                            q.push_front(m);
-                        }
-                    }
+                    // The batch stays; try again shortly (the store may be down).
+                    tracing::warn!(error = %e, "webhooks: outbox write failed; retrying");
                     tokio::select! {
                         () = tokio::time::sleep(Duration::from_secs(1)) => {}
                         () = self.cancel.cancelled() => return,
@@ -574,34 +668,19 @@ impl Webhooks {
         (ok, Some(status), error)
     }
 
-    /// Moves whatever is queued into the outbox now (shutdown, after the engine stopped).
+    /// Moves whatever is queued into the outbox now (shutdown, after the engine stopped; an
+    /// erasure, before it deletes the user's pending messages).
     pub async fn flush(&self) {
         loop {
-            let batch: Vec<Message> = {
-                let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-                let n = q.len().min(5_000);
-                q.drain(..n).collect()
-            };
-            if batch.is_empty() {
-                return;
+            match self.pump().await {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(e) => {
+                    tracing::error!(error = %e, "webhooks: messages not accepted");
+                    return;
+                }
             }
-            if let Err(e) = self.outbox.append(&batch).await {
-                tracing::error!(error = %e, messages = batch.len(), "webhooks: messages not accepted at shutdown");
-                return;
-            }
-            self.metrics.accepted.inc_by(batch.len() as u64);
         }
-    }
-
-    fn enqueue(&self, msgs: Vec<Message>) {
-        if msgs.is_empty() {
-            return;
-        }
-        self.queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(msgs);
-        self.queued.notify_one();
     }
 }
 
@@ -659,33 +738,49 @@ fn message_id() -> String {
 }
 
 impl ChangeSink for WebhookSink {
+    /// On the sequencer: one push, nothing else (matching, alerts and serialisation happen on
+    /// the outbox task).
     fn accept(&self, applied: Applied<'_>) {
         let w = &self.0;
-        let c = applied.change;
+        let mut q = w.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() >= MAX_QUEUED {
+            q.pop_front();
+            w.metrics.dropped.inc();
+        }
+        q.push_back((applied.change.clone(), applied.event.at));
+        drop(q);
+        w.queued.notify_one();
+    }
+}
+
+impl Webhooks {
+    /// The messages one change makes: its presence event for the endpoints that want it,
+    /// and the alerts it raises.
+    fn messages_for(
+        &self,
+        c: &crate::presence::Change,
+        at: DateTime<Utc>,
+        msgs: &mut Vec<Message>,
+    ) {
         let kind = match c.op {
             Op::Online => "presence.online",
             Op::Offline => "presence.offline",
             Op::Update => "presence.update",
         };
-        let at = applied.event.at;
-        let raised = w
+        let raised = self
             .detector
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .feed(&c.jid, c.op, at);
-        if w.endpoints.is_empty() && raised.is_empty() {
-            return;
-        }
-        let mut msgs = Vec::new();
         let mut body: Option<Arc<str>> = None;
-        for e in w.endpoints.iter() {
+        for e in self.endpoints.iter() {
             let ep = &e.value().0;
             if !ep.wants(kind, Some(&c.jid), None) {
                 continue;
             }
             let b = body
                 .get_or_insert_with(|| {
-                    let epoch = w.epoch.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    let epoch = self.epoch.lock().unwrap_or_else(|p| p.into_inner()).clone();
                     Arc::from(
                         serde_json::to_string(&Body {
                             r#type: kind,
@@ -713,7 +808,7 @@ impl ChangeSink for WebhookSink {
             } else {
                 "storm"
             };
-            w.metrics.alerts.with_label_values(&[label]).inc();
+            self.metrics.alerts.with_label_values(&[label]).inc();
             tracing::info!(alert = a.kind(), data = %a.data(), "alert raised");
             let b: Arc<str> = Arc::from(
                 serde_json::to_string(&Body {
@@ -727,7 +822,7 @@ impl ChangeSink for WebhookSink {
                 alerts::Alert::Storm { domain, .. } => Some(domain.as_str()),
                 alerts::Alert::Flapping { .. } => None,
             };
-            for e in w.endpoints.iter() {
+            for e in self.endpoints.iter() {
                 let ep = &e.value().0;
                 if ep.wants(a.kind(), a.jid(), domain) {
                     msgs.push(Message {
@@ -739,13 +834,12 @@ impl ChangeSink for WebhookSink {
                     });
                 }
             }
-            let mut r = w.recent.lock().unwrap_or_else(|p| p.into_inner());
+            let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
             if r.len() == RECENT_ALERTS {
                 r.pop_front();
             }
             r.push_back(a);
         }
-        w.enqueue(msgs);
     }
 }
 

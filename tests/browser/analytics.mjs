@@ -34,11 +34,17 @@ try {
   await page.goto(url);
   await page.waitForFunction(() => document.getElementById('conn-text').textContent === 'live', null, { timeout: 20000 });
   // The backfill runs behind the live view: wait until it has passed 30 minutes ago.
-  await page.waitForFunction(async () => {
-    const at = new Date(Date.now() - 30 * 60000).toISOString();
-    const r = await api('/api/v1/replay?at=' + encodeURIComponent(at));
-    return r.users.length > 0;
-  }, null, { timeout: 120000, polling: 500 });
+  // (page.evaluate awaits the page's promise; a polling loop here, not waitForFunction.)
+  let backfilled = false;
+  for (let i = 0; i < 240 && !backfilled; i++) {
+    backfilled = await page.evaluate(async () => {
+      const at = new Date(Date.now() - 30 * 60000).toISOString();
+      const r = await api('/api/v1/replay?at=' + encodeURIComponent(at));
+      return r.users.length > 0;
+    });
+    if (!backfilled) await page.waitForTimeout(500);
+  }
+  if (!backfilled) fail('no backfilled history 30 minutes ago');
   step('backfilled history is there');
 
   // 1. Analytics, reached by keyboard from the Live tab.
@@ -177,6 +183,28 @@ try {
   const left = await page.evaluate(async (j) => (await api('/api/v1/history/' + encodeURIComponent(j) + '?limit=1000')).events.map((e) => Date.parse(e.at)), victim);
   if (left.some((t) => t < t0 - 2000)) fail('history before the erasure is still there: ' + left.length + ' events');
   step(`admin: erased ${victim} after a typed confirmation (history now ${left.length} event(s), all newer)`);
+  // Webhooks: create one (the secret is shown once), see its failing deliveries (nothing
+  // listens on port 9), delete it after the confirmation.
+  page.on('dialog', (d) => d.accept());
+  await page.fill('#ad-wh-url', 'http://127.0.0.1:9/nobody');
+  await page.click('#ad-wh-form button[type=submit]');
+  await page.waitForSelector('#ad-wh-secret', { timeout: 10000 });
+  const secret = await page.textContent('#ad-wh-secret');
+  if (!secret.startsWith('whsec_')) fail('secret shown: ' + secret);
+  const row = await page.waitForSelector('#ad-wh tbody tr:has-text("127.0.0.1:9")', { timeout: 10000 });
+  const id = await row.$eval('button[data-log]', (b) => b.dataset.log);
+  if ((await page.textContent('#ad-wh')).includes('whsec_')) fail('the list shows a secret');
+  // The table is a snapshot taken at the click: click again until the first attempts show.
+  let shown = '';
+  for (let i = 0; i < 40 && !/retrying/.test(shown); i++) {
+    await page.click(`#ad-wh button[data-log="${id}"]`);
+    await page.waitForTimeout(500);
+    shown = await page.evaluate(() => (document.getElementById('ad-wh-deliveries') || {}).textContent || '');
+  }
+  if (!/retrying/.test(shown) || !/cannot connect/.test(shown)) fail('deliveries table: ' + shown);
+  await page.click(`#ad-wh button[data-del="${id}"]`);
+  await page.waitForFunction((i) => !document.querySelector(`#ad-wh button[data-log="${i}"]`), id, { timeout: 10000 });
+  step(`admin: webhook ${id} created (secret shown once), its failing deliveries listed, deleted`);
   await page.screenshot({ path: dir + '/admin.png', fullPage: true });
 
   if (errors.length) fail('browser errors: ' + errors.join(' | '));

@@ -495,7 +495,7 @@ function showTab(name, focus) {
   if (name !== 'replay') pauseReplay();
   if (name === 'analytics' && (!ana.loadedAt || Date.now() - ana.loadedAt > 60000)) loadAnalytics();
   if (name === 'replay' && !rp.loaded) seekReplay();
-  if (name === 'admin') loadSubscribers();
+  if (name === 'admin') { loadSubscribers(); loadWebhooks(); }
   if (name === 'live') schedule();
 }
 
@@ -923,6 +923,94 @@ $('cf-form').addEventListener('submit', async (e) => {
   }
 });
 
+// ---------- alerts strip ----------
+async function loadAlerts() {
+  try {
+    const r = await api('/api/v1/alerts');
+    const items = r.alerts.slice(0, 5).map((a) => {
+      const li = document.createElement('li');
+      li.className = 'alert-item ' + (a.type === 'alert.storm' ? 'storm' : 'flapping');
+      const what = a.type === 'alert.storm'
+        ? 'Login storm in ' + a.domain + ': ' + a.logins + ' logins within ' + a.window_secs + ' s'
+        : a.jid + ' is flapping: ' + a.transitions + ' online/offline changes within ' + a.window_secs + ' s';
+      li.textContent = what + ' — ' + relative(a.at) + ' ago';
+      return li;
+    });
+    $('alert-list').replaceChildren(...items);
+    $('alert-strip').hidden = items.length === 0;
+  } catch (_) { /* the next poll retries */ }
+}
+
+// ---------- admin: webhooks ----------
+async function loadWebhooks() {
+  try {
+    const r = await api('/api/v1/webhooks');
+    fillRows($('ad-wh').tBodies[0], r.webhooks.map((w) => {
+      const actions = document.createElement('span');
+      const log = document.createElement('button');
+      log.type = 'button'; log.className = 'ghost small'; log.textContent = 'Deliveries';
+      log.dataset.log = w.id;
+      actions.appendChild(log);
+      if (w.source === 'api') {
+        const del = document.createElement('button');
+        del.type = 'button'; del.className = 'ghost small'; del.textContent = 'Delete';
+        del.dataset.del = w.id;
+        del.setAttribute('aria-label', 'Delete webhook ' + w.id);
+        actions.append(' ', del);
+      }
+      return [w.id, w.url, w.events.join(', '), w.source === 'api' ? 'API' : 'config file', String(w.pending), actions];
+    }));
+  } catch (e) {
+    $('ad-wh-out').textContent = authMessage(e) || 'Webhooks unavailable: ' + e.message;
+  }
+}
+
+$('ad-wh').addEventListener('click', async (e) => {
+  const del = e.target.closest('button[data-del]');
+  const log = e.target.closest('button[data-log]');
+  if (del) {
+    if (!confirm('Delete webhook ' + del.dataset.del + ' and its pending messages?')) return;
+    try {
+      await api('/api/v1/webhooks/' + encodeURIComponent(del.dataset.del), { method: 'DELETE' });
+      $('ad-wh-out').textContent = 'Webhook ' + del.dataset.del + ' deleted.';
+    } catch (err) {
+      $('ad-wh-out').textContent = authMessage(err) || 'Not deleted (' + err.code + '): ' + err.message;
+    }
+    loadWebhooks();
+  } else if (log) {
+    try {
+      const r = await api('/api/v1/webhooks/' + encodeURIComponent(log.dataset.log) + '/deliveries');
+      const t = document.createElement('table');
+      t.id = 'ad-wh-deliveries';
+      t.innerHTML = '<caption></caption><thead><tr><th scope="col">when</th><th scope="col">message</th><th scope="col">type</th><th scope="col">attempt</th><th scope="col">status</th><th scope="col">answer</th></tr></thead><tbody></tbody>';
+      t.caption.textContent = 'Last deliveries of ' + log.dataset.log + (r.deliveries.length ? '' : ': none yet');
+      fillRows(t.tBodies[0], r.deliveries.map((d) => [new Date(d.at).toLocaleString(), d.message_id, d.type, String(d.attempt), d.status, d.response_status ? String(d.response_status) : (d.error || '—')]));
+      $('ad-wh-log').replaceChildren(t);
+    } catch (err) {
+      $('ad-wh-out').textContent = authMessage(err) || 'Deliveries unavailable: ' + err.message;
+    }
+  }
+});
+
+$('ad-wh-form').addEventListener('submit', async (e) => {
+  e.preventDefault();
+  const events = [...document.querySelectorAll('#ad-wh-form input[name=ev]:checked')].map((x) => x.value);
+  const domains = $('ad-wh-domains').value.split(/[\s,;]+/).filter(Boolean);
+  const out = $('ad-wh-out');
+  try {
+    const r = await api('/api/v1/webhooks', { method: 'POST', body: JSON.stringify({ url: $('ad-wh-url').value.trim(), events, domains }) });
+    out.textContent = 'Created ' + r.id + '. Its signing secret, shown this once: ';
+    const code = document.createElement('code');
+    code.id = 'ad-wh-secret';
+    code.textContent = r.secret;
+    out.appendChild(code);
+    $('ad-wh-url').value = '';
+    loadWebhooks();
+  } catch (err) {
+    out.textContent = authMessage(err) || 'Not created (' + err.code + '): ' + err.message;
+  }
+});
+
 // ---------- start ----------
 async function start() {
   readToken();
@@ -943,8 +1031,9 @@ async function start() {
   connect();
   pollReady();
   loadSpark();
+  loadAlerts();
 }
 
 setInterval(() => { if (st.token && !$('app').hidden) pollReady(); }, 5000);
-setInterval(() => { if (st.token && !$('app').hidden) loadSpark(); }, 10000);
+setInterval(() => { if (st.token && !$('app').hidden) { loadSpark(); loadAlerts(); } }, 10000);
 start();

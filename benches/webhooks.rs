@@ -1,0 +1,294 @@
+//! Webhooks (contract §7), two figures:
+//! 1. the sequencer's ingest rate (300,000 events, 20,000 users, as `benches/engine.rs`) with
+//!    the webhook sink and 10 endpoints configured, next to the same run with no endpoints
+//!    (the target: within 10 %);
+//! 2. delivery throughput to a local receiver (a minimal HTTP/1.1 server in this process that
+//!    answers 204 with keep-alive): messages per second with 1 and with 10 endpoints, from the
+//!    in-memory outbox and from Postgres (when it runs on 127.0.0.1:5432).
+//!
+//! Run: `cargo bench --bench webhooks`
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use presence_bridge::config::{AlertsConfig, PresenceConfig, Secret, WebhookConfig};
+use presence_bridge::presence::{
+    Availability, Cause, ChangeSink, Engine, EngineMetrics, EngineOptions, EventKind,
+    PresenceEvent, Show, UserJid,
+};
+use presence_bridge::store::pg;
+use presence_bridge::webhooks::outbox::Outbox;
+use presence_bridge::webhooks::{Settings, WebhookSink, Webhooks};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+const EVENTS: u64 = 300_000;
+const USERS: u64 = 20_000;
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+fn events(n: u64) -> Vec<PresenceEvent> {
+    let jids: Vec<UserJid> = (0..USERS)
+        .map(|u| UserJid::parse(&format!("user{u}@example.com")).unwrap())
+        .collect();
+    let shows = [Show::Chat, Show::Available, Show::Away, Show::Xa, Show::Dnd];
+    (0..n)
+        .map(|i| {
+            let now = Utc::now();
+            let kind = if i % 10 == 9 {
+                EventKind::Unavailable {
+                    status: None,
+                    reason: None,
+                }
+            } else {
+                EventKind::Available(Availability {
+                    show: shows[(i % 5) as usize],
+                    status: Some(format!("status {i}")),
+                    priority: 0,
+                    client: None,
+                    idle_since: None,
+                })
+            };
+            PresenceEvent {
+                id: u128::from(i),
+                jid: jids[(i % USERS) as usize].clone(),
+                resource: format!("r{}", (i / USERS) % 2),
+                kind,
+                at: now,
+                received_at: now,
+                cause: Cause::Stanza,
+            }
+        })
+        .collect()
+}
+
+/// A receiver that accepts connections and never answers (the deliveries wait on it, so an
+/// ingest run measures what accepting messages costs, not the HTTP work).
+async fn silent() -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    port
+}
+
+/// A receiver: answers every request 204, keeps connections alive, counts requests.
+async fn receiver() -> (u16, Arc<AtomicU64>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let count = Arc::new(AtomicU64::new(0));
+    let c = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::with_capacity(8192);
+                let mut chunk = [0u8; 8192];
+                loop {
+                    // One request: headers, then Content-Length bytes of body.
+                    let head_end = loop {
+                        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break p + 4;
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < head_end + len {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..head_end + len);
+                    c.fetch_add(1, Ordering::Relaxed);
+                    if s.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, count)
+}
+
+fn endpoints(n: usize, port: u16) -> Vec<WebhookConfig> {
+    (0..n)
+        .map(|i| WebhookConfig {
+            id: format!("e{i}"),
+            url: format!("http://127.0.0.1:{port}/e{i}"),
+            secret: Secret::new(SECRET),
+            events: vec![
+                "presence.online".into(),
+                "presence.offline".into(),
+                "presence.update".into(),
+            ],
+            ..WebhookConfig::default()
+        })
+        .collect()
+}
+
+async fn webhooks(n: usize, port: u16, outbox: Outbox) -> (Arc<Webhooks>, CancellationToken) {
+    let cancel = CancellationToken::new();
+    let w = Webhooks::start(
+        Settings {
+            endpoints: endpoints(n, port),
+            alerts: AlertsConfig::default(),
+            timeout: Duration::from_secs(10),
+            max_attempts: 10,
+        },
+        outbox,
+        &prometheus::Registry::new(),
+        TaskTracker::new(),
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
+    (w, cancel)
+}
+
+/// Events per second through the sequencer with these sinks.
+async fn ingest(evs: &[PresenceEvent], sinks: Vec<Arc<dyn ChangeSink>>) -> f64 {
+    let (engine, _t) = Engine::start_with(
+        &PresenceConfig::default(),
+        EngineOptions {
+            sinks,
+            seed: Vec::new(),
+            metrics: EngineMetrics::new(&prometheus::Registry::new()),
+        },
+    );
+    let started = Instant::now();
+    for ev in evs.iter().cloned() {
+        engine.apply(ev).await.unwrap();
+    }
+    let changes = engine.barrier().await.unwrap();
+    changes as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Messages per second delivered for `changes` changes to `n` endpoints.
+async fn deliver(n: usize, changes: u64, outbox: Outbox) -> f64 {
+    let (port, count) = receiver().await;
+    let (w, cancel) = webhooks(n, port, outbox).await;
+    let evs = events(changes);
+    let (engine, _t) = Engine::start_with(
+        &PresenceConfig::default(),
+        EngineOptions {
+            sinks: vec![Arc::new(WebhookSink(w.clone()))],
+            seed: Vec::new(),
+            metrics: EngineMetrics::new(&prometheus::Registry::new()),
+        },
+    );
+    let started = Instant::now();
+    for ev in evs {
+        engine.apply(ev).await.unwrap();
+    }
+    let made = engine.barrier().await.unwrap() * n as u64;
+    while count.load(Ordering::Relaxed) < made {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rate = made as f64 / started.elapsed().as_secs_f64();
+    cancel.cancel();
+    rate
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let evs = events(EVENTS);
+    let quiet = silent().await;
+    let (port, _count) = receiver().await;
+    // Each configuration 5 times, alone (its webhook runtime shut down and a pause before the
+    // next run); the median.
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let mut base = Vec::new();
+    let mut accepted = Vec::new();
+    let mut delivering = Vec::new();
+    for _ in 0..5 {
+        base.push(ingest(&evs, Vec::new()).await);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // 10 endpoints whose receiver never answers: every change becomes 10 messages in the
+        // outbox (the work of accepting them), no HTTP work.
+        let (w, cancel) = webhooks(10, quiet, Outbox::memory()).await;
+        accepted.push(ingest(&evs, vec![Arc::new(WebhookSink(w.clone()))]).await);
+        cancel.cancel();
+        drop(w);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // A receiver that answers 204: deliveries (in this process, receiver included) run
+        // while the sequencer ingests.
+        let (w, cancel) = webhooks(10, port, Outbox::memory()).await;
+        delivering.push(ingest(&evs, vec![Arc::new(WebhookSink(w.clone()))]).await);
+        cancel.cancel();
+        drop(w);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let (b, a, d) = (
+        median(base.clone()),
+        median(accepted.clone()),
+        median(delivering.clone()),
+    );
+    println!("| ingest, 300,000 events (median of 5) | events/s | vs no sink |");
+    println!("|---|---|---|");
+    println!("| no webhook sink | {b:.0} | 100 % |");
+    println!(
+        "| 10 endpoints, messages accepted into the outbox | {a:.0} | {:.1} % |",
+        a / b * 100.0
+    );
+    println!(
+        "| 10 endpoints, delivering to a local receiver | {d:.0} | {:.1} % |",
+        d / b * 100.0
+    );
+    println!(
+        "(all runs: no sink {base:.0?}; accepted {accepted:.0?}; delivering {delivering:.0?})"
+    );
+    println!();
+    println!("| outbox | endpoints | messages | delivered/s |");
+    println!("|---|---|---|---|");
+    for (n, changes) in [(1usize, 20_000u64), (10, 2_000)] {
+        let r = deliver(n, changes, Outbox::memory()).await;
+        println!("| memory | {n} | {} | {r:.0} |", changes * n as u64);
+    }
+    let admin = "postgres://postgres@127.0.0.1:5432/postgres";
+    if let Ok(p) = pg::pool(admin, 1, Duration::from_secs(2))
+        && let Ok(c) = pg::client(&p).await
+    {
+        let _ = c
+            .batch_execute("DROP DATABASE IF EXISTS pb_bench_webhooks WITH (FORCE)")
+            .await;
+        c.batch_execute("CREATE DATABASE pb_bench_webhooks")
+            .await
+            .unwrap();
+        let pool = pg::pool(
+            "postgres://postgres@127.0.0.1:5432/pb_bench_webhooks",
+            16,
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        pg::migrate(&pool).await.unwrap();
+        for (n, changes) in [(1usize, 5_000u64), (10, 500)] {
+            let r = deliver(n, changes, Outbox::Postgres(pool.clone())).await;
+            println!("| postgres | {n} | {} | {r:.0} |", changes * n as u64);
+        }
+        let _ = c
+            .batch_execute("DROP DATABASE IF EXISTS pb_bench_webhooks WITH (FORCE)")
+            .await;
+    }
+}
