@@ -99,7 +99,7 @@ try {
   await page.focus('#tab-analytics');
   await page.keyboard.press('ArrowRight');
   if ((await page.getAttribute('#tab-replay', 'aria-selected')) !== 'true') fail('ArrowRight did not select Replay');
-  await page.waitForFunction(() => /users \(\d+ resources\) online at/.test(document.getElementById('r-count').textContent), null, { timeout: 20000 });
+  await page.waitForFunction(() => /users \(\d+ resources\) online at/.test(document.getElementById('r-count').textContent), null, { timeout: 45000 });
   const mapAt = () => page.evaluate(() => ({ at: rp.at, jids: [...rp.users.keys()].sort() }));
   const apiMap = (at) => page.evaluate(async (t) => (await api('/api/v1/replay?at=' + new Date(t).toISOString())).users.map((u) => u.jid).sort(), at);
   const m1 = await mapAt();
@@ -107,8 +107,14 @@ try {
   if (JSON.stringify(m1.jids) !== JSON.stringify(a1)) fail('the replay map differs from the API at the same instant');
   // The slider, by keyboard: 45 minutes earlier.
   await page.focus('#r-slider');
+  const v0 = Number(await page.inputValue('#r-slider'));
   for (let i = 0; i < 45; i++) await page.keyboard.press('ArrowLeft');
-  await page.waitForFunction((t) => rp.at < t - 40 * 60000 && !/Loading/.test(document.getElementById('r-count').textContent), m1.at, { timeout: 20000 });
+  const v1 = Number(await page.inputValue('#r-slider'));
+  if (v1 !== v0 - 45) fail(`the slider moved from ${v0} to ${v1} after 45 ArrowLeft`);
+  await page.waitForFunction((t) => rp.at < t - 40 * 60000 && !/Loading/.test(document.getElementById('r-count').textContent), m1.at, { timeout: 45000 })
+    .catch(async () => fail('the map did not follow the slider: ' + JSON.stringify(await page.evaluate(() => ({
+      at: new Date(rp.at).toISOString(), gen: rp.gen, slider: document.getElementById('r-slider').value,
+      count: document.getElementById('r-count').textContent, sliderTime: new Date(sliderTime()).toISOString() })))));
   const m2 = await mapAt();
   if (JSON.stringify(m2.jids) === JSON.stringify(m1.jids)) fail('moving the slider 45 minutes did not change the map');
   const a2 = await apiMap(m2.at);
