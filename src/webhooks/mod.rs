@@ -210,7 +210,7 @@ impl WebhookMetrics {
             dropped: telemetry::counter(
                 r,
                 "presence_bridge_webhook_dropped_total",
-                "Changes dropped before becoming webhook messages (the outbox fell 1,000,000 behind)",
+                "Webhook work dropped: changes past 1,000,000 waiting to become messages, or (memory mode) pending messages past 100,000 per endpoint",
             ),
         }
     }
@@ -485,8 +485,15 @@ impl Webhooks {
         if batch.is_empty() {
             return Ok(true);
         }
-        self.outbox.append(&batch).await?;
+        let dropped = self.outbox.append(&batch).await?;
         self.metrics.accepted.inc_by(batch.len() as u64);
+        if dropped > 0 {
+            self.metrics.dropped.inc_by(dropped);
+            tracing::warn!(
+                dropped,
+                "webhooks: the in-memory outbox holds 100,000 pending messages per endpoint; the oldest were dropped"
+            );
+        }
         let mut woken: Vec<&str> = batch.iter().map(|m| m.endpoint.as_str()).collect();
         woken.sort_unstable();
         woken.dedup();

@@ -91,16 +91,21 @@ impl Outbox {
         m.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Accepts a batch (in Postgres: one transaction).
-    pub async fn append(&self, batch: &[Message]) -> R<()> {
+    /// Accepts a batch (in Postgres: one transaction). Returns how many older pending
+    /// messages memory mode dropped to stay within its bound (Postgres never drops).
+    pub async fn append(&self, batch: &[Message]) -> R<u64> {
         match self {
             Outbox::Memory(m) => {
                 let mut g = Self::mem(m);
+                let mut dropped = 0;
                 for msg in batch {
                     let ep = g.entry(msg.endpoint.clone()).or_default();
                     ep.next_ord += 1;
-                    if ep.pending.len() >= MEMORY_PENDING {
-                        ep.pending.pop_front();
+                    if ep.pending.len() >= MEMORY_PENDING
+                        && let Some(old) = ep.pending.pop_front()
+                    {
+                        ep.jids.remove(&old.id);
+                        dropped += 1;
                     }
                     if let Some(j) = &msg.jid {
                         ep.jids.insert(msg.id.clone(), j.clone());
@@ -115,7 +120,7 @@ impl Outbox {
                         next_attempt_at: Utc::now(),
                     });
                 }
-                Ok(())
+                Ok(dropped)
             }
             Outbox::Postgres(pool) => {
                 let c = pool.get().await.map_err(e)?;
@@ -133,7 +138,7 @@ impl Outbox {
                 )
                 .await
                 .map_err(e)?;
-                Ok(())
+                Ok(0)
             }
         }
     }
@@ -305,18 +310,20 @@ impl Outbox {
             Outbox::Memory(m) => {
                 let mut n = 0;
                 for ep in Self::mem(m).values_mut() {
-                    let ids: Vec<String> = ep
+                    // One pass over the pending messages, whatever their number.
+                    let ids: std::collections::HashSet<String> = ep
                         .jids
                         .iter()
                         .filter(|(_, j)| *j == jid)
                         .map(|(i, _)| i.clone())
                         .collect();
-                    for id in ids {
-                        ep.jids.remove(&id);
-                        let before = ep.pending.len();
-                        ep.pending.retain(|p| p.id != id);
-                        n += (before - ep.pending.len()) as u64;
+                    if ids.is_empty() {
+                        continue;
                     }
+                    let before = ep.pending.len();
+                    ep.pending.retain(|p| !ids.contains(&p.id));
+                    n += (before - ep.pending.len()) as u64;
+                    ep.jids.retain(|i, _| !ids.contains(i));
                 }
                 Ok(n)
             }
@@ -417,5 +424,34 @@ impl Outbox {
         .await
         .map_err(e)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_mode_drops_the_oldest_beyond_its_bound_and_says_how_many() {
+        let o = Outbox::memory();
+        let body: std::sync::Arc<str> = std::sync::Arc::from("{}");
+        let batch: Vec<Message> = (0..MEMORY_PENDING + 5)
+            .map(|i| Message {
+                endpoint: "e".into(),
+                id: format!("msg_{i}"),
+                kind: "presence.online",
+                body: body.clone(),
+                jid: Some("a@x.example".into()),
+            })
+            .collect();
+        assert_eq!(o.append(&batch).await.unwrap(), 5);
+        assert_eq!(o.pending("e").await.unwrap(), MEMORY_PENDING as u64);
+        let next = o.next("e", 1).await.unwrap();
+        assert_eq!(next[0].id, "msg_5", "the oldest went first");
+        // Their erasure bookkeeping went with them.
+        assert_eq!(
+            o.erase_jid("a@x.example").await.unwrap(),
+            MEMORY_PENDING as u64
+        );
     }
 }
