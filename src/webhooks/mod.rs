@@ -230,6 +230,8 @@ pub struct Webhooks {
     wake: DashMap<String, Arc<Notify>>,
     outbox: Outbox,
     detector: Mutex<alerts::Detector>,
+    /// Alerts are configured on (a threshold is not 0).
+    alerts_on: bool,
     recent: Mutex<VecDeque<alerts::Alert>>,
     epoch: Mutex<Arc<str>>,
     client: reqwest::Client,
@@ -329,6 +331,7 @@ impl Webhooks {
             appending: tokio::sync::Mutex::new(Vec::new()),
             wake: DashMap::new(),
             outbox,
+            alerts_on: settings.alerts.flapping_transitions > 0 || settings.alerts.storm_logins > 0,
             detector: Mutex::new(alerts::Detector::new(settings.alerts)),
             recent: Mutex::new(VecDeque::new()),
             epoch: Mutex::new(Arc::from("")),
@@ -749,6 +752,10 @@ impl ChangeSink for WebhookSink {
     /// the outbox task).
     fn accept(&self, applied: Applied<'_>) {
         let w = &self.0;
+        // Nothing would come of it: no endpoint and no alert to detect.
+        if !w.alerts_on && w.endpoints.is_empty() {
+            return;
+        }
         let mut q = w.queue.lock().unwrap_or_else(|p| p.into_inner());
         if q.len() >= MAX_QUEUED {
             q.pop_front();
