@@ -514,21 +514,23 @@ async fn pending_messages_survive_sigkill_and_erasure_drops_them() {
             .any(|d| d["id"] == first_id.as_str() && d["status"] == 204)
     })
     .await;
-    let (code, log, _) = http::api(
-        port,
-        "GET",
-        "/api/v1/webhooks/k/deliveries",
-        Some(&admin),
-        None,
-    );
-    assert_eq!(code, 200);
-    assert!(
-        log["deliveries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|d| d["message_id"] == first_id.as_str() && d["status"] == "delivered")
-    );
+    // The receiver answers before the bridge records the attempt: wait for the record.
+    until("delivery recorded", || {
+        let (code, log, _) = http::api(
+            port,
+            "GET",
+            "/api/v1/webhooks/k/deliveries",
+            Some(&admin),
+            None,
+        );
+        code == 200
+            && log["deliveries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| d["message_id"] == first_id.as_str() && d["status"] == "delivered")
+    })
+    .await;
     // Erasure: with the receiver failing again, the other user's next message waits; erasing
     // them removes it.
     rx.set("/k", SECRET_A, "fail");
