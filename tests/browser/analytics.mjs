@@ -108,7 +108,16 @@ try {
   // The slider, by keyboard: 45 minutes earlier.
   await page.focus('#r-slider');
   const v0 = Number(await page.inputValue('#r-slider'));
-  for (let i = 0; i < 45; i++) await page.keyboard.press('ArrowLeft');
+  // The map for a position the slider has already left must not pull it back: hold the
+  // /replay answers 600 ms, pause long enough mid-way for a seek to start, then go on pressing
+  // slowly (40 ms apart, under the 120 ms seek delay) so that slow answer arrives mid-press.
+  const slow = async (route) => { await new Promise((r) => setTimeout(r, 600)); await route.continue(); };
+  await page.route('**/api/v1/replay**', slow);
+  for (let i = 0; i < 20; i++) await page.keyboard.press('ArrowLeft');
+  await page.waitForTimeout(250);
+  for (let i = 0; i < 25; i++) { await page.keyboard.press('ArrowLeft'); await page.waitForTimeout(40); }
+  await page.waitForTimeout(1500);
+  await page.unroute('**/api/v1/replay**', slow);
   const v1 = Number(await page.inputValue('#r-slider'));
   if (v1 !== v0 - 45) fail(`the slider moved from ${v0} to ${v1} after 45 ArrowLeft`);
   await page.waitForFunction((t) => rp.at < t - 40 * 60000 && !/Loading/.test(document.getElementById('r-count').textContent), m1.at, { timeout: 45000 })

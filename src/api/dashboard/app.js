@@ -829,11 +829,14 @@ function pauseReplay() {
 $('r-play').addEventListener('click', () => (rp.timer ? pauseReplay() : playReplay()));
 $('r-slider').addEventListener('input', () => {
   pauseReplay();
+  // A map still loading for an earlier slider position must not snap the slider back to it.
+  rp.gen++;
   $('r-at').textContent = '— ' + new Date(sliderTime()).toLocaleString();
   seekReplay();
 });
 $('r-window').addEventListener('change', () => {
   pauseReplay();
+  rp.gen++;
   const w = replayWindow();
   rp.from = w.from; rp.to = w.to;
   seekReplay();
