@@ -303,7 +303,26 @@ where
 /// Starts the service, runs it until a signal (exit 0) or a fatal error (exit 1), and stops
 /// it within its deadline; a second signal exits at once with 130.
 async fn serve(builder: AppBuilder, on_started: impl FnOnce(std::net::SocketAddr)) -> ExitCode {
-    let mut app = match builder.start().await {
+    // Caught from here on: a signal while starting stops the service once it has started
+    // (so the writer, the spool and the stop record are in order), not the process at once.
+    let mut signals = shutdown::Signals::new();
+    let start = builder.start();
+    tokio::pin!(start);
+    let mut early = None;
+    let started = loop {
+        tokio::select! {
+            r = &mut start => break r,
+            sig = signals.next() => {
+                if early.is_some() {
+                    tracing::warn!(signal = sig, "second signal while starting: exiting immediately");
+                    std::process::exit(130);
+                }
+                tracing::info!(signal = sig, "signal while starting: stopping as soon as started");
+                early = Some(sig);
+            }
+        }
+    };
+    let mut app = match started {
         Ok(a) => a,
         Err(e) => {
             eprintln!("presence-bridge: {e}");
@@ -311,16 +330,22 @@ async fn serve(builder: AppBuilder, on_started: impl FnOnce(std::net::SocketAddr
         }
     };
     on_started(app.addr());
-    let result = tokio::select! {
-        r = app.wait() => r,
-        sig = shutdown::signal() => {
+    let result = match early {
+        Some(sig) => {
             tracing::info!(signal = sig, "shutting down");
             Ok(())
         }
+        None => tokio::select! {
+            r = app.wait() => r,
+            sig = signals.next() => {
+                tracing::info!(signal = sig, "shutting down");
+                Ok(())
+            }
+        },
     };
     let stopped = tokio::select! {
         r = app.shutdown() => r,
-        sig = shutdown::signal() => {
+        sig = signals.next() => {
             tracing::warn!(signal = sig, "second signal: exiting immediately");
             std::process::exit(130);
         }
