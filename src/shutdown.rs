@@ -6,6 +6,7 @@
 /// service is still starting (migrations, loading users) is not lost and does not kill the
 /// process; [`Signals::next`] returns it as soon as it is asked.
 #[cfg(unix)]
+#[derive(Debug)]
 pub struct Signals(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
 
 #[cfg(unix)]
