@@ -54,7 +54,7 @@ pub async fn signal() -> &'static str {
 
 /// Ctrl-C (other platforms).
 #[cfg(not(unix))]
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Signals;
 
 #[cfg(not(unix))]

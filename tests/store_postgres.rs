@@ -380,14 +380,14 @@ fn migrate_twice_is_a_no_op() {
         String::from_utf8_lossy(&first.stderr)
     );
     assert!(String::from_utf8_lossy(&first.stdout).contains(
-        "applied 6 migration(s): V1__presence, V2__hot_updates, V3__end_reason_and_new_causes, V4__analytics_indexes, V5__rollups, V6__webhooks"
+        "applied 7 migration(s): V1__presence, V2__hot_updates, V3__end_reason_and_new_causes, V4__analytics_indexes, V5__rollups, V6__webhooks, V7__webhook_log"
     ));
     let second = run();
     assert_eq!(second.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&second.stdout).contains("schema up to date"));
     assert_eq!(
         pg.query("SELECT count(*) FROM refinery_schema_history"),
-        "6"
+        "7"
     );
     // `rollup` builds every complete day of the retention; again, nothing; `--rebuild`
     // forgets them all and builds them again (the repair path).
@@ -623,6 +623,72 @@ fn sigterm_flushes_the_writer_and_records_the_stop() {
         !err.contains("postgres://postgres@"),
         "no connection string in logs: {err}"
     );
+    let stopped = pg.query("SELECT value FROM bridge_state WHERE key = 'stopped_at'");
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(&stopped).is_ok(),
+        "{stopped:?}"
+    );
+}
+
+/// A SIGTERM while the service is still starting (here: its migration check waits on a lock)
+/// neither kills the process nor is lost: once started, it stops cleanly and records the stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_starting_stops_cleanly_once_started() {
+    let pg = Pg::shared("sigstart");
+    let migrate = std::process::Command::new(env!("CARGO_BIN_EXE_presence-bridge"))
+        .current_dir(std::env::temp_dir())
+        .arg("migrate")
+        .env("PRESENCE_BRIDGE__XMPP__PASSWORD", "x")
+        .env("PRESENCE_BRIDGE__STORE__POSTGRES_URL", pg.url())
+        .output()
+        .unwrap();
+    assert_eq!(migrate.status.code(), Some(0));
+    let (locker, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE refinery_schema_history IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_presence-bridge"))
+        .current_dir(std::env::temp_dir())
+        .arg("run")
+        .env("PRESENCE_BRIDGE__XMPP__PASSWORD", "x")
+        .env(
+            "PRESENCE_BRIDGE__XMPP__SERVER",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env("PRESENCE_BRIDGE__STORE__POSTGRES_URL", pg.url())
+        .env("PRESENCE_BRIDGE__STORE__SPOOL_DIR", spool.path())
+        .env("PRESENCE_BRIDGE__HTTP__BIND", "127.0.0.1:0")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The bridge is starting: its migration check waits for the lock.
+    eventually("the start waits on the lock", || {
+        pg.query(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
+        ) != "0"
+    })
+    .await;
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("signal while starting"), "{err}");
+    assert!(err.contains("store writer stopped"), "{err}");
     let stopped = pg.query("SELECT value FROM bridge_state WHERE key = 'stopped_at'");
     assert!(
         chrono::DateTime::parse_from_rfc3339(&stopped).is_ok(),

@@ -37,6 +37,14 @@ fn gone() -> EventKind {
     }
 }
 
+/// Counts the records still pending for endpoint `ep` (plus an extra condition on `l`).
+fn pending_sql(ep: &str, and: &str) -> String {
+    format!(
+        "SELECT count(*) FROM webhook_cursors c JOIN webhook_log l ON l.seq > c.after_seq \
+          WHERE c.endpoint_id = '{ep}' AND '{ep}' = ANY (l.targets) {and}"
+    )
+}
+
 async fn until(what: &str, mut f: impl FnMut() -> bool) {
     eventually(what, &mut f).await;
 }
@@ -497,7 +505,7 @@ async fn pending_messages_survive_sigkill_and_erasure_drops_them() {
         .unwrap()
         .to_owned();
     until("both pending in Postgres", || {
-        pg.query("SELECT count(*) FROM webhook_messages WHERE status = 'pending'") == "2"
+        pg.query(&pending_sql("k", "")) == "2"
     })
     .await;
     // SIGKILL: no flush, no goodbye.
@@ -536,9 +544,7 @@ async fn pending_messages_survive_sigkill_and_erasure_drops_them() {
     rx.set("/k", SECRET_A, "fail");
     c2.unavailable(None).await;
     until("other's offline pending", || {
-        pg.query(&format!(
-            "SELECT count(*) FROM webhook_messages WHERE status = 'pending' AND jid = '{ojid}'"
-        )) != "0"
+        pg.query(&pending_sql("k", &format!("AND l.jid = '{ojid}'"))) != "0"
     })
     .await;
     let (code, _, _) = http::api(
@@ -549,12 +555,14 @@ async fn pending_messages_survive_sigkill_and_erasure_drops_them() {
         None,
     );
     assert_eq!(code, 204);
+    // Every record about them went, delivered or not.
     assert_eq!(
         pg.query(&format!(
-            "SELECT count(*) FROM webhook_messages WHERE jid = '{ojid}' AND status = 'pending'"
+            "SELECT count(*) FROM webhook_log WHERE jid = '{ojid}'"
         )),
         "0"
     );
+    assert_eq!(pg.query(&pending_sql("k", "")), "0");
     c.close().await;
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &bridge.id().to_string()])
@@ -701,4 +709,77 @@ fn bad_webhook_config_names_the_key() {
         "{err}"
     );
     let _ = (DbUrl::new(""), StoreConfig::default());
+}
+
+/// A database as V6 left it, with messages still pending: after the upgrade to the log (V7)
+/// they go out in order with their old webhook-ids, a delivered one does not go again, and new
+/// changes follow with ids of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_messages_of_schema_v6_are_delivered_after_the_upgrade() {
+    init_logs();
+    let pg = Pg::shared("whupgrade");
+    let pool = presence_bridge::store::pg::pool(&pg.url(), 2, Duration::from_secs(5)).unwrap();
+    presence_bridge::store::pg::migrate_to(&pool, Some(6))
+        .await
+        .unwrap();
+    pg.query(
+        "INSERT INTO webhook_messages (endpoint_id, id, type, body, jid, status) VALUES \
+         ('up', 'msg_old_delivered', 'presence.online', '{\"n\":0}', 'a@x.example', 'delivered'), \
+         ('up', 'msg_old_1', 'presence.online', '{\"n\":1}', 'a@x.example', 'pending'), \
+         ('other', 'msg_old_x', 'presence.online', '{\"n\":9}', 'a@x.example', 'pending'), \
+         ('up', 'msg_old_2', 'presence.offline', '{\"n\":2}', 'a@x.example', 'pending')",
+    );
+    let rx = Receiver::start();
+    rx.set("/up", SECRET_A, "ok");
+    let spool = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        store: StoreConfig {
+            postgres_url: Some(DbUrl::new(pg.url())),
+            spool_dir: spool.path().to_path_buf(),
+            ..StoreConfig::default()
+        },
+        webhooks: vec![hook(
+            "up",
+            rx.url("/up"),
+            SECRET_A,
+            &["presence.online", "presence.offline"],
+        )],
+        ..test_config()
+    };
+    let app = TestApp::start(cfg, Ingest::None).await;
+    assert_eq!(
+        pg.query(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'webhook_messages'"
+        ),
+        "0",
+        "V7 replaced the per-endpoint table"
+    );
+    until("the two carried-over messages", || {
+        rx.received("/up").len() >= 2
+    })
+    .await;
+    app.engine()
+        .apply(event(
+            1,
+            "b@x.example",
+            "r",
+            chrono::Utc::now(),
+            available(Show::Chat, "", 0, None),
+        ))
+        .await
+        .unwrap();
+    app.engine().barrier().await.unwrap();
+    until("the new change", || rx.received("/up").len() >= 3).await;
+    let got = rx.received("/up");
+    let ids: Vec<&str> = got.iter().map(|d| d["id"].as_str().unwrap()).collect();
+    assert_eq!(&ids[..2], ["msg_old_1", "msg_old_2"], "{got:?}");
+    assert!(
+        ids[2].starts_with("msg_") && ids[2].len() == 36,
+        "{}",
+        ids[2]
+    );
+    assert!(got.iter().all(|d| d["verified"] == true));
+    assert_eq!(body(&got[2])["data"]["jid"], "b@x.example");
+    assert_eq!(got.len(), 3, "nothing delivered twice: {got:?}");
+    app.stop().await;
 }

@@ -69,7 +69,7 @@ pub async fn list(st: State, _admin: AdminScope) -> Result<HttpResponse, ApiErro
     let w = hooks(&st)?;
     let mut out = Vec::new();
     for e in w.list() {
-        let pending = w.outbox().pending(&e.id).await.map_err(store_error)?;
+        let pending = w.outbox().pending(&e).await.map_err(store_error)?;
         out.push(WebhookBody {
             id: e.id.clone(),
             url: e.url.clone(),

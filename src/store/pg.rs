@@ -72,9 +72,19 @@ fn strip_url(s: &str) -> String {
 
 /// Applies pending migrations; returns the versions applied now (empty = nothing to do).
 pub async fn migrate(pool: &Pool) -> Result<Vec<String>, StoreError> {
+    migrate_to(pool, None).await
+}
+
+/// Applies pending migrations up to `version` (all when `None`): upgrade tests build a
+/// database as an older release left it.
+pub async fn migrate_to(pool: &Pool, version: Option<i32>) -> Result<Vec<String>, StoreError> {
     let mut obj = client(pool).await?;
     let client: &mut tokio_postgres::Client = &mut obj;
-    let report = embedded::migrations::runner().run_async(client).await?;
+    let mut runner = embedded::migrations::runner();
+    if let Some(v) = version {
+        runner = runner.set_target(refinery::Target::Version(v));
+    }
+    let report = runner.run_async(client).await?;
     Ok(report
         .applied_migrations()
         .iter()
