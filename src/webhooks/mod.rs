@@ -509,7 +509,12 @@ impl Webhooks {
             return None;
         }
         // Once per batch: the endpoints and the epoch.
-        let eps: Vec<Arc<Endpoint>> = self.endpoints.iter().map(|e| e.value().0.clone()).collect();
+        let eps: Arc<[Arc<Endpoint>]> = self
+            .endpoints
+            .iter()
+            .map(|e| e.value().0.clone())
+            .collect::<Vec<_>>()
+            .into();
         let epoch = self.epoch.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut records = Vec::new();
         for (c, at) in items {
@@ -889,6 +894,23 @@ struct PresenceData<'a> {
     epoch: &'a str,
 }
 
+/// The endpoints of `eps` that `want` something: `eps` itself (one reference count) when all
+/// of them do, the common case.
+fn matching(eps: &Arc<[Arc<Endpoint>]>, want: impl Fn(&Endpoint) -> bool) -> Arc<[Arc<Endpoint>]> {
+    let mut some: Option<Vec<Arc<Endpoint>>> = None;
+    for (i, e) in eps.iter().enumerate() {
+        match (&mut some, want(e)) {
+            (None, true) | (Some(_), false) => {}
+            (None, false) => some = Some(eps[..i].to_vec()),
+            (Some(v), true) => v.push(e.clone()),
+        }
+    }
+    match some {
+        None => eps.clone(),
+        Some(v) => v.into(),
+    }
+}
+
 /// A record's JSON body from its source.
 fn render(src: &BodySource) -> Arc<str> {
     match src {
@@ -951,7 +973,7 @@ impl Webhooks {
         &self,
         c: crate::presence::Change,
         at: DateTime<Utc>,
-        eps: &[Arc<Endpoint>],
+        eps: &Arc<[Arc<Endpoint>]>,
         epoch: &Arc<str>,
         out: &mut Vec<Record>,
     ) {
@@ -968,16 +990,12 @@ impl Webhooks {
         } else {
             Vec::new()
         };
-        let targets: Vec<Arc<Endpoint>> = eps
-            .iter()
-            .filter(|e| e.wants(kind, Some(&c.jid), None))
-            .cloned()
-            .collect();
+        let targets = matching(eps, |e| e.wants(kind, Some(&c.jid), None));
         if !targets.is_empty() {
             out.push(Record {
                 rid: rand::random(),
                 kind,
-                jid: Some(c.jid.as_str().to_owned()),
+                jid: Some(c.jid.clone()),
                 body: BodySource::Presence {
                     change: c,
                     at,
@@ -998,11 +1016,7 @@ impl Webhooks {
                 alerts::Alert::Storm { domain, .. } => Some(domain.as_str()),
                 alerts::Alert::Flapping { .. } => None,
             };
-            let targets: Vec<Arc<Endpoint>> = eps
-                .iter()
-                .filter(|e| e.wants(a.kind(), a.jid(), domain))
-                .cloned()
-                .collect();
+            let targets = matching(eps, |e| e.wants(a.kind(), a.jid(), domain));
             if !targets.is_empty() {
                 let body = serde_json::to_string(&Body {
                     r#type: a.kind(),
@@ -1014,7 +1028,7 @@ impl Webhooks {
                     rid: rand::random(),
                     kind: a.kind(),
                     body: BodySource::Ready(Arc::from(body)),
-                    jid: a.jid().map(|j| j.as_str().to_owned()),
+                    jid: a.jid().cloned(),
                     targets,
                 });
             }
@@ -1046,6 +1060,33 @@ mod tests {
             r#"{"test": 2432232314}"#,
         );
         assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    #[test]
+    fn matching_shares_the_whole_set_when_every_endpoint_wants_it() {
+        let ep = |id: &str| {
+            Arc::new(
+                Endpoint::new(
+                    &WebhookConfig {
+                        id: id.into(),
+                        url: "http://127.0.0.1:1/".into(),
+                        secret: crate::config::Secret::new(
+                            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                        ),
+                        events: vec!["presence.online".into()],
+                        ..WebhookConfig::default()
+                    },
+                    Source::Config,
+                )
+                .unwrap(),
+            )
+        };
+        let eps: Arc<[Arc<Endpoint>]> = vec![ep("a"), ep("b"), ep("c")].into();
+        assert!(Arc::ptr_eq(&matching(&eps, |_| true), &eps));
+        let ids = |v: &Arc<[Arc<Endpoint>]>| v.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&matching(&eps, |e| e.id != "b")), ["a", "c"]);
+        assert_eq!(ids(&matching(&eps, |e| e.id != "a")), ["b", "c"]);
+        assert!(matching(&eps, |_| false).is_empty());
     }
 
     #[test]

@@ -49,9 +49,9 @@ pub struct Record {
     /// The JSON body (the same for every endpoint).
     pub body: BodySource,
     /// The user it is about (erasure removes the record).
-    pub jid: Option<String>,
+    pub jid: Option<crate::presence::UserJid>,
     /// The endpoints whose filters want it (never empty).
-    pub targets: Vec<Arc<Endpoint>>,
+    pub targets: Arc<[Arc<Endpoint>]>,
 }
 
 /// A message waiting for delivery to one endpoint.
@@ -143,8 +143,8 @@ struct MemRecord {
     /// Its source until the first delivery writes it.
     source: Option<BodySource>,
     body: Option<Arc<str>>,
-    jid: Option<String>,
-    targets: Vec<Arc<Endpoint>>,
+    jid: Option<crate::presence::UserJid>,
+    targets: Arc<[Arc<Endpoint>]>,
 }
 
 /// The log and the cursors in memory mode.
@@ -269,7 +269,10 @@ impl Outbox {
                 let kinds: Vec<&str> = batch.iter().map(|r| r.kind).collect();
                 let bodies: Vec<Arc<str>> = batch.iter().map(|r| super::render(&r.body)).collect();
                 let bodies: Vec<&str> = bodies.iter().map(|b| &**b).collect();
-                let jids: Vec<Option<&str>> = batch.iter().map(|r| r.jid.as_deref()).collect();
+                let jids: Vec<Option<&str>> = batch
+                    .iter()
+                    .map(|r| r.jid.as_ref().map(|j| j.as_str()))
+                    .collect();
                 // Targets as one text per record (a 2-D array needs equal lengths).
                 let targets: Vec<String> = batch
                     .iter()
@@ -515,7 +518,7 @@ impl Outbox {
                 let mut n = 0;
                 // One pass over the log, whatever its length.
                 for r in g.records.iter_mut() {
-                    if r.jid.as_deref() != Some(jid) {
+                    if r.jid.as_ref().map(|j| j.as_str()) != Some(jid) {
                         continue;
                     }
                     n += r
@@ -523,7 +526,7 @@ impl Outbox {
                         .iter()
                         .filter(|t| g.cursors.get(&t.id).is_some_and(|c| c.after < r.seq))
                         .count() as u64;
-                    r.targets.clear();
+                    r.targets = Arc::from(Vec::new());
                     r.source = None;
                     r.body = None;
                     r.jid = None;
@@ -662,8 +665,12 @@ mod tests {
             rid: i,
             kind: "presence.online",
             body: BodySource::Ready(Arc::from(format!("{{\"n\":{i}}}"))),
-            jid: Some(jid.into()),
-            targets: targets.iter().map(|t| Arc::clone(t)).collect(),
+            jid: crate::presence::UserJid::parse(jid).ok(),
+            targets: targets
+                .iter()
+                .map(|t| Arc::clone(t))
+                .collect::<Vec<_>>()
+                .into(),
         }
     }
 
