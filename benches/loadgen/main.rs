@@ -1,0 +1,533 @@
+//! `presence-loadgen`: load for presence-bridge, measured from outside (docs/benchmarks.md).
+//!
+//! `ingest` plays the XMPP server's component listener (XEP-0114): it starts the bridge
+//! (`--bridge`, by default the `presence-bridge` next to this binary) configured to connect to
+//! it, checks the handshake, answers the bridge's IQs, and floods presence for `--users` users
+//! — every stanza a real change (online, status changes, offline, online again) — flat out or
+//! at `--rate` stanzas/s. It counts applied changes from the bridge's own
+//! `presence_bridge_changes_total`. `--baseline` first reads and parses the same bytes
+//! in-process with the bridge's XML stream parser (tokio-xmpp's), so every run prints the
+//! ratio to the parser's limit. A summary table on stdout; `--json FILE` writes the figures.
+//!
+//! The `fanout` and `lookup` load of the performance issue are not built yet.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_xmpp::xmlstream::{StreamHeader, Timeouts, XmppStreamElement, initiate_stream};
+use xmpp_parsers::component::Handshake;
+
+const COMPONENT: &str = "bridge.loadgen";
+const SECRET: &str = "loadgen-secret";
+const STREAM_NS: &str = "jabber:component:accept";
+
+#[derive(Parser)]
+#[command(
+    name = "presence-loadgen",
+    version,
+    about = "Load for presence-bridge, measured from outside"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Flood the bridge's component connection with presence and measure applied changes/s.
+    Ingest(IngestArgs),
+}
+
+#[derive(clap::Args)]
+struct IngestArgs {
+    /// The presence-bridge binary (default: the one next to this binary).
+    #[arg(long)]
+    bridge: Option<PathBuf>,
+    /// Distinct users.
+    #[arg(long, default_value_t = 20_000)]
+    users: usize,
+    /// Stanzas to send (each one a change).
+    #[arg(long, default_value_t = 300_000)]
+    stanzas: usize,
+    /// Stanzas per second (0: flat out).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// First measure a bare read-and-parse loop over the same bytes, in-process.
+    #[arg(long)]
+    baseline: bool,
+    /// Give the bridge this Postgres store (history written as in production).
+    #[arg(long)]
+    postgres: Option<String>,
+    /// Write the figures as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Seconds without progress before the run is called stuck.
+    #[arg(long, default_value_t = 30)]
+    stall_secs: u64,
+}
+
+#[derive(Serialize)]
+struct IngestReport {
+    users: usize,
+    stanzas: usize,
+    target_rate: u64,
+    postgres: bool,
+    applied: u64,
+    seconds: f64,
+    changes_per_sec: f64,
+    sent_per_sec: f64,
+    baseline_per_sec: Option<f64>,
+    ratio_to_baseline: Option<f64>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("presence-loadgen: cannot start a runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    let result = match cli.command {
+        Cmd::Ingest(a) => rt.block_on(ingest(a)),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("presence-loadgen: {e}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+/// The stanzas, each a change for its user: available (online), then new statuses, an
+/// unavailable every fourth round (offline), available again (online).
+fn stanzas(users: usize, n: usize) -> Vec<u8> {
+    let shows = [
+        "",
+        "<show>away</show>",
+        "<show>dnd</show>",
+        "<show>xa</show>",
+    ];
+    let mut out = Vec::with_capacity(n * 160);
+    for i in 0..n {
+        let (u, round) = (i % users, i / users);
+        if round % 4 == 3 {
+            let _ = write!(
+                out,
+                "<presence from='lg{u}@localhost/r' to='{COMPONENT}' type='unavailable' id='{i}'/>"
+            );
+        } else {
+            let _ = write!(
+                out,
+                "<presence from='lg{u}@localhost/r' to='{COMPONENT}' id='{i}'>{}<priority>1</priority><status>round {round}</status></presence>",
+                shows[round % 4]
+            );
+        }
+    }
+    out
+}
+
+/// Reads and parses `bytes` (after a server stream header) with tokio-xmpp's stream parser,
+/// as the bridge's read loop does; presence stanzas per second.
+async fn baseline(bytes: &[u8], n: usize) -> Result<f64, String> {
+    let mut input = format!(
+        "<?xml version='1.0'?><stream:stream xmlns='{STREAM_NS}' xmlns:stream='http://etherx.jabber.org/streams' from='{COMPONENT}' id='baseline'>"
+    )
+    .into_bytes();
+    input.extend_from_slice(bytes);
+    let io = tokio::io::join(BufReader::new(&input[..]), tokio::io::sink());
+    let started = Instant::now();
+    let pending = initiate_stream(
+        io,
+        STREAM_NS,
+        StreamHeader {
+            to: Some(COMPONENT.into()),
+            ..StreamHeader::default()
+        },
+        Timeouts::default(),
+    )
+    .await
+    .map_err(|e| format!("baseline: stream header: {e}"))?;
+    let mut stream = pending.skip_features::<XmppStreamElement>();
+    let mut seen = 0;
+    while seen < n {
+        match stream.next().await {
+            Some(Ok(XmppStreamElement::Stanza(xmpp_parsers::stanza::Stanza::Presence(_)))) => {
+                seen += 1
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(format!("baseline: parse error after {seen}: {e}")),
+            None => break,
+        }
+    }
+    if seen < n {
+        return Err(format!("baseline: the stream ended after {seen} of {n}"));
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port: {e}"))
+}
+
+/// The bridge, started with a config that points it at us; stopped (SIGTERM) on drop.
+struct Bridge {
+    child: Child,
+    http: u16,
+    dir: PathBuf,
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Bridge {
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The bridge's log (stderr), for a failed run.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("bridge.log")).unwrap_or_default()
+    }
+}
+
+fn start_bridge(a: &IngestArgs, xmpp_port: u16) -> Result<Bridge, String> {
+    let exe = match &a.bridge {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .with_file_name("presence-bridge"),
+    };
+    let dir = std::env::temp_dir().join(format!(
+        "presence-loadgen-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let http = free_port()?;
+    let mut toml = format!(
+        "[xmpp]\nserver = \"127.0.0.1:{xmpp_port}\"\ncomponent = \"{COMPONENT}\"\npassword = \"{SECRET}\"\ndomains = [\"localhost\"]\n\
+         [http]\nbind = \"127.0.0.1:{http}\"\nrate_limit_per_token = 0\nrate_limit_per_ip = 0\n"
+    );
+    if let Some(url) = &a.postgres {
+        toml.push_str(&format!(
+            "[store]\npostgres_url = \"{url}\"\nspool_dir = \"{}\"\n",
+            dir.join("spool").display()
+        ));
+    }
+    let conf = dir.join("bridge.toml");
+    std::fs::write(&conf, toml).map_err(|e| e.to_string())?;
+    let log = std::fs::File::create(dir.join("bridge.log")).map_err(|e| e.to_string())?;
+    let child = Command::new(&exe)
+        .args(["run", "--config"])
+        .arg(&conf)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+    Ok(Bridge { child, http, dir })
+}
+
+/// The XEP-0114 accept side: the bridge's stream header, ours, its handshake (checked).
+async fn accept(listener: &TcpListener) -> Result<TcpStream, String> {
+    let (mut s, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
+        .await
+        .map_err(|_| "the bridge did not connect within 30 s".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    read_until(&mut s, &mut buf, |b| {
+        find(b, b"<stream:stream").and_then(|i| find(&b[i..], b">").map(|j| i + j + 1))
+    })
+    .await?;
+    buf.clear();
+    let id = format!("lg{}", rand::random::<u64>());
+    s.write_all(
+        format!(
+            "<?xml version='1.0'?><stream:stream xmlns:stream='http://etherx.jabber.org/streams' xmlns='{STREAM_NS}' from='{COMPONENT}' id='{id}'>"
+        )
+        .as_bytes(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let end = read_until(&mut s, &mut buf, |b| {
+        find(b, b"</handshake>").map(|i| i + 12)
+    })
+    .await?;
+    let text = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let got = text
+        .rsplit_once("</handshake>")
+        .and_then(|(head, _)| head.rsplit_once('>'))
+        .map(|(_, h)| h.trim().to_owned())
+        .unwrap_or_default();
+    let want: String = Handshake::from_stream_id_and_password(id, SECRET)
+        .data
+        .unwrap_or_default()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    if !got.eq_ignore_ascii_case(&want) {
+        return Err(format!("the bridge's handshake is wrong: {text}"));
+    }
+    s.write_all(b"<handshake/>")
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+async fn read_until(
+    s: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    done: impl Fn(&[u8]) -> Option<usize>,
+) -> Result<usize, String> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = done(buf) {
+            return Ok(end);
+        }
+        let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut chunk))
+            .await
+            .map_err(|_| "the bridge went silent during the handshake".to_owned())?
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("the bridge closed the connection during the handshake".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// What the bridge sends: IQ gets (keepalive pings, disco) are answered with an empty result;
+/// everything else (probes) is read and dropped.
+async fn answer_iqs(mut r: tokio::net::tcp::OwnedReadHalf, w: tokio::sync::mpsc::Sender<Vec<u8>>) {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 16 << 10];
+    loop {
+        match r.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        while let Some(i) = find(&buf, b"<iq") {
+            let Some(j) = find(&buf[i..], b">") else {
+                break;
+            };
+            let tag = String::from_utf8_lossy(&buf[i..i + j]).into_owned();
+            let attr = |name: &str| {
+                for q in ['\'', '"'] {
+                    let key = format!(" {name}={q}");
+                    if let Some(p) = tag.find(&key) {
+                        let rest = &tag[p + key.len()..];
+                        return rest.find(q).map(|e| rest[..e].to_owned());
+                    }
+                }
+                None
+            };
+            if attr("type").as_deref() == Some("get") {
+                let reply = format!(
+                    "<iq type='result' id='{}' from='{}' to='{}'/>",
+                    attr("id").unwrap_or_default(),
+                    attr("to").unwrap_or_else(|| "localhost".into()),
+                    attr("from").unwrap_or_else(|| COMPONENT.into()),
+                );
+                if w.send(reply.into_bytes()).await.is_err() {
+                    return;
+                }
+            }
+            buf.drain(..i + j);
+        }
+        // Keep only a possible partial tag.
+        if buf.len() > 8192 {
+            let keep = buf.len() - 1024;
+            buf.drain(..keep);
+        }
+    }
+}
+
+/// `presence_bridge_changes_total` from the bridge's /metrics.
+async fn changes(client: &reqwest::Client, port: u16) -> Result<u64, String> {
+    let text = client
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .text()
+        .await
+        .map_err(|e| e.to_string())?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("presence_bridge_changes_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .ok_or_else(|| "presence_bridge_changes_total is not in /metrics".to_owned())
+}
+
+async fn ingest(a: IngestArgs) -> Result<(), String> {
+    if a.users == 0 || a.stanzas == 0 {
+        return Err("--users and --stanzas must be at least 1".into());
+    }
+    let bytes = stanzas(a.users, a.stanzas);
+    let baseline_rate = if a.baseline {
+        Some(baseline(&bytes, a.stanzas).await?)
+    } else {
+        None
+    };
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let mut bridge = start_bridge(&a, port)?;
+    let stream = match accept(&listener).await {
+        Ok(s) => s,
+        Err(e) => {
+            bridge.stop();
+            return Err(format!("{e}\nthe bridge's log:\n{}", bridge.log()));
+        }
+    };
+    let (r, mut w) = stream.into_split();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+    tokio::spawn(answer_iqs(r, tx));
+    let client = reqwest::Client::new();
+    // The API answers once the bridge is up.
+    let up = Instant::now();
+    let before = loop {
+        match changes(&client, bridge.http).await {
+            Ok(c) => break c,
+            Err(e) if up.elapsed() > Duration::from_secs(30) => {
+                return Err(format!("the bridge's /metrics did not answer: {e}"));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    // Send: 64 KiB writes, paced when a rate is set; IQ answers go in between.
+    let started = Instant::now();
+    let mut sent = 0usize;
+    let mut off = 0usize;
+    while off < bytes.len() {
+        while let Ok(reply) = rx.try_recv() {
+            w.write_all(&reply).await.map_err(|e| e.to_string())?;
+        }
+        let end = (off + (64 << 10)).min(bytes.len());
+        // Whole stanzas only.
+        let end = if end == bytes.len() {
+            end
+        } else {
+            off + bytes[off..end]
+                .windows(2)
+                .rposition(|x| x == b"><")
+                .map_or(end - off, |p| p + 1)
+        };
+        w.write_all(&bytes[off..end])
+            .await
+            .map_err(|e| e.to_string())?;
+        sent += bytes[off..end]
+            .windows(10)
+            .filter(|x| x == b"<presence ")
+            .count();
+        off = end;
+        if a.rate > 0 {
+            let due = started + Duration::from_secs_f64(sent as f64 / a.rate as f64);
+            tokio::time::sleep_until(due.into()).await;
+        }
+    }
+    let sent_secs = started.elapsed().as_secs_f64();
+    // Applied: until every stanza is a change, or no progress for --stall-secs.
+    let mut last = (before, Instant::now());
+    let applied = loop {
+        while let Ok(reply) = rx.try_recv() {
+            w.write_all(&reply).await.map_err(|e| e.to_string())?;
+        }
+        let now = changes(&client, bridge.http).await? - before;
+        if now >= a.stanzas as u64 {
+            break now;
+        }
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(a.stall_secs) {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    drop(w);
+    drop(bridge);
+    let rate = applied as f64 / seconds;
+    let report = IngestReport {
+        users: a.users,
+        stanzas: a.stanzas,
+        target_rate: a.rate,
+        postgres: a.postgres.is_some(),
+        applied,
+        seconds,
+        changes_per_sec: rate,
+        sent_per_sec: a.stanzas as f64 / sent_secs,
+        baseline_per_sec: baseline_rate,
+        ratio_to_baseline: baseline_rate.map(|b| rate / b),
+    };
+    println!("| ingest | value |");
+    println!("|---|---|");
+    println!(
+        "| users / stanzas | {} / {} |",
+        report.users, report.stanzas
+    );
+    println!(
+        "| store | {} |",
+        if report.postgres {
+            "Postgres"
+        } else {
+            "memory only"
+        }
+    );
+    println!("| applied changes | {} |", report.applied);
+    println!("| seconds | {:.3} |", report.seconds);
+    println!("| changes/s | {:.0} |", report.changes_per_sec);
+    println!("| stanzas sent/s | {:.0} |", report.sent_per_sec);
+    if let (Some(b), Some(r)) = (report.baseline_per_sec, report.ratio_to_baseline) {
+        println!("| baseline parse/s | {b:.0} |");
+        println!("| ratio to baseline | {:.1} % |", r * 100.0);
+    }
+    if let Some(path) = &a.json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if applied < a.stanzas as u64 {
+        return Err(format!(
+            "only {applied} of {} stanzas became changes (no progress for {} s)",
+            a.stanzas, a.stall_secs
+        ));
+    }
+    Ok(())
+}

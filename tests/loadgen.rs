@@ -1,0 +1,106 @@
+//! Smoke runs of `presence-loadgen` (it must keep working; no assertion on time): the ingest
+//! flood against the real bridge binary, memory-only and with Postgres, and a clear error
+//! when the bridge cannot start.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+fn loadgen(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_presence-loadgen"))
+        .args(args)
+        .args(["--bridge", env!("CARGO_BIN_EXE_presence-bridge")])
+        .output()
+        .expect("presence-loadgen runs")
+}
+
+fn report(out: &std::process::Output, json: &std::path::Path) -> Value {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(json).expect("JSON written")).expect("JSON")
+}
+
+#[test]
+fn ingest_memory_only_applies_every_stanza_and_measures_the_baseline() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("ingest.json");
+    let out = loadgen(&[
+        "ingest",
+        "--users",
+        "200",
+        "--stanzas",
+        "3000",
+        "--baseline",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let r = report(&out, &json);
+    assert_eq!(r["applied"], 3000, "{r}");
+    assert!(r["baseline_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["ratio_to_baseline"].as_f64().unwrap() > 0.0, "{r}");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("| applied changes | 3000 |"), "{table}");
+    assert!(table.contains("| ratio to baseline |"), "{table}");
+}
+
+#[test]
+fn ingest_with_postgres_and_a_target_rate() {
+    let pg = Pg::shared("loadgen");
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("ingest.json");
+    let url = pg.url();
+    let out = loadgen(&[
+        "ingest",
+        "--users",
+        "50",
+        "--stanzas",
+        "1000",
+        "--rate",
+        "2000",
+        "--postgres",
+        &url,
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let r = report(&out, &json);
+    assert_eq!(r["applied"], 1000, "{r}");
+    assert_eq!(r["postgres"], true);
+    assert!(r["baseline_per_sec"].is_null());
+    // The history is written as in production (the bridge was stopped with SIGTERM, which
+    // flushes its writer, before the tool returned).
+    assert_eq!(pg.query("SELECT count(*) FROM presence_events"), "1000");
+}
+
+#[test]
+fn a_bridge_that_cannot_start_is_a_clear_error() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_presence-loadgen"))
+        .args([
+            "ingest",
+            "--stanzas",
+            "10",
+            "--bridge",
+            "/nonexistent/presence-bridge",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot start /nonexistent/presence-bridge"),
+        "{err}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_presence-loadgen"))
+        .args(["ingest", "--users", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--users and --stanzas must be at least 1")
+    );
+}
