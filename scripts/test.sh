@@ -12,6 +12,7 @@
 #     rules and the systemd unit (tests/deploy.rs; no container engine is needed or used);
 #   - the pinned standardwebhooks PyPI package in a venv under target/ (the webhook tests'
 #     receiver verifies every signature with it);
+#   - wrk, which the presence-loadgen smoke test drives;
 #   - Debian's Chromium and the pinned playwright-core npm package for the dashboard test
 #     (screenshots in target/test-artifacts/);
 #   - after the suite: schemathesis (pinned, in a venv under target/) against the running
@@ -22,7 +23,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-scripts/install-deps.sh ejabberd postgres rabbitmq prosody deploy-tools chromium node python-venv curl
+scripts/install-deps.sh ejabberd postgres rabbitmq prosody deploy-tools chromium node python-venv curl wrk
 scripts/start-postgres.sh
 scripts/start-rabbitmq.sh
 # The webhook tests' receiver verifies with the standardwebhooks package (pinned, in a venv).

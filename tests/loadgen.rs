@@ -1,6 +1,6 @@
 //! Smoke runs of `presence-loadgen` (it must keep working; no assertion on time): the ingest
-//! flood against the real bridge binary, memory-only and with Postgres, and a clear error
-//! when the bridge cannot start.
+//! flood against the real bridge binary, memory-only and with Postgres, the lookup load with
+//! wrk, and a clear error when the bridge cannot start.
 
 mod common;
 
@@ -102,5 +102,46 @@ fn a_bridge_that_cannot_start_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("--users and --stanzas must be at least 1")
+    );
+}
+
+#[test]
+fn lookup_drives_healthz_single_and_bulk_with_many_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("lookup.json");
+    let out = loadgen(&[
+        "lookup",
+        "--users",
+        "1500",
+        "--tokens",
+        "40",
+        "--secs",
+        "1",
+        "-c",
+        "8",
+        "--rate-limited",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let r = report(&out, &json);
+    for k in ["healthz_per_sec", "single_per_sec", "bulk_requests_per_sec"] {
+        assert!(r[k].as_f64().unwrap() > 0.0, "{k}: {r}");
+    }
+    // 1,000 JIDs per bulk request.
+    assert_eq!(
+        r["bulk_lookups_per_sec"].as_f64().unwrap(),
+        r["bulk_requests_per_sec"].as_f64().unwrap() * 1000.0
+    );
+    assert!(
+        r["rate_limited"]["rejected_answers_per_sec"]
+            .as_f64()
+            .unwrap()
+            > 0.0,
+        "{r}"
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("POST /api/v1/last-seen (1,000 JIDs)"),
+        "{table}"
     );
 }

@@ -9,7 +9,15 @@
 //! in-process with the bridge's XML stream parser (tokio-xmpp's), so every run prints the
 //! ratio to the parser's limit. A summary table on stdout; `--json FILE` writes the figures.
 //!
-//! The `fanout` and `lookup` load of the performance issue are not built yet.
+//! `lookup` starts the bridge the same way, makes `--users` users known through the component,
+//! mints `--tokens` distinct tokens, and drives wrk (keep-alive, `-c` connections) at
+//! `GET /healthz`, `GET /api/v1/last-seen/{jid}` (a random known user and a random token per
+//! request) and `POST /api/v1/last-seen` with 1,000 JIDs per request, in the same run: the
+//! ratios are the figures. `--rate-limited` keeps the bridge's default per-token rate limit
+//! (the per-IP one is off: every connection comes from 127.0.0.1) and adds a run with one
+//! token far past its quota (answers are 429s) next to the served path.
+//!
+//! The `fanout` load of the performance issue is not built yet.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -27,6 +35,9 @@ use xmpp_parsers::component::Handshake;
 const COMPONENT: &str = "bridge.loadgen";
 const SECRET: &str = "loadgen-secret";
 const STREAM_NS: &str = "jabber:component:accept";
+const JWT_SECRET: &str = "loadgen-jwt-secret";
+/// `[http]` keys that switch the rate limits off.
+const NO_LIMITS: &str = "rate_limit_per_token = 0\nrate_limit_per_ip = 0\n";
 
 #[derive(Parser)]
 #[command(
@@ -43,6 +54,54 @@ struct Cli {
 enum Cmd {
     /// Flood the bridge's component connection with presence and measure applied changes/s.
     Ingest(IngestArgs),
+    /// REST last-seen (single and bulk, many tokens) next to /healthz, with wrk.
+    Lookup(LookupArgs),
+}
+
+#[derive(clap::Args)]
+struct LookupArgs {
+    /// The presence-bridge binary (default: the one next to this binary).
+    #[arg(long)]
+    bridge: Option<PathBuf>,
+    /// Known users (each made online through the component first).
+    #[arg(long, default_value_t = 10_000)]
+    users: usize,
+    /// Distinct tokens the requests pick from.
+    #[arg(long, default_value_t = 1_000)]
+    tokens: usize,
+    /// wrk connections.
+    #[arg(short = 'c', long, default_value_t = 64)]
+    connections: u32,
+    /// Seconds per wrk run.
+    #[arg(long, default_value_t = 10)]
+    secs: u32,
+    /// Keep the bridge's default rate limits, and measure one token past its quota.
+    #[arg(long)]
+    rate_limited: bool,
+    /// Write the figures as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct LookupReport {
+    users: usize,
+    tokens: usize,
+    connections: u32,
+    secs: u32,
+    healthz_per_sec: f64,
+    single_per_sec: f64,
+    single_ratio_to_healthz: f64,
+    bulk_requests_per_sec: f64,
+    bulk_lookups_per_sec: f64,
+    rate_limited: Option<RateLimitedReport>,
+}
+
+#[derive(Serialize)]
+struct RateLimitedReport {
+    served_per_sec: f64,
+    rejected_answers_per_sec: f64,
+    rejected_share: f64,
 }
 
 #[derive(clap::Args)]
@@ -103,6 +162,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = match cli.command {
         Cmd::Ingest(a) => rt.block_on(ingest(a)),
+        Cmd::Lookup(a) => rt.block_on(lookup(a)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -223,8 +283,14 @@ impl Bridge {
     }
 }
 
-fn start_bridge(a: &IngestArgs, xmpp_port: u16) -> Result<Bridge, String> {
-    let exe = match &a.bridge {
+fn start_bridge(
+    bridge: Option<&PathBuf>,
+    xmpp_port: u16,
+    postgres: Option<&str>,
+    http_keys: &str,
+    sections: &str,
+) -> Result<Bridge, String> {
+    let exe = match bridge {
         Some(p) => p.clone(),
         None => std::env::current_exe()
             .map_err(|e| e.to_string())?
@@ -239,9 +305,9 @@ fn start_bridge(a: &IngestArgs, xmpp_port: u16) -> Result<Bridge, String> {
     let http = free_port()?;
     let mut toml = format!(
         "[xmpp]\nserver = \"127.0.0.1:{xmpp_port}\"\ncomponent = \"{COMPONENT}\"\npassword = \"{SECRET}\"\ndomains = [\"localhost\"]\n\
-         [http]\nbind = \"127.0.0.1:{http}\"\nrate_limit_per_token = 0\nrate_limit_per_ip = 0\n"
+         [http]\nbind = \"127.0.0.1:{http}\"\n{http_keys}{sections}"
     );
-    if let Some(url) = &a.postgres {
+    if let Some(url) = postgres {
         toml.push_str(&format!(
             "[store]\npostgres_url = \"{url}\"\nspool_dir = \"{}\"\n",
             dir.join("spool").display()
@@ -409,7 +475,13 @@ async fn ingest(a: IngestArgs) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
-    let mut bridge = start_bridge(&a, port)?;
+    let mut bridge = start_bridge(
+        a.bridge.as_ref(),
+        port,
+        a.postgres.as_deref(),
+        NO_LIMITS,
+        "",
+    )?;
     let stream = match accept(&listener).await {
         Ok(s) => s,
         Err(e) => {
@@ -434,53 +506,18 @@ async fn ingest(a: IngestArgs) -> Result<(), String> {
     };
     // Send: 64 KiB writes, paced when a rate is set; IQ answers go in between.
     let started = Instant::now();
-    let mut sent = 0usize;
-    let mut off = 0usize;
-    while off < bytes.len() {
-        while let Ok(reply) = rx.try_recv() {
-            w.write_all(&reply).await.map_err(|e| e.to_string())?;
-        }
-        let end = (off + (64 << 10)).min(bytes.len());
-        // Whole stanzas only.
-        let end = if end == bytes.len() {
-            end
-        } else {
-            off + bytes[off..end]
-                .windows(2)
-                .rposition(|x| x == b"><")
-                .map_or(end - off, |p| p + 1)
-        };
-        w.write_all(&bytes[off..end])
-            .await
-            .map_err(|e| e.to_string())?;
-        sent += bytes[off..end]
-            .windows(10)
-            .filter(|x| x == b"<presence ")
-            .count();
-        off = end;
-        if a.rate > 0 {
-            let due = started + Duration::from_secs_f64(sent as f64 / a.rate as f64);
-            tokio::time::sleep_until(due.into()).await;
-        }
-    }
-    let sent_secs = started.elapsed().as_secs_f64();
+    let sent_secs = send_all(&mut w, &mut rx, &bytes, a.rate).await?;
     // Applied: until every stanza is a change, or no progress for --stall-secs.
-    let mut last = (before, Instant::now());
-    let applied = loop {
-        while let Ok(reply) = rx.try_recv() {
-            w.write_all(&reply).await.map_err(|e| e.to_string())?;
-        }
-        let now = changes(&client, bridge.http).await? - before;
-        if now >= a.stanzas as u64 {
-            break now;
-        }
-        if now != last.0 {
-            last = (now, Instant::now());
-        } else if last.1.elapsed() > Duration::from_secs(a.stall_secs) {
-            break now;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let applied = wait_applied(
+        &client,
+        bridge.http,
+        before,
+        a.stanzas as u64,
+        Duration::from_secs(a.stall_secs),
+        &mut w,
+        &mut rx,
+    )
+    .await?;
     let seconds = started.elapsed().as_secs_f64();
     drop(w);
     drop(bridge);
@@ -528,6 +565,328 @@ async fn ingest(a: IngestArgs) -> Result<(), String> {
             "only {applied} of {} stanzas became changes (no progress for {} s)",
             a.stanzas, a.stall_secs
         ));
+    }
+    Ok(())
+}
+
+/// Sends `bytes` in 64 KiB writes of whole stanzas, answering the bridge's IQs in between,
+/// paced to `rate` stanzas/s when not 0. Returns the seconds it took.
+async fn send_all(
+    w: &mut tokio::net::tcp::OwnedWriteHalf,
+    rx: &mut tokio::sync::mpsc::Receiver<Vec<u8>>,
+    bytes: &[u8],
+    rate: u64,
+) -> Result<f64, String> {
+    let started = Instant::now();
+    let mut sent = 0usize;
+    let mut off = 0usize;
+    while off < bytes.len() {
+        while let Ok(reply) = rx.try_recv() {
+            w.write_all(&reply).await.map_err(|e| e.to_string())?;
+        }
+        let end = (off + (64 << 10)).min(bytes.len());
+        let end = if end == bytes.len() {
+            end
+        } else {
+            off + bytes[off..end]
+                .windows(2)
+                .rposition(|x| x == b"><")
+                .map_or(end - off, |p| p + 1)
+        };
+        w.write_all(&bytes[off..end])
+            .await
+            .map_err(|e| e.to_string())?;
+        sent += bytes[off..end]
+            .windows(10)
+            .filter(|x| x == b"<presence ")
+            .count();
+        off = end;
+        if rate > 0 {
+            let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
+            tokio::time::sleep_until(due.into()).await;
+        }
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Waits until the bridge has applied `n` more changes than `before` (or none came for
+/// `stall`); how many it applied.
+async fn wait_applied(
+    client: &reqwest::Client,
+    port: u16,
+    before: u64,
+    n: u64,
+    stall: Duration,
+    w: &mut tokio::net::tcp::OwnedWriteHalf,
+    rx: &mut tokio::sync::mpsc::Receiver<Vec<u8>>,
+) -> Result<u64, String> {
+    let mut last = (0, Instant::now());
+    loop {
+        while let Ok(reply) = rx.try_recv() {
+            w.write_all(&reply).await.map_err(|e| e.to_string())?;
+        }
+        let now = changes(client, port).await? - before;
+        if now >= n {
+            return Ok(now);
+        }
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() > stall {
+            return Ok(now);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `Requests/sec` and the non-2xx answers of one wrk run; more than 1 % non-2xx is an error
+/// unless `rejections` are what is measured.
+fn wrk(
+    connections: u32,
+    secs: u32,
+    script: &std::path::Path,
+    url: &str,
+    rejections: bool,
+) -> Result<(f64, u64), String> {
+    let out = Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{secs}s"),
+            "-s",
+        ])
+        .arg(script)
+        .arg(url)
+        .output()
+        .map_err(|e| format!("cannot run wrk (scripts/install-deps.sh wrk installs it): {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(format!(
+            "wrk failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let rps = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .ok_or_else(|| format!("no Requests/sec in wrk's output: {text}"))?;
+    let non2xx = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let total = text
+        .lines()
+        .find_map(|l| {
+            l.split_once(" requests in ")
+                .map(|(n, _)| n.trim().to_owned())
+        })
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    if !rejections && non2xx * 100 > total {
+        return Err(format!(
+            "{non2xx} of {total} answers were not 2xx: the load is not measuring what it should\n{text}"
+        ));
+    }
+    Ok((rps, non2xx))
+}
+
+/// A Lua table of strings.
+fn lua_list(items: &[String]) -> String {
+    let mut s = String::from("{");
+    for i in items {
+        s.push_str(&format!("{i:?},"));
+    }
+    s.push('}');
+    s
+}
+
+async fn lookup(a: LookupArgs) -> Result<(), String> {
+    if a.users == 0 || a.tokens == 0 || a.connections == 0 || a.secs == 0 {
+        return Err("--users, --tokens, -c and --secs must be at least 1".into());
+    }
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let auth = format!("[auth]\njwt_secret = \"{JWT_SECRET}\"\n");
+    let mut bridge = start_bridge(
+        a.bridge.as_ref(),
+        port,
+        None,
+        // Rate-limited: the per-token limit at its default; the per-IP one off, since every
+        // wrk connection comes from 127.0.0.1.
+        if a.rate_limited {
+            "rate_limit_per_ip = 0\n"
+        } else {
+            NO_LIMITS
+        },
+        &auth,
+    )?;
+    let stream = match accept(&listener).await {
+        Ok(s) => s,
+        Err(e) => {
+            bridge.stop();
+            return Err(format!("{e}\nthe bridge's log:\n{}", bridge.log()));
+        }
+    };
+    let (r, mut w) = stream.into_split();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+    tokio::spawn(answer_iqs(r, tx));
+    let client = reqwest::Client::new();
+    let up = Instant::now();
+    let before = loop {
+        match changes(&client, bridge.http).await {
+            Ok(c) => break c,
+            Err(e) if up.elapsed() > Duration::from_secs(30) => {
+                return Err(format!("the bridge's /metrics did not answer: {e}"));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    // Every user online once: known to last-seen.
+    send_all(&mut w, &mut rx, &stanzas(a.users, a.users), 0).await?;
+    let known = wait_applied(
+        &client,
+        bridge.http,
+        before,
+        a.users as u64,
+        Duration::from_secs(30),
+        &mut w,
+        &mut rx,
+    )
+    .await?;
+    if known < a.users as u64 {
+        return Err(format!("only {known} of {} users became known", a.users));
+    }
+    let cfg = presence_bridge::config::AuthConfig::default();
+    let tokens: Vec<String> = (0..a.tokens)
+        .map(|i| {
+            presence_bridge::api::auth::mint(
+                JWT_SECRET,
+                &presence_bridge::api::auth::claims(
+                    &format!("lg{i}"),
+                    "presence:read",
+                    None,
+                    3600,
+                    &cfg,
+                ),
+            )
+            .map_err(|e| e.to_string())
+        })
+        .collect::<Result<_, _>>()?;
+    let dir = bridge.dir.clone();
+    let script = |name: &str, body: String| -> Result<PathBuf, String> {
+        let p = dir.join(name);
+        std::fs::write(&p, body).map_err(|e| e.to_string())?;
+        Ok(p)
+    };
+    let users = a.users;
+    let healthz = script("healthz.lua", String::new())?;
+    let single = script(
+        "single.lua",
+        format!(
+            "local tokens = {}\nrequest = function()\n  local t = tokens[math.random(#tokens)]\n  local u = math.random(0, {})\n  return wrk.format(\"GET\", \"/api/v1/last-seen/lg\" .. u .. \"@localhost\", {{[\"Authorization\"] = \"Bearer \" .. t}})\nend\n",
+            lua_list(&tokens),
+            users - 1
+        ),
+    )?;
+    // A few bodies of 1,000 JIDs each, picked at random.
+    let bodies: Vec<String> = (0..8)
+        .map(|k| {
+            let jids: Vec<String> = (0..1000)
+                .map(|i| format!("\"lg{}@localhost\"", (k * 1000 + i * 7) % users))
+                .collect();
+            format!("{{\"jids\":[{}]}}", jids.join(","))
+        })
+        .collect();
+    let bulk = script(
+        "bulk.lua",
+        format!(
+            "local tokens = {}\nlocal bodies = {}\nrequest = function()\n  local t = tokens[math.random(#tokens)]\n  local b = bodies[math.random(#bodies)]\n  return wrk.format(\"POST\", \"/api/v1/last-seen\", {{[\"Authorization\"] = \"Bearer \" .. t, [\"Content-Type\"] = \"application/json\"}}, b)\nend\n",
+            lua_list(&tokens),
+            lua_list(&bodies)
+        ),
+    )?;
+    let base = format!("http://127.0.0.1:{}", bridge.http);
+    let (h, _) = wrk(
+        a.connections,
+        a.secs,
+        &healthz,
+        &format!("{base}/healthz"),
+        false,
+    )?;
+    let (s1, _) = wrk(a.connections, a.secs, &single, &base, false)?;
+    let (b1, _) = wrk(a.connections, a.secs, &bulk, &base, false)?;
+    let rate_limited = if a.rate_limited {
+        let hot = script(
+            "hot.lua",
+            format!(
+                "wrk.headers[\"Authorization\"] = \"Bearer {}\"\n",
+                tokens[0]
+            ),
+        )?;
+        let (all, rejected) = wrk(
+            a.connections,
+            a.secs,
+            &hot,
+            &format!("{base}/api/v1/last-seen/lg0@localhost"),
+            true,
+        )?;
+        let total = all * f64::from(a.secs);
+        Some(RateLimitedReport {
+            served_per_sec: s1,
+            rejected_answers_per_sec: all,
+            rejected_share: if total > 0.0 {
+                rejected as f64 / total
+            } else {
+                0.0
+            },
+        })
+    } else {
+        None
+    };
+    drop(w);
+    drop(bridge);
+    let report = LookupReport {
+        users: a.users,
+        tokens: a.tokens,
+        connections: a.connections,
+        secs: a.secs,
+        healthz_per_sec: h,
+        single_per_sec: s1,
+        single_ratio_to_healthz: s1 / h,
+        bulk_requests_per_sec: b1,
+        bulk_lookups_per_sec: b1 * 1000.0,
+        rate_limited,
+    };
+    println!(
+        "| lookup (wrk -t2 -c{} -d{}s) | value |",
+        a.connections, a.secs
+    );
+    println!("|---|---|");
+    println!("| users / tokens | {} / {} |", report.users, report.tokens);
+    println!("| GET /healthz | {:.0} req/s |", report.healthz_per_sec);
+    println!(
+        "| GET /api/v1/last-seen/{{jid}} | {:.0} req/s ({:.1} % of /healthz) |",
+        report.single_per_sec,
+        report.single_ratio_to_healthz * 100.0
+    );
+    println!(
+        "| POST /api/v1/last-seen (1,000 JIDs) | {:.0} req/s = {:.0} lookups/s |",
+        report.bulk_requests_per_sec, report.bulk_lookups_per_sec
+    );
+    if let Some(r) = &report.rate_limited {
+        println!(
+            "| one token past its quota | {:.0} answers/s ({:.1} % of them 429) vs {:.0} served/s |",
+            r.rejected_answers_per_sec,
+            r.rejected_share * 100.0,
+            r.served_per_sec
+        );
+    }
+    if let Some(path) = &a.json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(())
 }
