@@ -145,3 +145,50 @@ fn lookup_drives_healthz_single_and_bulk_with_many_tokens() {
         "{table}"
     );
 }
+
+#[test]
+fn fanout_measures_latency_per_subscriber_class() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("fanout.json");
+    let out = loadgen(&[
+        "fanout",
+        "--users",
+        "100",
+        "--subscribers",
+        "6",
+        "--rates",
+        "200",
+        "--secs",
+        "2",
+        "--slow",
+        "1",
+        "--measured",
+        "3",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let r = report(&out, &json);
+    let rows = r.as_array().unwrap();
+    let class = |c: &str| {
+        rows.iter()
+            .find(|x| x["class"] == c)
+            .unwrap_or_else(|| panic!("{c}: {r}"))
+    };
+    assert_eq!(class("all")["count"], 3);
+    assert_eq!(class("filtered")["count"], 3);
+    assert_eq!(class("slow")["count"], 1);
+    // The live subscribers measured stanza→frame latency for real changes.
+    for c in ["all", "filtered"] {
+        assert!(
+            class(c)["changes_measured"].as_u64().unwrap() > 0,
+            "{c}: {r}"
+        );
+        assert!(class(c)["latency_p99_ms"].as_f64().is_some(), "{c}: {r}");
+    }
+    // Unfiltered subscribers get every change: more than the ones filtered to 10 users.
+    assert!(
+        class("all")["bytes_per_sec"].as_f64().unwrap()
+            > class("filtered")["bytes_per_sec"].as_f64().unwrap(),
+        "{r}"
+    );
+}

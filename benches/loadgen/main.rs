@@ -17,7 +17,11 @@
 //! (the per-IP one is off: every connection comes from 127.0.0.1) and adds a run with one
 //! token far past its quota (answers are 429s) next to the served path.
 //!
-//! The `fanout` load of the performance issue is not built yet.
+//! `fanout` opens WebSocket subscribers — unfiltered, filtered to 10 users, and a few slow
+//! ones that stop reading — then sends presence at each `--rates` value for `--secs`, for each
+//! `--subscribers` count: every stanza carries its send time in its status, so each measured
+//! subscriber reports stanza→frame latency; per class: percentiles, frames and bytes per
+//! second, resyncs. The ramp shows the knee.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -56,6 +60,55 @@ enum Cmd {
     Ingest(IngestArgs),
     /// REST last-seen (single and bulk, many tokens) next to /healthz, with wrk.
     Lookup(LookupArgs),
+    /// WebSocket fan-out: stanza→frame latency per subscriber class while presence churns.
+    Fanout(FanoutArgs),
+}
+
+#[derive(clap::Args)]
+struct FanoutArgs {
+    /// The presence-bridge binary (default: the one next to this binary).
+    #[arg(long)]
+    bridge: Option<PathBuf>,
+    /// Users (all online; the load changes their status).
+    #[arg(long, default_value_t = 10_000)]
+    users: usize,
+    /// Subscriber counts to ramp through.
+    #[arg(long, value_delimiter = ',', default_value = "100,500,1000")]
+    subscribers: Vec<usize>,
+    /// Change rates (stanzas/s) to ramp through.
+    #[arg(long, value_delimiter = ',', default_value = "5000,20000")]
+    rates: Vec<u64>,
+    /// Seconds per step.
+    #[arg(long, default_value_t = 10)]
+    secs: u64,
+    /// Percent of the subscribers filtered to 10 users.
+    #[arg(long, default_value_t = 50)]
+    filtered_percent: usize,
+    /// Slow subscribers (read nothing during the step) added to each step.
+    #[arg(long, default_value_t = 5)]
+    slow: usize,
+    /// Subscribers per class that parse every frame for latency (the others count frames
+    /// and bytes only, so the tool's own CPU stays small).
+    #[arg(long, default_value_t = 20)]
+    measured: usize,
+    /// Write the figures as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Serialize, Clone)]
+struct ClassReport {
+    subscribers: usize,
+    rate: u64,
+    class: &'static str,
+    count: usize,
+    latency_p50_ms: Option<f64>,
+    latency_p99_ms: Option<f64>,
+    latency_max_ms: Option<f64>,
+    changes_measured: usize,
+    frames_per_sec: f64,
+    bytes_per_sec: f64,
+    resyncs: u64,
 }
 
 #[derive(clap::Args)]
@@ -163,6 +216,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Cmd::Ingest(a) => rt.block_on(ingest(a)),
         Cmd::Lookup(a) => rt.block_on(lookup(a)),
+        Cmd::Fanout(a) => rt.block_on(fanout(a)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -886,6 +940,295 @@ async fn lookup(a: LookupArgs) -> Result<(), String> {
     }
     if let Some(path) = &a.json {
         let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// What one subscriber saw.
+#[derive(Default)]
+struct SubStats {
+    frames: u64,
+    bytes: u64,
+    resyncs: u64,
+    latencies_us: Vec<u64>,
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+async fn ws_open(port: u16, token: &str, filter: &str) -> Result<Ws, String> {
+    let url = format!("ws://127.0.0.1:{port}/api/v1/ws?token={token}{filter}");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .map_err(|e| format!("WebSocket: {e}"))?;
+    // The snapshot first.
+    let first = tokio::time::timeout(Duration::from_secs(30), ws.next())
+        .await
+        .map_err(|_| "no snapshot within 30 s".to_owned())?;
+    match first {
+        Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))
+            if t.contains("\"snapshot\"") =>
+        {
+            Ok(ws)
+        }
+        other => Err(format!("expected a snapshot, got {other:?}")),
+    }
+}
+
+/// The send stamps (µs since `t0`) in a frame: every `"status":"t<digits>"`, each once.
+fn stamps(frame: &str) -> Vec<u64> {
+    let mut out: Vec<u64> = Vec::new();
+    let mut rest = frame;
+    while let Some(i) = rest.find("\"status\":\"t") {
+        rest = &rest[i + 11..];
+        let digits: &str = &rest[..rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len())];
+        if let Ok(v) = digits.parse::<u64>()
+            && out.last() != Some(&v)
+        {
+            out.push(v);
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Reads until `stop`; `slow` reads nothing until then, and then drains what came.
+async fn subscriber(
+    mut ws: Ws,
+    t0: Instant,
+    measure: bool,
+    slow: bool,
+    stop: tokio_util::sync::CancellationToken,
+) -> SubStats {
+    use tokio_tungstenite::tungstenite::Message;
+    let mut st = SubStats::default();
+    if slow {
+        stop.cancelled().await;
+    }
+    loop {
+        let next = if slow {
+            match tokio::time::timeout(Duration::from_millis(500), ws.next()).await {
+                Ok(n) => n,
+                Err(_) => break,
+            }
+        } else {
+            tokio::select! {
+                n = ws.next() => n,
+                () = stop.cancelled() => break,
+            }
+        };
+        match next {
+            Some(Ok(Message::Text(t))) => {
+                let now = t0.elapsed().as_micros() as u64;
+                st.frames += 1;
+                st.bytes += t.len() as u64;
+                if t.contains("\"resync\"") {
+                    st.resyncs += 1;
+                }
+                if measure && !slow {
+                    for s in stamps(&t) {
+                        st.latencies_us.push(now.saturating_sub(s));
+                    }
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => break,
+        }
+    }
+    let _ = ws.close(None).await;
+    st
+}
+
+fn pct(sorted: &[u64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    Some(sorted[i] as f64 / 1000.0)
+}
+
+async fn fanout(a: FanoutArgs) -> Result<(), String> {
+    if a.users < 10 || a.secs == 0 || a.subscribers.is_empty() || a.rates.is_empty() {
+        return Err(
+            "--users must be at least 10; --secs, --subscribers and --rates must not be empty or 0"
+                .into(),
+        );
+    }
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let auth = format!("[auth]\njwt_secret = \"{JWT_SECRET}\"\n");
+    let mut bridge = start_bridge(a.bridge.as_ref(), port, None, NO_LIMITS, &auth)?;
+    let stream = match accept(&listener).await {
+        Ok(s) => s,
+        Err(e) => {
+            bridge.stop();
+            return Err(format!("{e}\nthe bridge's log:\n{}", bridge.log()));
+        }
+    };
+    let (r, mut w) = stream.into_split();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+    tokio::spawn(answer_iqs(r, tx));
+    let client = reqwest::Client::new();
+    let up = Instant::now();
+    let before = loop {
+        match changes(&client, bridge.http).await {
+            Ok(c) => break c,
+            Err(e) if up.elapsed() > Duration::from_secs(30) => {
+                return Err(format!("the bridge's /metrics did not answer: {e}"));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    send_all(&mut w, &mut rx, &stanzas(a.users, a.users), 0).await?;
+    let known = wait_applied(
+        &client,
+        bridge.http,
+        before,
+        a.users as u64,
+        Duration::from_secs(30),
+        &mut w,
+        &mut rx,
+    )
+    .await?;
+    if known < a.users as u64 {
+        return Err(format!("only {known} of {} users came online", a.users));
+    }
+    // One token per subscriber, as one dashboard user each (the bridge caps connections per
+    // token subject).
+    let token = |i: usize| {
+        presence_bridge::api::auth::mint(
+            JWT_SECRET,
+            &presence_bridge::api::auth::claims(
+                &format!("lg-sub{i}"),
+                "presence:read",
+                None,
+                3600,
+                &presence_bridge::config::AuthConfig::default(),
+            ),
+        )
+        .map_err(|e| e.to_string())
+    };
+    let filter = format!(
+        "&jids={}",
+        (0..10)
+            .map(|u| format!("lg{u}@localhost"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let t0 = Instant::now();
+    let mut reports = Vec::new();
+    let mut next_user = 0usize;
+    for &n in &a.subscribers {
+        for &rate in &a.rates {
+            let stop = tokio_util::sync::CancellationToken::new();
+            let filtered = n * a.filtered_percent.min(100) / 100;
+            let mut tasks = Vec::new();
+            for i in 0..n + a.slow {
+                let (class, f) = if i >= n {
+                    ("slow", "")
+                } else if i < filtered {
+                    ("filtered", filter.as_str())
+                } else {
+                    ("all", "")
+                };
+                let index_in_class = if i >= n {
+                    i - n
+                } else if i < filtered {
+                    i
+                } else {
+                    i - filtered
+                };
+                let ws = ws_open(bridge.http, &token(i)?, f).await?;
+                let measure = index_in_class < a.measured;
+                tasks.push((
+                    class,
+                    tokio::spawn(subscriber(ws, t0, measure, class == "slow", stop.clone())),
+                ));
+            }
+            // The load: every 10 ms, rate/100 status changes, stamped at send time.
+            let per_tick = (rate / 100).max(1) as usize;
+            let step_start = Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let mut buf = Vec::with_capacity(per_tick * 160);
+            while step_start.elapsed() < Duration::from_secs(a.secs) {
+                tick.tick().await;
+                buf.clear();
+                let stamp = t0.elapsed().as_micros();
+                for _ in 0..per_tick {
+                    let u = next_user % a.users;
+                    next_user += 1;
+                    let _ = write!(
+                        buf,
+                        "<presence from='lg{u}@localhost/r' to='{COMPONENT}'><priority>1</priority><status>t{stamp}</status></presence>"
+                    );
+                }
+                while let Ok(reply) = rx.try_recv() {
+                    w.write_all(&reply).await.map_err(|e| e.to_string())?;
+                }
+                w.write_all(&buf).await.map_err(|e| e.to_string())?;
+            }
+            let elapsed = step_start.elapsed().as_secs_f64();
+            // Let the last frames arrive.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            stop.cancel();
+            let mut by_class: std::collections::BTreeMap<&'static str, (usize, SubStats)> =
+                Default::default();
+            for (class, t) in tasks {
+                let st = t.await.map_err(|e| e.to_string())?;
+                let e = by_class.entry(class).or_default();
+                e.0 += 1;
+                e.1.frames += st.frames;
+                e.1.bytes += st.bytes;
+                e.1.resyncs += st.resyncs;
+                e.1.latencies_us.extend(st.latencies_us);
+            }
+            for (class, (count, mut st)) in by_class {
+                st.latencies_us.sort_unstable();
+                reports.push(ClassReport {
+                    subscribers: n,
+                    rate,
+                    class,
+                    count,
+                    latency_p50_ms: pct(&st.latencies_us, 0.5),
+                    latency_p99_ms: pct(&st.latencies_us, 0.99),
+                    latency_max_ms: st.latencies_us.last().map(|v| *v as f64 / 1000.0),
+                    changes_measured: st.latencies_us.len(),
+                    frames_per_sec: st.frames as f64 / elapsed,
+                    bytes_per_sec: st.bytes as f64 / elapsed,
+                    resyncs: st.resyncs,
+                });
+            }
+        }
+    }
+    drop(w);
+    drop(bridge);
+    println!(
+        "| subscribers | changes/s | class | count | p50 ms | p99 ms | max ms | frames/s (class) | MB/s (class) | resyncs |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let ms = |v: Option<f64>| v.map_or("–".to_owned(), |x| format!("{x:.1}"));
+    for r in &reports {
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.1} | {} |",
+            r.subscribers,
+            r.rate,
+            r.class,
+            r.count,
+            ms(r.latency_p50_ms),
+            ms(r.latency_p99_ms),
+            ms(r.latency_max_ms),
+            r.frames_per_sec,
+            r.bytes_per_sec / 1e6,
+            r.resyncs
+        );
+    }
+    if let Some(path) = &a.json {
+        let text = serde_json::to_string_pretty(&reports).map_err(|e| e.to_string())?;
         std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(())
