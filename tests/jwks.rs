@@ -100,6 +100,11 @@ async fn jwks_keys_by_kid_audiences_nbf_rotation_and_unknown_kids() {
 
     // One key of each kind; aud as an array holding ours.
     let aud = json!(["another-api", "presence-bridge"]);
+    // This very token is used again after the rotation: accepted now (and remembered as
+    // verified), refused once its key is retired.
+    let rsa1_token = sign("rsa1", "rsa1", Algorithm::RS256, &claims(aud.clone()));
+    assert_eq!(stats(&app, &rsa1_token).0, 200);
+    assert_eq!(stats(&app, &rsa1_token).0, 200);
     for (key, alg) in [
         ("rsa1", Algorithm::RS256),
         ("ec1", Algorithm::ES256),
@@ -202,6 +207,11 @@ async fn jwks_keys_by_kid_audiences_nbf_rotation_and_unknown_kids() {
             )
         ),
         (401, "invalid token: unknown key id".into())
+    );
+    assert_eq!(
+        stats(&app, &rsa1_token),
+        (401, "invalid token: unknown key id".into()),
+        "a token verified under the old key set is verified again"
     );
     for i in 0..5 {
         let t = sign(

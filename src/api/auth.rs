@@ -21,6 +21,9 @@ use crate::presence::UserJid;
 
 /// Clock skew tolerated on `exp`/`nbf`, in seconds.
 const LEEWAY_SECS: u64 = 30;
+/// Verified tokens remembered (beyond it the cache starts over): a dashboard or a service
+/// sends the same token many times, and verifying it is most of a last-seen request's cost.
+const CACHE_TOKENS: usize = 10_000;
 
 /// Token claims (contract §4).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -147,6 +150,18 @@ pub struct Auth {
     key: Option<DecodingKey>,
     validation: Validation,
     jwks: Option<Arc<super::jwks::Jwks>>,
+    /// Tokens that verified, with what they grant, until their `exp` (only successes; a
+    /// token verified under a JWKS key set that has since changed is verified again).
+    verified: dashmap::DashMap<Box<str>, Verified>,
+}
+
+#[derive(Debug, Clone)]
+struct Verified {
+    permissions: Permissions,
+    /// `exp` (seconds since the epoch).
+    exp: u64,
+    /// The JWKS generation it was verified under (0 without JWKS).
+    generation: u64,
 }
 
 impl std::fmt::Debug for Auth {
@@ -235,6 +250,7 @@ impl Auth {
             key,
             validation,
             jwks,
+            verified: dashmap::DashMap::new(),
         })
     }
 
@@ -247,6 +263,48 @@ impl Auth {
     /// (refreshing them once when the `kid` is unknown, at most every 10 s), any other with
     /// the configured secret or public key.
     pub async fn verify_async(&self, token: &str) -> Result<Permissions, AuthError> {
+        let now = Utc::now().timestamp().max(0) as u64;
+        if let Some(p) = self.remembered(token, now) {
+            return Ok(p);
+        }
+        let generation = self.jwks.as_ref().map_or(0, |j| j.generation());
+        let p = self.verify_uncached(token).await?;
+        self.remember(token, &p, generation);
+        Ok(p)
+    }
+
+    /// A token verified before, still before its `exp` and under the same JWKS key set.
+    fn remembered(&self, token: &str, now: u64) -> Option<Permissions> {
+        let v = self.verified.get(token)?;
+        let generation = self.jwks.as_ref().map_or(0, |j| j.generation());
+        // Expiry is checked as a full verification would, with no leeway added: stricter.
+        if now < v.exp && v.generation == generation {
+            return Some(v.permissions.clone());
+        }
+        drop(v);
+        self.verified.remove(token);
+        None
+    }
+
+    fn remember(&self, token: &str, p: &Permissions, generation: u64) {
+        // `exp` is required and was just validated; read it without verifying again.
+        let Some(exp) = token_exp(token) else {
+            return;
+        };
+        if self.verified.len() >= CACHE_TOKENS {
+            self.verified.clear();
+        }
+        self.verified.insert(
+            token.into(),
+            Verified {
+                permissions: p.clone(),
+                exp,
+                generation,
+            },
+        );
+    }
+
+    async fn verify_uncached(&self, token: &str) -> Result<Permissions, AuthError> {
         if let Some(jwks) = &self.jwks
             && let Ok(header) = jsonwebtoken::decode_header(token)
             && let Some(kid) = header.kid.as_deref()
@@ -312,6 +370,20 @@ impl Auth {
             domains,
         })
     }
+}
+
+/// The `exp` claim of a token already verified (the payload, base64url-decoded).
+fn token_exp(token: &str) -> Option<u64> {
+    use base64::Engine as _;
+    #[derive(Deserialize)]
+    struct Exp {
+        exp: u64,
+    }
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    serde_json::from_slice::<Exp>(&bytes).ok().map(|e| e.exp)
 }
 
 /// A short reason without echoing the token.
@@ -454,6 +526,59 @@ mod tests {
             jwt_secret: Secret::new("k"),
             ..AuthConfig::default()
         }
+    }
+
+    #[tokio::test]
+    async fn verified_tokens_are_remembered_until_exp_and_only_successes() {
+        let a = Auth::from_config(&cfg()).unwrap();
+        let t = mint("k", &claims("ops", "presence:read", None, 60, &cfg())).unwrap();
+        let exp = token_exp(&t).unwrap();
+        let now = Utc::now().timestamp() as u64;
+        assert!(
+            a.remembered(&t, now).is_none(),
+            "nothing before the first verification"
+        );
+        let p = a.verify_async(&t).await.unwrap();
+        let hit = a.remembered(&t, now).expect("remembered");
+        assert_eq!(hit.sub, p.sub);
+        assert!(hit.has(Scope::PresenceRead));
+        // At its exp it is forgotten (and verified again, which then decides).
+        assert!(a.remembered(&t, exp).is_none());
+        assert!(a.remembered(&t, now).is_none(), "gone once expired");
+        // A token that fails is not remembered, and fails every time.
+        let bad = mint("other", &claims("x", "admin", None, 60, &cfg())).unwrap();
+        assert!(a.verify_async(&bad).await.is_err());
+        assert!(a.remembered(&bad, now).is_none());
+        assert!(a.verify_async(&bad).await.is_err());
+        // A tampered token is another key: it is verified (and refused).
+        a.verify_async(&t).await.unwrap();
+        let mut parts: Vec<String> = t.split('.').map(str::to_owned).collect();
+        parts[1] = mint("k", &claims("ops", "admin", None, 60, &cfg()))
+            .unwrap()
+            .split('.')
+            .nth(1)
+            .unwrap()
+            .to_owned();
+        let forged = parts.join(".");
+        assert!(matches!(
+            a.verify_async(&forged).await,
+            Err(AuthError::Invalid(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_cache_is_bounded() {
+        let a = Auth::from_config(&cfg()).unwrap();
+        for i in 0..CACHE_TOKENS + 10 {
+            let t = mint(
+                "k",
+                &claims(&format!("s{i}"), "presence:read", None, 60, &cfg()),
+            )
+            .unwrap();
+            a.verify_async(&t).await.unwrap();
+        }
+        assert!(a.verified.len() <= CACHE_TOKENS);
+        assert!(!a.verified.is_empty());
     }
 
     #[test]

@@ -73,6 +73,8 @@ pub struct Jwks {
     fetching: tokio::sync::Mutex<Option<Instant>>,
     fetches: IntCounterVec,
     keys_gauge: IntGauge,
+    /// Successful fetches so far: tokens verified under an older key set are verified again.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Jwks {
@@ -113,7 +115,13 @@ impl Jwks {
                 "presence_bridge_jwks_keys",
                 "Signing keys in use from auth.jwks_url",
             ),
+            generation: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Changes whenever a fetch replaces the key set.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The key with this `kid`.
@@ -148,6 +156,8 @@ impl Jwks {
             Ok(keys) => {
                 self.fetches.with_label_values(&["ok"]).inc();
                 s.keys = keys;
+                self.generation
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 s.fetched_at = Some(Utc::now());
                 s.last_error = None;
                 self.keys_gauge.set(s.keys.len() as i64);
