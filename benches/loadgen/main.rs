@@ -525,39 +525,13 @@ async fn ingest(a: IngestArgs) -> Result<(), String> {
     } else {
         None
     };
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| e.to_string())?;
-    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
-    let mut bridge = start_bridge(
-        a.bridge.as_ref(),
-        port,
-        a.postgres.as_deref(),
-        NO_LIMITS,
-        "",
-    )?;
-    let stream = match accept(&listener).await {
-        Ok(s) => s,
-        Err(e) => {
-            bridge.stop();
-            return Err(format!("{e}\nthe bridge's log:\n{}", bridge.log()));
-        }
-    };
-    let (r, mut w) = stream.into_split();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
-    tokio::spawn(answer_iqs(r, tx));
-    let client = reqwest::Client::new();
-    // The API answers once the bridge is up.
-    let up = Instant::now();
-    let before = loop {
-        match changes(&client, bridge.http).await {
-            Ok(c) => break c,
-            Err(e) if up.elapsed() > Duration::from_secs(30) => {
-                return Err(format!("the bridge's /metrics did not answer: {e}"));
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
+    let Rig {
+        bridge,
+        mut w,
+        mut rx,
+        client,
+        before,
+    } = rig(a.bridge.as_ref(), a.postgres.as_deref(), NO_LIMITS, "").await?;
     // Send: 64 KiB writes, paced when a rate is set; IQ answers go in between.
     let started = Instant::now();
     let sent_secs = send_all(&mut w, &mut rx, &bytes, a.rate).await?;
@@ -619,6 +593,85 @@ async fn ingest(a: IngestArgs) -> Result<(), String> {
             "only {applied} of {} stanzas became changes (no progress for {} s)",
             a.stanzas, a.stall_secs
         ));
+    }
+    Ok(())
+}
+
+/// The bridge started and connected to us as its XMPP server: the process, our end of its
+/// component stream, the IQ answers waiting to be written, and the changes it had applied
+/// before the load.
+struct Rig {
+    bridge: Bridge,
+    w: tokio::net::tcp::OwnedWriteHalf,
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    client: reqwest::Client,
+    before: u64,
+}
+
+async fn rig(
+    exe: Option<&PathBuf>,
+    postgres: Option<&str>,
+    http_keys: &str,
+    sections: &str,
+) -> Result<Rig, String> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let mut bridge = start_bridge(exe, port, postgres, http_keys, sections)?;
+    let stream = match accept(&listener).await {
+        Ok(s) => s,
+        Err(e) => {
+            bridge.stop();
+            return Err(format!("{e}\nthe bridge's log:\n{}", bridge.log()));
+        }
+    };
+    let (r, w) = stream.into_split();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+    tokio::spawn(answer_iqs(r, tx));
+    let client = reqwest::Client::new();
+    // The API answers once the bridge is up.
+    let up = Instant::now();
+    let before = loop {
+        match changes(&client, bridge.http).await {
+            Ok(c) => break c,
+            Err(e) if up.elapsed() > Duration::from_secs(30) => {
+                return Err(format!("the bridge's /metrics did not answer: {e}"));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    Ok(Rig {
+        bridge,
+        w,
+        rx,
+        client,
+        before,
+    })
+}
+
+/// Every user online once (known to last-seen, in the map for subscribers).
+async fn online(
+    users: usize,
+    client: &reqwest::Client,
+    port: u16,
+    before: u64,
+    w: &mut tokio::net::tcp::OwnedWriteHalf,
+    rx: &mut tokio::sync::mpsc::Receiver<Vec<u8>>,
+) -> Result<(), String> {
+    send_all(w, rx, &stanzas(users, users), 0).await?;
+    let known = wait_applied(
+        client,
+        port,
+        before,
+        users as u64,
+        Duration::from_secs(30),
+        w,
+        rx,
+    )
+    .await?;
+    if known < users as u64 {
+        return Err(format!("only {known} of {users} users came online"));
     }
     Ok(())
 }
@@ -759,60 +812,23 @@ async fn lookup(a: LookupArgs) -> Result<(), String> {
     if a.users == 0 || a.tokens == 0 || a.connections == 0 || a.secs == 0 {
         return Err("--users, --tokens, -c and --secs must be at least 1".into());
     }
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| e.to_string())?;
-    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
     let auth = format!("[auth]\njwt_secret = \"{JWT_SECRET}\"\n");
-    let mut bridge = start_bridge(
-        a.bridge.as_ref(),
-        port,
-        None,
-        // Rate-limited: the per-token limit at its default; the per-IP one off, since every
-        // wrk connection comes from 127.0.0.1.
-        if a.rate_limited {
-            "rate_limit_per_ip = 0\n"
-        } else {
-            NO_LIMITS
-        },
-        &auth,
-    )?;
-    let stream = match accept(&listener).await {
-        Ok(s) => s,
-        Err(e) => {
-            bridge.stop();
-            return Err(format!("{e}\nthe bridge's log:\n{}", bridge.log()));
-        }
+    // Rate-limited: the per-token limit at its default; the per-IP one off, since every wrk
+    // connection comes from 127.0.0.1.
+    let limits = if a.rate_limited {
+        "rate_limit_per_ip = 0\n"
+    } else {
+        NO_LIMITS
     };
-    let (r, mut w) = stream.into_split();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
-    tokio::spawn(answer_iqs(r, tx));
-    let client = reqwest::Client::new();
-    let up = Instant::now();
-    let before = loop {
-        match changes(&client, bridge.http).await {
-            Ok(c) => break c,
-            Err(e) if up.elapsed() > Duration::from_secs(30) => {
-                return Err(format!("the bridge's /metrics did not answer: {e}"));
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
-    // Every user online once: known to last-seen.
-    send_all(&mut w, &mut rx, &stanzas(a.users, a.users), 0).await?;
-    let known = wait_applied(
-        &client,
-        bridge.http,
+    let Rig {
+        bridge,
+        mut w,
+        mut rx,
+        client,
         before,
-        a.users as u64,
-        Duration::from_secs(30),
-        &mut w,
-        &mut rx,
-    )
-    .await?;
-    if known < a.users as u64 {
-        return Err(format!("only {known} of {} users became known", a.users));
-    }
+    } = rig(a.bridge.as_ref(), None, limits, &auth).await?;
+    // Every user online once: known to last-seen.
+    online(a.users, &client, bridge.http, before, &mut w, &mut rx).await?;
     let cfg = presence_bridge::config::AuthConfig::default();
     let tokens: Vec<String> = (0..a.tokens)
         .map(|i| {
@@ -1057,47 +1073,15 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
                 .into(),
         );
     }
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| e.to_string())?;
-    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
     let auth = format!("[auth]\njwt_secret = \"{JWT_SECRET}\"\n");
-    let mut bridge = start_bridge(a.bridge.as_ref(), port, None, NO_LIMITS, &auth)?;
-    let stream = match accept(&listener).await {
-        Ok(s) => s,
-        Err(e) => {
-            bridge.stop();
-            return Err(format!("{e}\nthe bridge's log:\n{}", bridge.log()));
-        }
-    };
-    let (r, mut w) = stream.into_split();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
-    tokio::spawn(answer_iqs(r, tx));
-    let client = reqwest::Client::new();
-    let up = Instant::now();
-    let before = loop {
-        match changes(&client, bridge.http).await {
-            Ok(c) => break c,
-            Err(e) if up.elapsed() > Duration::from_secs(30) => {
-                return Err(format!("the bridge's /metrics did not answer: {e}"));
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
-    send_all(&mut w, &mut rx, &stanzas(a.users, a.users), 0).await?;
-    let known = wait_applied(
-        &client,
-        bridge.http,
+    let Rig {
+        bridge,
+        mut w,
+        mut rx,
+        client,
         before,
-        a.users as u64,
-        Duration::from_secs(30),
-        &mut w,
-        &mut rx,
-    )
-    .await?;
-    if known < a.users as u64 {
-        return Err(format!("only {known} of {} users came online", a.users));
-    }
+    } = rig(a.bridge.as_ref(), None, NO_LIMITS, &auth).await?;
+    online(a.users, &client, bridge.http, before, &mut w, &mut rx).await?;
     // One token per subscriber, as one dashboard user each (the bridge caps connections per
     // token subject).
     let token = |i: usize| {
