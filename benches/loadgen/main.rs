@@ -294,11 +294,16 @@ async fn baseline(bytes: &[u8], n: usize) -> Result<f64, String> {
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
+/// A port for the bridge's API, below the kernel's ephemeral range: the tool's own thousands
+/// of client connections take their local ports from that range, and one could take this
+/// port between the pick and the bridge's bind.
 fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("no free port: {e}"))
+    let start = rand::random::<u32>() % 15_000;
+    (0..15_000u32)
+        .map(|n| 10_000 + ((start + n * 7) % 15_000) as u16)
+        .filter(|p| *p != 15_672)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .ok_or_else(|| "no free port in 10000-24999".to_owned())
 }
 
 /// The bridge, started with a config that points it at us; stopped (SIGTERM) on drop.

@@ -55,12 +55,30 @@ pub fn init_logs() {
 }
 
 /// A free TCP port on 127.0.0.1 (bound then released: good enough on a test machine).
+///
+/// Picked below the kernel's ephemeral range (32768–60999 here), never from it: a port the
+/// kernel hands out for `bind(0)` is also what it hands out as the local port of outgoing
+/// connections, and one did take a private ejabberd's port between the pick and the bind
+/// (the load-tool tests open thousands of client connections). 10000–24999 holds none of the
+/// machine's services (Postgres 5432, RabbitMQ 5672/15672/25672, NATS 4222/8222, the shared
+/// ejabberd's 252xx/253xx).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = *PORT_BASE.get_or_init(|| rand::random::<u32>() % 15_000);
+    for _ in 0..15_000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 10_000 + ((start + n * 7) % 15_000) as u16;
+        if port == 15_672 {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 10000-24999")
 }
+
+static PORT_BASE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
 
 /// A unique user name for this process and tag. The shared ejabberd node outlives test runs,
 /// and pids wrap (pid_max 32768 here): a pid alone once reused the name of an earlier run's
