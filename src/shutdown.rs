@@ -46,11 +46,6 @@ impl Default for Signals {
     }
 }
 
-/// Resolves at the next SIGTERM or SIGINT and says which.
-#[cfg(unix)]
-pub async fn signal() -> &'static str {
-    Signals::new().next().await
-}
 
 /// Ctrl-C (other platforms).
 #[cfg(not(unix))]
