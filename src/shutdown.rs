@@ -46,7 +46,6 @@ impl Default for Signals {
     }
 }
 
-
 /// Ctrl-C (other platforms).
 #[cfg(not(unix))]
 #[derive(Debug, Default)]
