@@ -94,6 +94,7 @@ async fn subscribers_are_listed_and_an_operator_closes_one() {
     assert_eq!(subs[0]["sub"], "wallboard");
     assert_eq!(subs[1]["sub"], "webapp");
     assert!(subs[0]["filter"]["domains"].is_null());
+    assert_eq!(subs[0]["mode"], "diffs");
     assert_eq!(
         subs[1]["filter"]["domains"],
         serde_json::json!(["example.org"])

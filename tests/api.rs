@@ -626,7 +626,8 @@ async fn slow_subscriber_does_not_delay_another_and_is_resynced_or_closed() {
     let mut fast = api.ws(&format!("token={t}"), None).await;
     assert_eq!(next_frame(&mut fast).await["type"], "snapshot");
 
-    let n = 6000u64;
+    // More than the feed (128 chunks of up to 64 changes) and the socket buffers can hold.
+    let n = 20_000u64;
     let big = "x".repeat(2000);
     let producer = {
         let engine = engine.clone();
@@ -680,7 +681,7 @@ async fn slow_subscriber_does_not_delay_another_and_is_resynced_or_closed() {
     let grown = rss_kib().saturating_sub(rss_before);
     assert!(
         grown < 400 * 1024,
-        "memory grew by {grown} KiB for 12 MB of changes: not bounded"
+        "memory grew by {grown} KiB for 40 MB of changes: not bounded"
     );
     drop(slow);
     api.stop().await;
@@ -1137,5 +1138,164 @@ async fn ws_peer_silent_for_three_pings_is_closed_as_dead() {
             "presence_bridge_ws_closed_total{reason=\"dead_peer\"}"
         ) >= 1
     );
+    api.stop().await;
+}
+
+/// Online users, resources, and the two breakdowns of a `stats` frame.
+fn counts(f: &Value) -> (u64, u64, Value, Value) {
+    assert_eq!(f["type"], "stats", "{f}");
+    (
+        f["online_users"].as_u64().unwrap(),
+        f["online_resources"].as_u64().unwrap(),
+        f["by_show"].clone(),
+        f["by_domain"].clone(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_mode_sends_the_narrowed_counts_only_when_they_change() {
+    init_logs();
+    let api = start(PresenceConfig::default(), open_http()).await;
+    let engine = api.engine().clone();
+    let online = |i: u64, user: &str, res: &str, show: Show| {
+        let engine = engine.clone();
+        let user = user.to_owned();
+        let res = res.to_owned();
+        async move {
+            engine
+                .apply(ev(i, &user, &res, Some(show), "here"))
+                .await
+                .unwrap();
+        }
+    };
+    online(1, "alice@a.test", "phone", Show::Chat).await;
+    online(2, "alice@a.test", "desk", Show::Chat).await;
+    online(3, "bob@b.test", "r", Show::Away).await;
+
+    let all = token("presence:read", None);
+    let narrow = token("presence:read", Some(vec!["a.test"]));
+    // Everything (the engine's own counts), a token narrowed to a.test, a domains filter.
+    let mut w_all = api.ws(&format!("token={all}&mode=counts"), None).await;
+    let mut w_narrow = api.ws(&format!("token={narrow}&mode=counts"), None).await;
+    let mut w_b = api
+        .ws(&format!("token={all}&mode=counts&domains=b.test"), None)
+        .await;
+    assert_eq!(
+        counts(&next_frame(&mut w_all).await),
+        (
+            2,
+            3,
+            json!({"chat": 1, "away": 1}),
+            json!({"a.test": 1, "b.test": 1})
+        )
+    );
+    let f = next_frame(&mut w_narrow).await;
+    assert_eq!(counts(&f), (1, 2, json!({"chat": 1}), json!({"a.test": 1})));
+    assert!(f["seq"].as_u64().unwrap() >= 3, "{f}");
+    assert_eq!(
+        counts(&next_frame(&mut w_b).await),
+        (1, 1, json!({"away": 1}), json!({"b.test": 1}))
+    );
+
+    // Status-only changes move no count: no frame. The next frame each session gets is
+    // the one for carol coming online (a.test), so none was sent for the 50 updates.
+    for i in 0..50 {
+        engine
+            .apply(ev(
+                10 + i,
+                "alice@a.test",
+                "phone",
+                Some(Show::Chat),
+                &format!("s{i}"),
+            ))
+            .await
+            .unwrap();
+    }
+    online(100, "carol@a.test", "r", Show::Dnd).await;
+    assert_eq!(
+        counts(&next_frame(&mut w_all).await),
+        (
+            3,
+            4,
+            json!({"chat": 1, "away": 1, "dnd": 1}),
+            json!({"a.test": 2, "b.test": 1})
+        )
+    );
+    assert_eq!(
+        counts(&next_frame(&mut w_narrow).await),
+        (2, 3, json!({"chat": 1, "dnd": 1}), json!({"a.test": 2}))
+    );
+    // bob goes offline: only b.test's view and the whole one change.
+    engine
+        .apply(ev(101, "bob@b.test", "r", None, "bye"))
+        .await
+        .unwrap();
+    assert_eq!(
+        counts(&next_frame(&mut w_b).await),
+        (0, 0, json!({}), json!({}))
+    );
+    assert_eq!(counts(&next_frame(&mut w_all).await).0, 2);
+
+    // A burst of 300 users coming online: the counts arrive coalesced (at most one frame
+    // every 250 ms), and the last frame has them all.
+    for i in 0..300u64 {
+        online(200 + i, &format!("u{i}@a.test"), "r", Show::Chat).await;
+    }
+    let mut frames = 0;
+    loop {
+        let (users, ..) = counts(&next_frame(&mut w_narrow).await);
+        frames += 1;
+        if users == 302 {
+            break;
+        }
+        assert!(users < 302, "{users}");
+    }
+    assert!(
+        frames < 300,
+        "{frames} frames for 300 changes: the counts were not coalesced"
+    );
+
+    // Switching modes with `subscribe`: diffs (a snapshot), then counts again with a filter.
+    w_all
+        .send(Message::text(r#"{"type":"subscribe"}"#))
+        .await
+        .unwrap();
+    let snap = loop {
+        let f = next_frame(&mut w_all).await;
+        if f["type"] == "snapshot" {
+            break f;
+        }
+        assert_eq!(f["type"], "stats", "{f}");
+    };
+    assert_eq!(snap["users"].as_array().unwrap().len(), 302);
+    online(600, "dave@b.test", "r", Show::Xa).await;
+    let d = next_frame(&mut w_all).await;
+    assert_eq!(d["type"], "diff", "{d}");
+    w_all
+        .send(Message::text(
+            r#"{"type":"subscribe","mode":"counts","domains":["b.test"]}"#,
+        ))
+        .await
+        .unwrap();
+    let f = loop {
+        let f = next_frame(&mut w_all).await;
+        if f["type"] == "stats" {
+            break f;
+        }
+    };
+    assert_eq!(counts(&f), (1, 1, json!({"xa": 1}), json!({"b.test": 1})));
+
+    // Bad modes: a 400 at the handshake, an error frame (filter unchanged) in a message.
+    let e = ws_connect(api.port, &format!("token={all}&mode=bogus"), None)
+        .await
+        .err()
+        .unwrap_or_default();
+    assert!(e.contains("400"), "{e}");
+    w_b.send(Message::text(r#"{"type":"subscribe","mode":"bogus"}"#))
+        .await
+        .unwrap();
+    let f = next_frame(&mut w_b).await;
+    assert_eq!(f["type"], "error", "{f}");
+    assert_eq!(f["error"], "bad_message", "{f}");
     api.stop().await;
 }

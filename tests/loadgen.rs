@@ -1,6 +1,6 @@
 //! Smoke runs of `presence-loadgen` (it must keep working; no assertion on time): the ingest
 //! flood against the real bridge binary, memory-only and with Postgres, the lookup load with
-//! wrk, and a clear error when the bridge cannot start.
+//! wrk, the fan-out and idle-subscriber runs, and a clear error when the bridge cannot start.
 
 mod common;
 
@@ -191,4 +191,27 @@ fn fanout_measures_latency_per_subscriber_class() {
             > class("filtered")["bytes_per_sec"].as_f64().unwrap(),
         "{r}"
     );
+}
+
+#[test]
+fn idle_measures_the_bridges_memory_per_open_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("idle.json");
+    let out = loadgen(&[
+        "idle",
+        "--users",
+        "20",
+        "--subscribers",
+        "50",
+        "--settle-secs",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let r = report(&out, &json);
+    assert_eq!(r["subscribers"], 50, "{r}");
+    // The 50 plus the baseline session were all open when the bridge was measured.
+    assert_eq!(r["open_sessions"], 51, "{r}");
+    assert!(r["rss_after_kib"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["kib_per_subscriber"].as_f64().is_some(), "{r}");
 }

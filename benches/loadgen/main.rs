@@ -62,6 +62,38 @@ enum Cmd {
     Lookup(LookupArgs),
     /// WebSocket fan-out: stanza→frame latency per subscriber class while presence churns.
     Fanout(FanoutArgs),
+    /// Idle WebSocket subscribers: the bridge's memory per open session.
+    Idle(IdleArgs),
+}
+
+#[derive(clap::Args)]
+struct IdleArgs {
+    /// The presence-bridge binary (default: the one next to this binary).
+    #[arg(long)]
+    bridge: Option<PathBuf>,
+    /// Users online (each subscriber's snapshot has them all).
+    #[arg(long, default_value_t = 100)]
+    users: usize,
+    /// Subscribers to open (each with its own token; the file-descriptor limit of both
+    /// processes must allow them).
+    #[arg(long, default_value_t = 9000)]
+    subscribers: usize,
+    /// Seconds to hold them idle before measuring.
+    #[arg(long, default_value_t = 3)]
+    settle_secs: u64,
+    /// Write the figures as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct IdleReport {
+    subscribers: usize,
+    users: usize,
+    rss_before_kib: u64,
+    rss_after_kib: u64,
+    kib_per_subscriber: f64,
+    open_sessions: u64,
 }
 
 #[derive(clap::Args)]
@@ -217,6 +249,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Ingest(a) => rt.block_on(ingest(a)),
         Cmd::Lookup(a) => rt.block_on(lookup(a)),
         Cmd::Fanout(a) => rt.block_on(fanout(a)),
+        Cmd::Idle(a) => rt.block_on(idle(a)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -334,6 +367,18 @@ impl Bridge {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// The bridge's resident memory (KiB), from /proc.
+    fn rss_kib(&self) -> Result<u64, String> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .map_err(|e| format!("the bridge's /proc status: {e}"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| "no VmRSS in the bridge's /proc status".to_owned())
     }
 
     /// The bridge's log (stderr), for a failed run.
@@ -1087,21 +1132,6 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
         before,
     } = rig(a.bridge.as_ref(), None, NO_LIMITS, &auth).await?;
     online(a.users, &client, bridge.http, before, &mut w, &mut rx).await?;
-    // One token per subscriber, as one dashboard user each (the bridge caps connections per
-    // token subject).
-    let token = |i: usize| {
-        presence_bridge::api::auth::mint(
-            JWT_SECRET,
-            &presence_bridge::api::auth::claims(
-                &format!("lg-sub{i}"),
-                "presence:read",
-                None,
-                3600,
-                &presence_bridge::config::AuthConfig::default(),
-            ),
-        )
-        .map_err(|e| e.to_string())
-    };
     let filter = format!(
         "&jids={}",
         (0..10)
@@ -1132,7 +1162,7 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
                 } else {
                     i - filtered
                 };
-                let ws = ws_open(bridge.http, &token(i)?, f).await?;
+                let ws = ws_open(bridge.http, &sub_token(i)?, f).await?;
                 let measure = index_in_class < a.measured;
                 tasks.push((
                     class,
@@ -1218,6 +1248,107 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
     }
     if let Some(path) = &a.json {
         let text = serde_json::to_string_pretty(&reports).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// A token of its own for subscriber `i` (the bridge caps connections per token subject).
+fn sub_token(i: usize) -> Result<String, String> {
+    presence_bridge::api::auth::mint(
+        JWT_SECRET,
+        &presence_bridge::api::auth::claims(
+            &format!("lg-sub{i}"),
+            "presence:read",
+            None,
+            3600,
+            &presence_bridge::config::AuthConfig::default(),
+        ),
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// One metric's value from the bridge's `/metrics`.
+async fn metric_value(client: &reqwest::Client, port: u16, name: &str) -> Result<u64, String> {
+    let text = client
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .text()
+        .await
+        .map_err(|e| e.to_string())?;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .map(|v| v as u64)
+        .ok_or_else(|| format!("no {name} in /metrics"))
+}
+
+async fn idle(a: IdleArgs) -> Result<(), String> {
+    if a.subscribers == 0 {
+        return Err("--subscribers must be at least 1".into());
+    }
+    let auth = format!("[auth]\njwt_secret = \"{JWT_SECRET}\"\n");
+    let Rig {
+        bridge,
+        mut w,
+        mut rx,
+        client,
+        before,
+    } = rig(a.bridge.as_ref(), None, NO_LIMITS, &auth).await?;
+    if a.users > 0 {
+        online(a.users, &client, bridge.http, before, &mut w, &mut rx).await?;
+    }
+    // One session first, so that what every session shares (the first snapshot's encoding,
+    // the runtime's buffers) is in the baseline.
+    let mut held = vec![ws_open(bridge.http, &sub_token(a.subscribers)?, "").await?];
+    tokio::time::sleep(Duration::from_secs(a.settle_secs)).await;
+    let rss_before = bridge.rss_kib()?;
+    for i in 0..a.subscribers {
+        let ws = ws_open(bridge.http, &sub_token(i)?, "")
+            .await
+            .map_err(|e| format!("subscriber {i}: {e}"))?;
+        held.push(ws);
+    }
+    // Held open and idle (the component stream answered, nothing changing).
+    let settle = Instant::now();
+    while settle.elapsed() < Duration::from_secs(a.settle_secs) {
+        while let Ok(reply) = rx.try_recv() {
+            w.write_all(&reply).await.map_err(|e| e.to_string())?;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rss_after = bridge.rss_kib()?;
+    let open_sessions = metric_value(&client, bridge.http, "presence_bridge_ws_sessions").await?;
+    drop(held);
+    let report = IdleReport {
+        subscribers: a.subscribers,
+        users: a.users,
+        rss_before_kib: rss_before,
+        rss_after_kib: rss_after,
+        kib_per_subscriber: rss_after.saturating_sub(rss_before) as f64 / a.subscribers as f64,
+        open_sessions,
+    };
+    drop(w);
+    drop(bridge);
+    println!(
+        "| subscribers | users | sessions open | RSS before MiB | RSS after MiB | KiB per subscriber |"
+    );
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| {} | {} | {} | {:.1} | {:.1} | {:.1} |",
+        report.subscribers,
+        report.users,
+        report.open_sessions,
+        report.rss_before_kib as f64 / 1024.0,
+        report.rss_after_kib as f64 / 1024.0,
+        report.kib_per_subscriber
+    );
+    if let Some(path) = &a.json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
         std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(())

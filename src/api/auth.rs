@@ -6,7 +6,8 @@
 //! never accepted. `exp` is required; `nbf` is enforced; `iss`/`aud` (a string or an array in
 //! the token) are checked when configured.
 
-use std::collections::HashSet;
+/// A set probed on hot paths (per change per subscriber): seeded foldhash, not SipHash.
+type HashSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
 use std::sync::Arc;
 
 use actix_web::dev::Payload;
@@ -97,6 +98,16 @@ impl Permissions {
     /// True when the token carries `scope` (or `admin`).
     pub fn has(&self, scope: Scope) -> bool {
         self.scopes.contains(&Scope::Admin) || self.scopes.contains(&scope)
+    }
+
+    /// A token's permissions without a token (unit tests).
+    #[cfg(test)]
+    pub(crate) fn for_test(scopes: Vec<Scope>, domains: Option<&[&str]>) -> Permissions {
+        Permissions {
+            sub: "test".into(),
+            scopes,
+            domains: domains.map(|d| Arc::new(d.iter().map(|x| x.to_string()).collect())),
+        }
     }
 
     /// True when the token may see this user.

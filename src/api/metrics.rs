@@ -68,7 +68,7 @@ impl ApiMetrics {
             e2e_latency: telemetry::histogram(
                 r,
                 "presence_bridge_stanza_to_ws_seconds",
-                "Latency from reading a stanza to writing its change to a WebSocket",
+                "Latency from reading a stanza to writing its change to a WebSocket (one observation per frame: its oldest change)",
                 &LATENCY_BUCKETS,
             ),
             http_requests: telemetry::counter_vec(

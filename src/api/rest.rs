@@ -460,29 +460,8 @@ pub struct StatsBody {
     pub by_domain: BTreeMap<String, u64>,
 }
 
-/// `GET /api/v1/stats`.
-#[utoipa::path(get, path = "/api/v1/stats", responses((status = 200, description = "Online counts", body = StatsBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks the scope", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait")))), security(("bearer" = [])))]
-#[route("/stats", method = "GET", method = "HEAD")]
-pub async fn stats(st: State, PresenceRead(p): PresenceRead) -> Result<HttpResponse, ApiError> {
-    let body = if p.is_restricted() {
-        // Counted from a snapshot, so that a narrowed token sees only its domains.
-        let snap = st.engine.snapshot().await.map_err(ApiError::internal)?;
-        let mut b = StatsBody {
-            seq: snap.seq,
-            online_users: 0,
-            online_resources: 0,
-            by_show: BTreeMap::new(),
-            by_domain: BTreeMap::new(),
-        };
-        for u in snap.iter().filter(|u| p.can_see(&u.jid)) {
-            b.online_users += 1;
-            b.online_resources += u.resources.len() as u64;
-            *b.by_show.entry(u.show.as_str().to_owned()).or_default() += 1;
-            *b.by_domain.entry(u.jid.domain().to_owned()).or_default() += 1;
-        }
-        b
-    } else {
-        let s = st.engine.stats();
+impl From<crate::presence::Stats> for StatsBody {
+    fn from(s: crate::presence::Stats) -> Self {
         StatsBody {
             seq: s.seq,
             online_users: s.online_users,
@@ -494,6 +473,26 @@ pub async fn stats(st: State, PresenceRead(p): PresenceRead) -> Result<HttpRespo
                 .collect(),
             by_domain: s.by_domain,
         }
+    }
+}
+
+/// `GET /api/v1/stats`.
+#[utoipa::path(get, path = "/api/v1/stats", responses((status = 200, description = "Online counts", body = StatsBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks the scope", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait")))), security(("bearer" = [])))]
+#[route("/stats", method = "GET", method = "HEAD")]
+pub async fn stats(st: State, PresenceRead(p): PresenceRead) -> Result<HttpResponse, ApiError> {
+    let body = if p.is_restricted() {
+        // Counted from a snapshot, so that a narrowed token sees only its domains.
+        let snap = st.engine.snapshot().await.map_err(ApiError::internal)?;
+        let mut s = crate::presence::Stats {
+            seq: snap.seq,
+            ..Default::default()
+        };
+        for u in snap.iter().filter(|u| p.can_see(&u.jid)) {
+            s.account(u, 1);
+        }
+        StatsBody::from(s)
+    } else {
+        StatsBody::from(st.engine.stats())
     };
     Ok(HttpResponse::Ok().json(body))
 }

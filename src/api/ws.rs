@@ -6,7 +6,8 @@
 //! shutdown. Every write has a deadline: a client that stops reading is closed, and because
 //! each session reads the hub at its own pace nothing on the change path ever waits for it.
 
-use std::collections::HashSet;
+/// A set probed on hot paths (per change per subscriber): seeded foldhash, not SipHash.
+type HashSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -87,6 +88,20 @@ pub struct WsQuery {
     jids: Option<String>,
     /// Only these domains (comma-separated).
     domains: Option<String>,
+    /// `diffs` (default: snapshot, then every change) or `counts` (only the online counts,
+    /// when they change, at most every 250 ms).
+    mode: Option<Mode>,
+}
+
+/// What a session receives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// A snapshot, then diffs (contract §5).
+    #[default]
+    Diffs,
+    /// `stats` frames only: for wallboards, which need the counts, not every change.
+    Counts,
 }
 
 /// What a session shows: the token's domains always, narrowed by the client's filter.
@@ -94,6 +109,7 @@ pub struct WsQuery {
 pub struct Filter {
     jids: Option<HashSet<UserJid>>,
     domains: Option<HashSet<String>>,
+    mode: Mode,
 }
 
 impl Filter {
@@ -109,7 +125,11 @@ impl Filter {
         let domains = domains
             .filter(|v| !v.is_empty())
             .map(|v| v.iter().map(|d| d.trim().to_lowercase()).collect());
-        Ok(Filter { jids, domains })
+        Ok(Filter {
+            jids,
+            domains,
+            mode: Mode::Diffs,
+        })
     }
 
     /// The filter as the subscribers list shows it: (jids, domains), sorted; `None` = any.
@@ -127,6 +147,11 @@ impl Filter {
             d.sort();
         }
         FilterBody { jids, domains }
+    }
+
+    /// Whether this filter and the token let everything through.
+    fn is_everything(&self, p: &Permissions) -> bool {
+        self.jids.is_none() && self.domains.is_none() && !p.is_restricted()
     }
 
     fn passes(&self, p: &Permissions, jid: &UserJid) -> bool {
@@ -245,7 +270,7 @@ pub struct Subscriber {
     pub remote_addr: Option<String>,
     /// When the session opened.
     pub connected_at: chrono::DateTime<Utc>,
-    filter: std::sync::Mutex<FilterBody>,
+    filter: std::sync::Mutex<(FilterBody, Mode)>,
     frames_sent: std::sync::atomic::AtomicU64,
     resyncs: std::sync::atomic::AtomicU64,
     /// Cancelled by an operator: the session says `closed_by_admin` and closes with 1008.
@@ -266,6 +291,8 @@ pub struct SubscriberBody {
     pub connected_at: chrono::DateTime<Utc>,
     /// Its current filter.
     pub filter: FilterBody,
+    /// `diffs` or `counts`.
+    pub mode: Mode,
     /// Frames sent to it.
     pub frames_sent: u64,
     /// Times it fell behind and got a fresh snapshot.
@@ -276,16 +303,18 @@ impl Subscriber {
     /// What the subscribers list shows.
     pub fn body(&self) -> SubscriberBody {
         use std::sync::atomic::Ordering::Relaxed;
+        let (filter, mode) = self
+            .filter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         SubscriberBody {
             id: self.id.clone(),
             sub: self.sub.clone(),
             remote_addr: self.remote_addr.clone(),
             connected_at: self.connected_at,
-            filter: self
-                .filter
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+            filter,
+            mode,
             frames_sent: self.frames_sent.load(Relaxed),
             resyncs: self.resyncs.load(Relaxed),
         }
@@ -297,7 +326,7 @@ impl Subscriber {
     }
 
     fn set_filter(&self, f: &Filter) {
-        *self.filter.lock().unwrap_or_else(|p| p.into_inner()) = f.describe();
+        *self.filter.lock().unwrap_or_else(|p| p.into_inner()) = (f.describe(), f.mode);
     }
 }
 
@@ -314,7 +343,7 @@ impl Registered {
             sub: sub.to_owned(),
             remote_addr,
             connected_at: Utc::now(),
-            filter: std::sync::Mutex::new(filter.describe()),
+            filter: std::sync::Mutex::new((filter.describe(), filter.mode)),
             frames_sent: Default::default(),
             resyncs: Default::default(),
             kick: tokio_util::sync::CancellationToken::new(),
@@ -355,8 +384,10 @@ pub async fn ws(
     let q = web::Query::<WsQuery>::from_query(req.query_string())
         .map_err(|e| ApiError::bad_request("invalid_parameter", e.to_string()))?
         .into_inner();
-    let filter =
-        Filter::new(split(&q.jids), split(&q.domains)).map_err(|j| ApiError::invalid_jid(&j))?;
+    let filter = Filter {
+        mode: q.mode.unwrap_or_default(),
+        ..Filter::new(split(&q.jids), split(&q.domains)).map_err(|j| ApiError::invalid_jid(&j))?
+    };
     let slot = Slot::acquire(&st, &perms.sub).ok_or_else(|| ApiError {
         retry_after: Some(CAP_RETRY_AFTER_SECS),
         ..ApiError::new(
@@ -405,12 +436,6 @@ struct SnapshotFrame<'a> {
     users: Vec<&'a Arc<UserPresence>>,
 }
 
-#[derive(Serialize)]
-struct DiffFrame<'a> {
-    r#type: &'static str,
-    changes: &'a [Arc<Change>],
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 enum ClientMsg {
@@ -419,6 +444,8 @@ enum ClientMsg {
         jids: Option<Vec<String>>,
         #[serde(default)]
         domains: Option<Vec<String>>,
+        #[serde(default)]
+        mode: Mode,
     },
     Ping,
 }
@@ -426,7 +453,7 @@ enum ClientMsg {
 /// A message a WebSocket client may send (contract §5).
 #[derive(Debug)]
 pub enum ClientMessage {
-    /// Replace the filter (answered with a new snapshot).
+    /// Replace the filter and the mode (answered with a new snapshot, or the counts).
     Subscribe(Filter),
     /// Answered with `{"type":"pong"}`.
     Ping,
@@ -437,8 +464,12 @@ pub enum ClientMessage {
 pub fn parse_client_message(text: &str) -> Result<ClientMessage, (&'static str, String)> {
     match serde_json::from_str::<ClientMsg>(text) {
         Ok(ClientMsg::Ping) => Ok(ClientMessage::Ping),
-        Ok(ClientMsg::Subscribe { jids, domains }) => Filter::new(jids, domains)
-            .map(ClientMessage::Subscribe)
+        Ok(ClientMsg::Subscribe {
+            jids,
+            domains,
+            mode,
+        }) => Filter::new(jids, domains)
+            .map(|f| ClientMessage::Subscribe(Filter { mode, ..f }))
             .map_err(|bad| {
                 (
                     "invalid_jid",
@@ -509,33 +540,80 @@ impl Conn {
             .await
     }
 
+    /// Sends the changes that pass the token and the filter as one `diff` frame (none: no
+    /// frame).
     async fn diff(
         &mut self,
         changes: &[Arc<Change>],
         p: &Permissions,
         f: &Filter,
     ) -> Result<(), End> {
-        let visible: Vec<Arc<Change>> = changes
-            .iter()
-            .filter(|c| f.passes(p, &c.jid))
-            .cloned()
-            .collect();
-        if visible.is_empty() {
+        self.send_diff(diff_frame(changes, p, f)).await
+    }
+
+    async fn send_diff(
+        &mut self,
+        frame: Option<(String, chrono::DateTime<Utc>)>,
+    ) -> Result<(), End> {
+        let Some((text, oldest)) = frame else {
             return Ok(());
-        }
-        let text = serde_json::to_string(&DiffFrame {
-            r#type: "diff",
-            changes: &visible,
-        })
-        .unwrap_or_default();
+        };
         self.send(text).await?;
-        let now = Utc::now();
-        for c in &visible {
-            let secs = (now - c.received_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
-            self.st.metrics.e2e_latency.observe(secs.max(0.0));
-        }
+        // One observation per frame (its oldest change: the frame's worst latency), not one
+        // per change per subscriber, which at a thousand subscribers was a hot atomic.
+        let secs = (Utc::now() - oldest).num_microseconds().unwrap_or(0) as f64 / 1e6;
+        self.st.metrics.e2e_latency.observe(secs.max(0.0));
         Ok(())
     }
+}
+
+/// A `diff` frame being built from the changes that pass the token and the filter. Each
+/// change's JSON is encoded once for every subscriber ([`Change::json`]): a frame is only
+/// their concatenation.
+#[derive(Default)]
+struct DiffFrame {
+    text: String,
+    /// When the bridge read the frame's oldest change.
+    oldest: Option<chrono::DateTime<Utc>>,
+}
+
+impl DiffFrame {
+    const HEAD: &str = r#"{"type":"diff","changes":["#;
+
+    fn push(&mut self, c: &Change, p: &Permissions, f: &Filter) {
+        if !f.passes(p, &c.jid) {
+            return;
+        }
+        let json = c.json();
+        if self.oldest.is_none() {
+            self.oldest = Some(c.received_at);
+            self.text.reserve(Self::HEAD.len() + 2 + json.len() * 8);
+            self.text.push_str(Self::HEAD);
+        } else {
+            self.text.push(',');
+        }
+        self.text.push_str(json);
+    }
+
+    /// The frame and its oldest change's read time; `None` when no change passed.
+    fn finish(mut self) -> Option<(String, chrono::DateTime<Utc>)> {
+        let oldest = self.oldest?;
+        self.text.push_str("]}");
+        Some((self.text, oldest))
+    }
+}
+
+/// The `diff` frame of these changes (see [`DiffFrame`]).
+fn diff_frame(
+    changes: &[Arc<Change>],
+    p: &Permissions,
+    f: &Filter,
+) -> Option<(String, chrono::DateTime<Utc>)> {
+    let mut frame = DiffFrame::default();
+    for c in changes {
+        frame.push(c, p, f);
+    }
+    frame.finish()
 }
 
 async fn run(
@@ -591,6 +669,155 @@ async fn run(
     st.metrics.ws_sessions.dec();
 }
 
+/// How often a counts-mode session looks for changed counts: at most this many `stats`
+/// frames a second... one every 250 ms.
+const COUNTS_EVERY: Duration = Duration::from_millis(250);
+
+/// A counts-mode session's counts.
+enum Counts {
+    /// Filter and token let everything through: the engine's own counts, no feed needed.
+    Everything,
+    /// A narrower view: the visible online users, kept up to date from the feed.
+    Tally {
+        stats: crate::presence::Stats,
+        users: std::collections::HashMap<UserJid, Arc<UserPresence>>,
+    },
+}
+
+impl Counts {
+    /// Starts counting for `f`; `feed` becomes what the counts need (none, or a subscription
+    /// taken before the snapshot the tally starts from).
+    async fn start(
+        st: &AppState,
+        p: &Permissions,
+        f: &Filter,
+        feed: &mut Option<crate::presence::Subscription>,
+    ) -> Result<Counts, End> {
+        if f.is_everything(p) {
+            *feed = None;
+            return Ok(Counts::Everything);
+        }
+        let mut sub = st.engine.hub().subscribe();
+        let snap = st.engine.snapshot().await.map_err(|_| End::Closed)?;
+        sub.skip_through(snap.seq);
+        *feed = Some(sub);
+        let mut stats = crate::presence::Stats {
+            seq: snap.seq,
+            ..Default::default()
+        };
+        let mut users = std::collections::HashMap::new();
+        for u in snap.iter().filter(|u| f.passes(p, &u.jid)) {
+            stats.account(u, 1);
+            users.insert(u.jid.clone(), u.clone());
+        }
+        Ok(Counts::Tally { stats, users })
+    }
+
+    fn apply(&mut self, c: &Change, p: &Permissions, f: &Filter) {
+        let Counts::Tally { stats, users } = self else {
+            return;
+        };
+        stats.seq = c.seq;
+        if !f.passes(p, &c.jid) {
+            return;
+        }
+        if let Some(old) = users.remove(&c.jid) {
+            stats.account(&old, -1);
+        }
+        if c.presence.online {
+            stats.account(&c.presence, 1);
+            users.insert(c.jid.clone(), c.presence.clone());
+        }
+    }
+
+    fn current(&self, st: &AppState) -> crate::presence::Stats {
+        match self {
+            Counts::Everything => st.engine.stats(),
+            Counts::Tally { stats, .. } => stats.clone(),
+        }
+    }
+}
+
+/// A `stats` frame: the body of `GET /api/v1/stats` with `"type":"stats"`.
+#[derive(Serialize)]
+struct StatsFrame {
+    r#type: &'static str,
+    #[serde(flatten)]
+    body: super::rest::StatsBody,
+}
+
+/// Sends the counts if they differ from the last ones sent (the seq alone does not count).
+async fn send_counts(
+    st: &AppState,
+    conn: &mut Conn,
+    counts: &Counts,
+    last: &mut Option<crate::presence::Stats>,
+) -> Result<(), End> {
+    let now = counts.current(st);
+    let same = last.as_ref().is_some_and(|l| {
+        l.online_users == now.online_users
+            && l.online_resources == now.online_resources
+            && l.by_show == now.by_show
+            && l.by_domain == now.by_domain
+    });
+    if same {
+        return Ok(());
+    }
+    *last = Some(now.clone());
+    let frame = StatsFrame {
+        r#type: "stats",
+        body: now.into(),
+    };
+    conn.send(serde_json::to_string(&frame).unwrap_or_default())
+        .await
+}
+
+/// After reading the feed, a session waits this long before it reads it again. Under load
+/// each wake then takes everything that came meanwhile into one frame, and a thousand
+/// sessions wake a few hundred times a second each instead of once per published chunk;
+/// when changes are rare it only delays a change that follows another within this gap.
+const FEED_GAP: Duration = Duration::from_millis(5);
+
+/// Waits for changes on the feed, if the session has one (else forever), not before `gate`.
+async fn feed_ready(
+    feed: &mut Option<crate::presence::Subscription>,
+    gate: Option<tokio::time::Instant>,
+) -> Result<bool, crate::presence::Lagged> {
+    if let Some(at) = gate {
+        tokio::time::sleep_until(at).await;
+    }
+    match feed {
+        Some(sub) => sub.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Enters `filter`'s mode: a snapshot (diffs), or the counts (counts).
+async fn start_mode(
+    st: &AppState,
+    conn: &mut Conn,
+    perms: &Permissions,
+    filter: &Filter,
+    feed: &mut Option<crate::presence::Subscription>,
+    counts: &mut Option<Counts>,
+    last_counts: &mut Option<crate::presence::Stats>,
+) -> Result<(), End> {
+    match filter.mode {
+        Mode::Diffs => {
+            *counts = None;
+            let sub = feed.get_or_insert_with(|| st.engine.hub().subscribe());
+            conn.snapshot(sub, perms, filter).await
+        }
+        Mode::Counts => {
+            let c = Counts::start(st, perms, filter, feed).await?;
+            *last_counts = None;
+            send_counts(st, conn, &c, last_counts).await?;
+            *counts = Some(c);
+            Ok(())
+        }
+    }
+}
+
 async fn session_loop(
     st: &Arc<AppState>,
     perms: &Permissions,
@@ -600,9 +827,13 @@ async fn session_loop(
     stream: &mut actix_ws::AggregatedMessageStream,
 ) -> Result<Option<CloseReason>, End> {
     let hub = st.engine.hub();
+    // Subscribed before the snapshot or the ring is read, so that nothing falls between.
     let mut sub = hub.subscribe();
+    let mut counts: Option<Counts> = None;
+    let mut last_counts = None;
     let mut resumed = false;
-    if let Some((since, epoch)) = resume
+    if filter.mode == Mode::Diffs
+        && let Some((since, epoch)) = resume
         && epoch == **st.engine.epoch()
         && let Resume::Changes(missed) = hub.since(since, st.engine.seq())
     {
@@ -610,15 +841,27 @@ async fn session_loop(
         conn.diff(&missed, perms, filter).await?;
         resumed = true;
     }
+    let mut feed = Some(sub);
     if !resumed {
-        conn.snapshot(&mut sub, perms, filter).await?;
+        start_mode(
+            st,
+            conn,
+            perms,
+            filter,
+            &mut feed,
+            &mut counts,
+            &mut last_counts,
+        )
+        .await?;
     }
     let ping_every = st.http.ws_ping_secs;
     let mut ping = tokio::time::interval(ping_every);
     ping.tick().await;
+    let mut counts_tick = tokio::time::interval(COUNTS_EVERY);
+    counts_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
     let mut bucket = Bucket::new();
-    let mut batch = Vec::new();
+    let mut feed_gate = None;
     loop {
         tokio::select! {
             _ = st.shutdown.cancelled() => {
@@ -644,7 +887,7 @@ async fn session_loop(
                         Ok(ClientMessage::Subscribe(f)) => {
                             *filter = f;
                             conn.info.set_filter(filter);
-                            conn.snapshot(&mut sub, perms, filter).await?;
+                            start_mode(st, conn, perms, filter, &mut feed, &mut counts, &mut last_counts).await?;
                         }
                         Err((code, message)) => conn.error(code, &message).await?,
                     },
@@ -677,19 +920,44 @@ async fn session_loop(
                     }
                 }
             }
-            next = sub.recv() => match next {
-                Ok(Some(c)) => {
-                    batch.clear();
-                    batch.push(c);
-                    // Everything already waiting goes into the same frame.
-                    match sub.drain_ready(&mut batch, MAX_CHANGES_PER_FRAME) {
-                        Ok(()) => conn.diff(&batch, perms, filter).await?,
-                        Err(_) => resync(st, conn, &mut sub, perms, filter).await?,
+            ready = feed_ready(&mut feed, feed_gate) => {
+                feed_gate = Some(tokio::time::Instant::now() + FEED_GAP);
+                let Some(sub) = feed.as_mut() else { continue };
+                let lagged = match ready {
+                    Ok(false) => return Ok(Some(CloseReason { code: CloseCode::Away, description: None })),
+                    Err(_) => true,
+                    // Everything already waiting goes into the same frame (or the tally).
+                    Ok(true) => match &mut counts {
+                        Some(c) => sub
+                            .take_ready(MAX_CHANGES_PER_FRAME, |ch| c.apply(ch, perms, filter))
+                            .is_err(),
+                        None => {
+                            let mut frame = DiffFrame::default();
+                            let taken = sub.take_ready(MAX_CHANGES_PER_FRAME, |ch| frame.push(ch, perms, filter));
+                            if taken.is_ok() {
+                                conn.send_diff(frame.finish()).await?;
+                            }
+                            taken.is_err()
+                        }
+                    },
+                };
+                if lagged {
+                    match &mut counts {
+                        // Counts are absolute: a lagged tally starts again from a snapshot,
+                        // and the next tick sends whatever differs.
+                        Some(c) => {
+                            lagged_metrics(st, conn);
+                            *c = Counts::start(st, perms, filter, &mut feed).await?;
+                        }
+                        None => resync(st, conn, sub, perms, filter).await?,
                     }
                 }
-                Ok(None) => return Ok(Some(CloseReason { code: CloseCode::Away, description: None })),
-                Err(_) => resync(st, conn, &mut sub, perms, filter).await?,
             },
+            _ = counts_tick.tick(), if counts.is_some() => {
+                if let Some(c) = &counts {
+                    send_counts(st, conn, c, &mut last_counts).await?;
+                }
+            }
             _ = ping.tick() => {
                 if last_heard.elapsed() > ping_every * 3 {
                     st.metrics.ws_closed.with_label_values(&["dead_peer"]).inc();
@@ -713,6 +981,13 @@ fn too_big(e: &actix_ws::ProtocolError) -> bool {
     }
 }
 
+fn lagged_metrics(st: &AppState, conn: &Conn) {
+    st.metrics.ws_resyncs.with_label_values(&["lagged"]).inc();
+    conn.info
+        .resyncs
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The client fell behind the feed: tell it, then give it a fresh snapshot.
 async fn resync(
     st: &Arc<AppState>,
@@ -721,12 +996,90 @@ async fn resync(
     perms: &Permissions,
     filter: &Filter,
 ) -> Result<(), End> {
-    st.metrics.ws_resyncs.with_label_values(&["lagged"]).inc();
-    conn.info
-        .resyncs
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    lagged_metrics(st, conn);
     *sub = st.engine.hub().subscribe();
     conn.send(r#"{"type":"resync","reason":"lagged"}"#.to_owned())
         .await?;
     conn.snapshot(sub, perms, filter).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::presence::{Op, Show};
+
+    fn change(seq: u64, jid: &str, status: &str) -> Arc<Change> {
+        let jid = UserJid::parse(jid).unwrap();
+        let now = Utc::now();
+        Arc::new(Change {
+            seq,
+            jid: jid.clone(),
+            op: Op::Update,
+            presence: Arc::new(UserPresence {
+                jid,
+                online: true,
+                show: Show::Away,
+                status: Some(status.into()),
+                priority: 3,
+                online_since: Some(now),
+                last_change: now,
+                last_seen: None,
+                resources: Vec::new(),
+            }),
+            received_at: now - chrono::Duration::seconds(seq as i64),
+            encoded: Default::default(),
+        })
+    }
+
+    /// The concatenated frame is exactly the serde encoding of `{"type":"diff","changes":[..]}`
+    /// of the changes that pass, and reports the oldest one's read time.
+    #[test]
+    fn a_diff_frame_is_the_encoding_of_the_visible_changes() {
+        let changes = vec![
+            change(9, "a@x.test", "one \"quoted\" \u{1F600}"),
+            change(7, "b@y.test", "two"),
+            change(5, "c@x.test", "three\n"),
+        ];
+        let everyone = Permissions::for_test(vec![Scope::PresenceRead], None);
+        let x_only = Permissions::for_test(vec![Scope::PresenceRead], Some(&["x.test"]));
+        let all = Filter::default();
+        let expect = |cs: &[&Arc<Change>]| serde_json::json!({"type": "diff", "changes": cs.iter().map(|c| serde_json::to_value(c).unwrap()).collect::<Vec<_>>()});
+        let (text, oldest) = diff_frame(&changes, &everyone, &all).unwrap();
+        let got: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(got, expect(&[&changes[0], &changes[1], &changes[2]]));
+        assert_eq!(oldest, changes[0].received_at);
+        // The token narrows; the encoding cached by the first frame is reused.
+        let (text, oldest) = diff_frame(&changes, &x_only, &all).unwrap();
+        let got: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(got, expect(&[&changes[0], &changes[2]]));
+        assert_eq!(oldest, changes[0].received_at);
+        // A filter that lets nothing through: no frame.
+        let only_z = Filter::new(None, Some(vec!["z.test".into()])).unwrap();
+        assert!(diff_frame(&changes, &everyone, &only_z).is_none());
+        let only_b = Filter::new(Some(vec!["b@y.test".into()]), None).unwrap();
+        assert!(diff_frame(&changes, &x_only, &only_b).is_none());
+        let (text, oldest) = diff_frame(&changes, &everyone, &only_b).unwrap();
+        let got: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(got, expect(&[&changes[1]]));
+        assert_eq!(oldest, changes[1].received_at);
+    }
+
+    #[test]
+    fn subscribe_messages_carry_the_mode() {
+        match parse_client_message(r#"{"type":"subscribe","mode":"counts","domains":["x.test"]}"#) {
+            Ok(ClientMessage::Subscribe(f)) => {
+                assert_eq!(f.mode, Mode::Counts);
+                assert!(f.domains.is_some_and(|d| d.contains("x.test")));
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse_client_message(r#"{"type":"subscribe"}"#) {
+            Ok(ClientMessage::Subscribe(f)) => assert_eq!(f.mode, Mode::Diffs),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse_client_message(r#"{"type":"subscribe","mode":"all"}"#),
+            Err(("bad_message", _))
+        ));
+    }
 }

@@ -46,7 +46,9 @@ pub struct Stats {
 }
 
 impl Stats {
-    fn account(&mut self, p: &UserPresence, sign: i64) {
+    /// Adds (`sign` 1) or removes (`sign` -1) one user's presence; offline users count for
+    /// nothing.
+    pub fn account(&mut self, p: &UserPresence, sign: i64) {
         if !p.online {
             return;
         }
@@ -219,7 +221,10 @@ impl Engine {
             map: DashMap::new(),
             stats: RwLock::new(Stats::default()),
             seq: AtomicU64::new(0),
-            hub: Hub::new(cfg.ring_size, cfg.ring_size.clamp(1024, 65_536)),
+            // The feed holds chunks of up to MAX_CHUNK changes; an eighth of the ring in
+            // chunks lets a subscriber fall at least that many changes (and, under load, up
+            // to eight times the ring) behind before it must resync.
+            hub: Hub::new(cfg.ring_size, (cfg.ring_size / 8).clamp(128, 8192)),
             last_snapshot: std::sync::Mutex::new(None),
         });
         let mut online = OnlineMap::new();
@@ -244,6 +249,7 @@ impl Engine {
             resync: None,
             sinks,
             metrics,
+            unpublished: Vec::with_capacity(super::hub::MAX_CHUNK),
         };
         let task = tokio::spawn(seq.run(rx));
         (Engine { tx, shared }, task)
@@ -395,11 +401,30 @@ struct Sequencer {
     resync: Option<Resync>,
     sinks: Vec<Arc<dyn ChangeSink>>,
     metrics: EngineMetrics,
+    /// Changes applied but not yet on the hub's feed (see [`Sequencer::publish`]).
+    unpublished: Vec<Arc<Change>>,
 }
 
 impl Sequencer {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        while let Some(cmd) = rx.recv().await {
+        loop {
+            // Changes go to the hub in chunks: when the queue is empty (so a lone change is
+            // published at once), before any other command (a barrier or snapshot answer
+            // never runs ahead of the feed), or at MAX_CHUNK.
+            let cmd = match rx.try_recv() {
+                Ok(cmd) => cmd,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    self.flush();
+                    match rx.recv().await {
+                        Some(cmd) => cmd,
+                        None => break,
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+            };
+            if !matches!(cmd, Command::Apply(_)) {
+                self.flush();
+            }
             match cmd {
                 Command::Apply(ev) => {
                     self.metrics.events.inc();
@@ -483,6 +508,25 @@ impl Sequencer {
                 }
             }
         }
+        self.flush();
+    }
+
+    /// Queues a change for the hub; see `run` for when the queue is published.
+    fn publish(&mut self, change: Arc<Change>) {
+        self.unpublished.push(change);
+        if self.unpublished.len() >= super::hub::MAX_CHUNK {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if !self.unpublished.is_empty() {
+            let chunk = std::mem::replace(
+                &mut self.unpublished,
+                Vec::with_capacity(super::hub::MAX_CHUNK),
+            );
+            self.shared.hub.publish(chunk);
+        }
     }
 
     fn forget(&mut self, jid: &UserJid) -> bool {
@@ -521,12 +565,13 @@ impl Sequencer {
         });
         self.shared.seq.store(seq, Ordering::Release);
         self.metrics.changes.inc();
-        self.shared.hub.publish(Arc::new(Change {
+        self.publish(Arc::new(Change {
             seq,
             jid: jid.clone(),
             op: super::model::Op::Offline,
             presence: gone,
             received_at: now,
+            encoded: Default::default(),
         }));
         true
     }
@@ -576,6 +621,7 @@ impl Sequencer {
             op,
             presence: next.clone(),
             received_at: ev.received_at,
+            encoded: Default::default(),
         });
         for sink in &self.sinks {
             sink.accept(Applied {
@@ -594,7 +640,7 @@ impl Sequencer {
         }
         self.shared.seq.store(seq, Ordering::Release);
         self.metrics.changes.inc();
-        self.shared.hub.publish(change);
+        self.publish(change);
     }
 }
 

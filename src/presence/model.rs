@@ -368,6 +368,22 @@ pub struct Change {
     /// of the contract).
     #[serde(skip)]
     pub received_at: DateTime<Utc>,
+    /// This change's JSON, encoded once by the first subscriber that sends it and shared by
+    /// all the others (see [`Change::json`]).
+    #[serde(skip)]
+    pub encoded: std::sync::OnceLock<Box<str>>,
+}
+
+impl Change {
+    /// The change as contract §3 JSON. Encoded on first use and kept, so that a change sent
+    /// to a thousand WebSocket subscribers is serialised once, not a thousand times.
+    pub fn json(&self) -> &str {
+        self.encoded.get_or_init(|| {
+            serde_json::to_string(self)
+                .unwrap_or_default()
+                .into_boxed_str()
+        })
+    }
 }
 
 #[cfg(test)]
