@@ -163,7 +163,8 @@ pub struct Auth {
     jwks: Option<Arc<super::jwks::Jwks>>,
     /// Tokens that verified, with what they grant, until their `exp` (only successes; a
     /// token verified under a JWKS key set that has since changed is verified again).
-    verified: dashmap::DashMap<Box<str>, Verified>,
+    /// Keyed by the whole token: hashed with seeded foldhash, not SipHash (every request).
+    verified: dashmap::DashMap<Box<str>, Verified, foldhash::fast::RandomState>,
 }
 
 #[derive(Debug, Clone)]
@@ -261,7 +262,7 @@ impl Auth {
             key,
             validation,
             jwks,
-            verified: dashmap::DashMap::new(),
+            verified: dashmap::DashMap::with_hasher(foldhash::fast::RandomState::default()),
         })
     }
 

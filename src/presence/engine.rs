@@ -180,8 +180,10 @@ enum Command {
 #[derive(Debug)]
 struct Shared {
     epoch: Arc<str>,
-    /// Every user ever seen this run (online or not), for O(1) reads by JID.
-    map: DashMap<UserJid, Arc<UserPresence>>,
+    /// Every user ever seen this run (online or not), for O(1) reads by JID. Hashed with
+    /// seeded foldhash (hashbrown's own default), not SipHash: every event and every
+    /// last-seen lookup probes it.
+    map: DashMap<UserJid, Arc<UserPresence>, foldhash::fast::RandomState>,
     stats: RwLock<Stats>,
     seq: AtomicU64,
     hub: Hub,
@@ -218,7 +220,7 @@ impl Engine {
         ));
         let shared = Arc::new(Shared {
             epoch,
-            map: DashMap::new(),
+            map: DashMap::with_hasher(foldhash::fast::RandomState::default()),
             stats: RwLock::new(Stats::default()),
             seq: AtomicU64::new(0),
             // The feed holds chunks of up to MAX_CHUNK changes; an eighth of the ring in

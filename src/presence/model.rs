@@ -33,6 +33,37 @@ impl UserJid {
     /// same user as without it: the dot is removed before parsing (the `jid` crate keeps it on
     /// some paths and moves it into the resource on others).
     pub fn parse(s: &str) -> Result<Self, JidError> {
+        if let Some(j) = Self::parse_simple(s) {
+            return Ok(j);
+        }
+        Self::parse_full(s)
+    }
+
+    /// The common case without the `jid` crate's normalisation: `local@domain` in ASCII
+    /// letters, digits and `._-` (local part) and dot-separated labels of letters, digits
+    /// and inner `-`, not `--` in the 3rd and 4th places (domain), which normalisation leaves as they are but for case. Anything
+    /// else takes [`UserJid::parse_full`]; a property test checks that both agree wherever
+    /// this one answers.
+    fn parse_simple(s: &str) -> Option<Self> {
+        let (local, domain) = s.split_once('@')?;
+        let local_ok = (1..=64).contains(&local.len())
+            && local
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        let domain_ok = (1..=253).contains(&domain.len())
+            && domain.split('.').all(|l| {
+                (1..=63).contains(&l.len())
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+                    // IDNA reserves "--" in the 3rd and 4th places ("xn--" and friends).
+                    && l.get(2..4) != Some("--")
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        (local_ok && domain_ok).then(|| Self(Arc::from(s.to_ascii_lowercase())))
+    }
+
+    /// The full parse: the `jid` crate, then the bare JID, lower-cased.
+    fn parse_full(s: &str) -> Result<Self, JidError> {
         let normal = strip_root_dot(s);
         let jid = jid::Jid::new(&normal).map_err(|e| JidError::Invalid(format!("{s:?}: {e}")))?;
         Self::from_jid(&jid).ok_or_else(|| JidError::NoLocalPart(s.to_owned()))
@@ -389,6 +420,59 @@ impl Change {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// Wherever the fast path answers, the full parse gives the same JID.
+        #[test]
+        fn the_simple_jid_path_agrees_with_the_full_parse(
+            local in "[a-zA-Z0-9._-]{0,70}",
+            domain in "[a-zA-Z0-9.-]{0,20}(\\.[a-zA-Z0-9-]{0,64}){0,3}",
+            resource in proptest::option::of("[a-z/]{0,4}"),
+        ) {
+            let s = format!("{local}@{domain}{}", resource.map(|r| format!("/{r}")).unwrap_or_default());
+            if let Some(fast) = UserJid::parse_simple(&s) {
+                proptest::prop_assert_eq!(UserJid::parse_full(&s).ok(), Some(fast), "{}", s);
+            }
+        }
+
+        /// The same over a small alphabet, where dots and hyphens meet often.
+        #[test]
+        fn the_simple_jid_path_agrees_on_dense_punctuation(s in "[aA._-]{0,4}@[aZ0.-]{0,12}") {
+            if let Some(fast) = UserJid::parse_simple(&s) {
+                proptest::prop_assert_eq!(UserJid::parse_full(&s).ok(), Some(fast), "{}", s);
+            }
+        }
+    }
+
+    #[test]
+    fn the_simple_jid_path_takes_the_common_case_and_only_that() {
+        for ok in [
+            "alice@example.com",
+            "Bob.Smith_1-x@Mail-1.Example.ORG",
+            "u1@localhost",
+            "x@127.0.0.1",
+        ] {
+            let fast = UserJid::parse_simple(ok).unwrap_or_else(|| panic!("{ok}"));
+            assert_eq!(Some(fast), UserJid::parse_full(ok).ok(), "{ok}");
+        }
+        for other in [
+            "alice@example.com/phone",
+            "alice@example.com.",
+            "a@b..c",
+            "a@-b.c",
+            "a@b-.c",
+            "@b.c",
+            "a@",
+            "a@b@c",
+            "é@b.c",
+            "a b@c",
+            "a@b_c.d",
+            "a@xn--nxasmq6b.com",
+            "",
+        ] {
+            assert!(UserJid::parse_simple(other).is_none(), "{other}");
+        }
+    }
 
     #[test]
     fn jid_normalisation() {
