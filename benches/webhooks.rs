@@ -22,7 +22,6 @@ use presence_bridge::presence::{
 use presence_bridge::store::pg;
 use presence_bridge::webhooks::outbox::Outbox;
 use presence_bridge::webhooks::{Settings, WebhookSink, Webhooks};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -79,54 +78,12 @@ async fn silent() -> u16 {
     port
 }
 
-/// A receiver: answers every request 204, keeps connections alive, counts requests.
+#[path = "common/receiver.rs"]
+mod receiver;
+
+/// The shared benchmark receiver (answers 204, counts requests).
 async fn receiver() -> (u16, Arc<AtomicU64>) {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    let count = Arc::new(AtomicU64::new(0));
-    let c = count.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let c = c.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::with_capacity(8192);
-                let mut chunk = [0u8; 8192];
-                loop {
-                    // One request: headers, then Content-Length bytes of body.
-                    let head_end = loop {
-                        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break p + 4;
-                        }
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or(0);
-                    while buf.len() < head_end + len {
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    buf.drain(..head_end + len);
-                    c.fetch_add(1, Ordering::Relaxed);
-                    if s.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (port, count)
+    receiver::start().await.unwrap()
 }
 
 fn endpoints(n: usize, port: u16) -> Vec<WebhookConfig> {

@@ -2,6 +2,8 @@
 //!
 //!   cargo bench --bench writer                 # needs Postgres on 127.0.0.1:5432 (trust)
 //!   PB_BENCH_EVENTS=500000 cargo bench --bench writer
+//!   PB_BENCH_DROP_INDEXES=presence_sessions_span,presence_sessions_jid_span cargo bench --bench writer
+//!                                              # A/B: the cost of those indexes to the writer
 //!
 //! Creates (and drops) the database `pb_bench`. Prints a markdown table for docs/benchmarks.md.
 //! Three figures: raw COPY of the event rows only; the writer sustained (events pushed as fast
@@ -95,6 +97,19 @@ fn rate(n: u64, d: Duration) -> String {
     format!("{:.0}", n as f64 / d.as_secs_f64())
 }
 
+/// Migrates, then drops the indexes named in `PB_BENCH_DROP_INDEXES` (an A/B of their cost).
+async fn migrate(pool: &deadpool_postgres::Pool) {
+    pg::migrate(pool).await.expect("migrate");
+    let drop = std::env::var("PB_BENCH_DROP_INDEXES").unwrap_or_default();
+    let c = pg::client(pool).await.expect("client");
+    for name in drop.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        c.batch_execute(&format!("DROP INDEX {name}"))
+            .await
+            .unwrap_or_else(|e| panic!("DROP INDEX {name}: {e}"));
+        eprintln!("dropped index {name}");
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let n: u64 = std::env::var("PB_BENCH_EVENTS")
@@ -107,7 +122,7 @@ async fn main() {
     // 1. Raw COPY of the event rows (same columns, same batch size), no sessions/last-seen.
     reset_db().await;
     let pool = pg::pool(URL, 4, Duration::from_secs(5)).expect("pool");
-    pg::migrate(&pool).await.expect("migrate");
+    migrate(&pool).await;
     let evs = events(n, 0, true);
     {
         let mut c = pg::client(&pool).await.expect("client");
@@ -138,7 +153,7 @@ async fn main() {
         // 2. The writer, sustained: everything pushed into the sink, time until all is in Postgres.
         reset_db().await;
         let pool = pg::pool(URL, 8, Duration::from_secs(5)).expect("pool");
-        pg::migrate(&pool).await.expect("migrate");
+        migrate(&pool).await;
         let spool_dir = tempfile::tempdir().expect("tmp");
         let cfg = StoreConfig {
             spool_dir: spool_dir.path().to_owned(),
@@ -169,7 +184,7 @@ async fn main() {
         // 3. Catch-up after an outage: n events in the spool, then the writer starts.
         reset_db().await;
         let pool = pg::pool(URL, 8, Duration::from_secs(5)).expect("pool");
-        pg::migrate(&pool).await.expect("migrate");
+        migrate(&pool).await;
         let spool_dir = tempfile::tempdir().expect("tmp");
         {
             let mut s = Spool::open(spool_dir.path(), 16 << 20).expect("spool");

@@ -37,11 +37,20 @@ fn ingest_memory_only_applies_every_stanza_and_measures_the_baseline() {
         "--stanzas",
         "3000",
         "--baseline",
+        "--webhooks",
+        "2",
         "--json",
         json.to_str().unwrap(),
     ]);
     let r = report(&out, &json);
     assert_eq!(r["applied"], 3000, "{r}");
+    // A second bridge ran with two webhook endpoints (its config accepted, every stanza
+    // applied: the ratio is over full runs).
+    assert_eq!(r["webhooks"]["endpoints"], 2, "{r}");
+    assert!(
+        r["webhooks"]["ratio_to_without"].as_f64().unwrap() > 0.0,
+        "{r}"
+    );
     assert!(r["baseline_per_sec"].as_f64().unwrap() > 0.0, "{r}");
     assert!(r["ratio_to_baseline"].as_f64().unwrap() > 0.0, "{r}");
     let table = String::from_utf8_lossy(&out.stdout);
@@ -65,6 +74,9 @@ fn ingest_with_postgres_and_a_target_rate() {
         "2000",
         "--postgres",
         &url,
+        "--fresh-db",
+        "--webhooks",
+        "1",
         "--json",
         json.to_str().unwrap(),
     ]);
@@ -73,8 +85,10 @@ fn ingest_with_postgres_and_a_target_rate() {
     assert_eq!(r["postgres"], true);
     assert!(r["baseline_per_sec"].is_null());
     // The history is written as in production (the bridge was stopped with SIGTERM, which
-    // flushes its writer, before the tool returned).
+    // flushes its writer, before the tool returned), and --fresh-db gave the second run (with
+    // a webhook endpoint) an empty database: 1,000 events, not 2,000.
     assert_eq!(pg.query("SELECT count(*) FROM presence_events"), "1000");
+    assert_eq!(r["webhooks"]["endpoints"], 1, "{r}");
 }
 
 #[test]

@@ -36,6 +36,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_xmpp::xmlstream::{StreamHeader, Timeouts, XmppStreamElement, initiate_stream};
 use xmpp_parsers::component::Handshake;
 
+#[path = "../common/receiver.rs"]
+mod receiver;
+
 const COMPONENT: &str = "bridge.loadgen";
 const SECRET: &str = "loadgen-secret";
 const STREAM_NS: &str = "jabber:component:accept";
@@ -209,12 +212,27 @@ struct IngestArgs {
     /// Give the bridge this Postgres store (history written as in production).
     #[arg(long)]
     postgres: Option<String>,
+    /// Drop and create the `--postgres` database before each run (through the server's
+    /// `postgres` database), so that every run starts on an empty store.
+    #[arg(long)]
+    fresh_db: bool,
     /// Write the figures as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
     /// Seconds without progress before the run is called stuck.
     #[arg(long, default_value_t = 30)]
     stall_secs: u64,
+    /// Also run with this many webhook endpoints (every presence event, to a receiver in
+    /// this process answering 204), after a run without, and print the ratio.
+    #[arg(long, default_value_t = 0)]
+    webhooks: usize,
+}
+
+/// One ingest run: applied changes, seconds, seconds spent sending.
+struct IngestRun {
+    applied: u64,
+    seconds: f64,
+    sent_secs: f64,
 }
 
 #[derive(Serialize)]
@@ -229,6 +247,16 @@ struct IngestReport {
     sent_per_sec: f64,
     baseline_per_sec: Option<f64>,
     ratio_to_baseline: Option<f64>,
+    /// With `--webhooks N`: the run with N endpoints, and its ratio to the run above.
+    webhooks: Option<WebhookRun>,
+}
+
+#[derive(Serialize)]
+struct WebhookRun {
+    endpoints: usize,
+    changes_per_sec: f64,
+    ratio_to_without: f64,
+    messages_received: u64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -565,27 +593,28 @@ async fn changes(client: &reqwest::Client, port: u16) -> Result<u64, String> {
         .ok_or_else(|| "presence_bridge_changes_total is not in /metrics".to_owned())
 }
 
-async fn ingest(a: IngestArgs) -> Result<(), String> {
-    if a.users == 0 || a.stanzas == 0 {
-        return Err("--users and --stanzas must be at least 1".into());
+/// Floods a fresh bridge (started with `sections` in its config) and waits until every
+/// stanza is a change, or no progress for `--stall-secs`.
+async fn ingest_once(a: &IngestArgs, bytes: &[u8], sections: &str) -> Result<IngestRun, String> {
+    if let (Some(url), true) = (&a.postgres, a.fresh_db) {
+        recreate_database(url).await?;
     }
-    let bytes = stanzas(a.users, a.stanzas);
-    let baseline_rate = if a.baseline {
-        Some(baseline(&bytes, a.stanzas).await?)
-    } else {
-        None
-    };
     let Rig {
         bridge,
         mut w,
         mut rx,
         client,
         before,
-    } = rig(a.bridge.as_ref(), a.postgres.as_deref(), NO_LIMITS, "").await?;
+    } = rig(
+        a.bridge.as_ref(),
+        a.postgres.as_deref(),
+        NO_LIMITS,
+        sections,
+    )
+    .await?;
     // Send: 64 KiB writes, paced when a rate is set; IQ answers go in between.
     let started = Instant::now();
-    let sent_secs = send_all(&mut w, &mut rx, &bytes, a.rate).await?;
-    // Applied: until every stanza is a change, or no progress for --stall-secs.
+    let sent_secs = send_all(&mut w, &mut rx, bytes, a.rate).await?;
     let applied = wait_applied(
         &client,
         bridge.http,
@@ -599,6 +628,81 @@ async fn ingest(a: IngestArgs) -> Result<(), String> {
     let seconds = started.elapsed().as_secs_f64();
     drop(w);
     drop(bridge);
+    Ok(IngestRun {
+        applied,
+        seconds,
+        sent_secs,
+    })
+}
+
+/// Drops and creates the database of `url` (`postgres://…/NAME`), connected to `…/postgres`.
+async fn recreate_database(url: &str) -> Result<(), String> {
+    let (server, name) = url
+        .rsplit_once('/')
+        .filter(|(_, n)| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .ok_or_else(|| {
+            format!("--fresh-db needs a URL ending in /NAME (letters, digits, _): {url}")
+        })?;
+    let (c, conn) = tokio_postgres::connect(&format!("{server}/postgres"), tokio_postgres::NoTls)
+        .await
+        .map_err(|e| format!("--fresh-db: {e}"))?;
+    tokio::spawn(conn);
+    // Two statements: neither may run inside the implicit transaction of a multi-statement
+    // query.
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        c.batch_execute(&sql)
+            .await
+            .map_err(|e| format!("--fresh-db: {}", presence_bridge::store::pg::describe(&e)))?;
+    }
+    Ok(())
+}
+
+/// `[[webhooks]]` sections: `n` endpoints on the receiver, every presence event.
+fn webhook_sections(n: usize, port: u16) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "[[webhooks]]\nid = \"lg{i}\"\nurl = \"http://127.0.0.1:{port}/e{i}\"\n\
+                 secret = \"whsec_bG9hZGdlbi13ZWJob29rLXNlY3JldC0yNC1ieXRlcw==\"\n\
+                 events = [\"presence.online\", \"presence.offline\", \"presence.update\"]\n"
+            )
+        })
+        .collect()
+}
+
+async fn ingest(a: IngestArgs) -> Result<(), String> {
+    if a.users == 0 || a.stanzas == 0 {
+        return Err("--users and --stanzas must be at least 1".into());
+    }
+    let bytes = stanzas(a.users, a.stanzas);
+    let baseline_rate = if a.baseline {
+        Some(baseline(&bytes, a.stanzas).await?)
+    } else {
+        None
+    };
+    let IngestRun {
+        applied,
+        seconds,
+        sent_secs,
+    } = ingest_once(&a, &bytes, "").await?;
+    let webhooks = if a.webhooks > 0 {
+        let (port, received) = receiver::start()
+            .await
+            .map_err(|e| format!("webhook receiver: {e}"))?;
+        let run = ingest_once(&a, &bytes, &webhook_sections(a.webhooks, port)).await?;
+        let rate = run.applied as f64 / run.seconds;
+        Some(WebhookRun {
+            endpoints: a.webhooks,
+            changes_per_sec: rate,
+            ratio_to_without: rate / (applied as f64 / seconds),
+            messages_received: received.load(std::sync::atomic::Ordering::Relaxed),
+        })
+    } else {
+        None
+    };
     let rate = applied as f64 / seconds;
     let report = IngestReport {
         users: a.users,
@@ -611,6 +715,7 @@ async fn ingest(a: IngestArgs) -> Result<(), String> {
         sent_per_sec: a.stanzas as f64 / sent_secs,
         baseline_per_sec: baseline_rate,
         ratio_to_baseline: baseline_rate.map(|b| rate / b),
+        webhooks,
     };
     println!("| ingest | value |");
     println!("|---|---|");
@@ -633,6 +738,20 @@ async fn ingest(a: IngestArgs) -> Result<(), String> {
     if let (Some(b), Some(r)) = (report.baseline_per_sec, report.ratio_to_baseline) {
         println!("| baseline parse/s | {b:.0} |");
         println!("| ratio to baseline | {:.1} % |", r * 100.0);
+    }
+    if let Some(wh) = &report.webhooks {
+        println!(
+            "| changes/s with {} webhook endpoints | {:.0} |",
+            wh.endpoints, wh.changes_per_sec
+        );
+        println!(
+            "| ratio to the run without | {:.1} % |",
+            wh.ratio_to_without * 100.0
+        );
+        println!(
+            "| webhook messages received by the end of ingest | {} |",
+            wh.messages_received
+        );
     }
     if let Some(path) = &a.json {
         let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
