@@ -199,6 +199,8 @@ fn fanout_measures_latency_per_subscriber_class() {
         );
         assert!(class(c)["latency_p99_ms"].as_f64().is_some(), "{c}: {r}");
     }
+    // The bridge's own histogram moved during the step (frames were written).
+    assert!(class("all")["bridge_p99_le_ms"].as_f64().is_some(), "{r}");
     // Unfiltered subscribers get every change: more than the ones filtered to 10 users.
     assert!(
         class("all")["bytes_per_sec"].as_f64().unwrap()

@@ -144,6 +144,62 @@ struct ClassReport {
     frames_per_sec: f64,
     bytes_per_sec: f64,
     resyncs: u64,
+    /// The bridge's own view of the step, from `presence_bridge_stanza_to_ws_seconds` (read
+    /// to frame written, all subscribers, one observation per frame): the bucket bounds
+    /// (ms) its p50 and p99 fall in.
+    bridge_p50_le_ms: Option<f64>,
+    bridge_p99_le_ms: Option<f64>,
+}
+
+/// The cumulative buckets `(le, count)` of a histogram in the bridge's `/metrics`.
+async fn histogram(
+    client: &reqwest::Client,
+    port: u16,
+    name: &str,
+) -> Result<Vec<(f64, u64)>, String> {
+    let text = client
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .text()
+        .await
+        .map_err(|e| e.to_string())?;
+    let prefix = format!("{name}_bucket{{le=\"");
+    Ok(text
+        .lines()
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse::<f64>().ok()? as u64))
+        })
+        .collect())
+}
+
+/// The upper bound (ms) of the bucket quantile `q` of the observations between two reads
+/// of a histogram falls in.
+fn bucket_quantile(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> Option<f64> {
+    let delta: Vec<(f64, u64)> = after
+        .iter()
+        .map(|(le, n)| {
+            let was = before.iter().find(|(l, _)| l == le).map_or(0, |(_, c)| *c);
+            (*le, n.saturating_sub(was))
+        })
+        .collect();
+    let total = delta.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let want = (q * total as f64).ceil() as u64;
+    delta
+        .iter()
+        .find(|(_, c)| *c >= want)
+        .map(|(le, _)| le * 1000.0)
 }
 
 #[derive(clap::Args)]
@@ -1288,6 +1344,8 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
                     tokio::spawn(subscriber(ws, t0, measure, class == "slow", stop.clone())),
                 ));
             }
+            let hist_before =
+                histogram(&client, bridge.http, "presence_bridge_stanza_to_ws_seconds").await?;
             // The load: every 10 ms, rate/100 status changes, stamped at send time.
             let per_tick = (rate / 100).max(1) as usize;
             let step_start = Instant::now();
@@ -1314,6 +1372,10 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
             // Let the last frames arrive.
             tokio::time::sleep(Duration::from_secs(2)).await;
             stop.cancel();
+            let hist_after =
+                histogram(&client, bridge.http, "presence_bridge_stanza_to_ws_seconds").await?;
+            let bridge_p50 = bucket_quantile(&hist_before, &hist_after, 0.5);
+            let bridge_p99 = bucket_quantile(&hist_before, &hist_after, 0.99);
             let mut by_class: std::collections::BTreeMap<&'static str, (usize, SubStats)> =
                 Default::default();
             for (class, t) in tasks {
@@ -1339,6 +1401,8 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
                     frames_per_sec: st.frames as f64 / elapsed,
                     bytes_per_sec: st.bytes as f64 / elapsed,
                     resyncs: st.resyncs,
+                    bridge_p50_le_ms: bridge_p50,
+                    bridge_p99_le_ms: bridge_p99,
                 });
             }
         }
@@ -1346,13 +1410,13 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
     drop(w);
     drop(bridge);
     println!(
-        "| subscribers | changes/s | class | count | p50 ms | p99 ms | max ms | frames/s (class) | MB/s (class) | resyncs |"
+        "| subscribers | changes/s | class | count | p50 ms | p99 ms | max ms | frames/s (class) | MB/s (class) | resyncs | bridge p50/p99 ≤ ms |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let ms = |v: Option<f64>| v.map_or("–".to_owned(), |x| format!("{x:.1}"));
     for r in &reports {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.1} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.1} | {} | {}/{} |",
             r.subscribers,
             r.rate,
             r.class,
@@ -1362,7 +1426,9 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
             ms(r.latency_max_ms),
             r.frames_per_sec,
             r.bytes_per_sec / 1e6,
-            r.resyncs
+            r.resyncs,
+            ms(r.bridge_p50_le_ms),
+            ms(r.bridge_p99_le_ms)
         );
     }
     if let Some(path) = &a.json {
