@@ -1299,3 +1299,82 @@ async fn counts_mode_sends_the_narrowed_counts_only_when_they_change() {
     assert_eq!(f["error"], "bad_message", "{f}");
     api.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filtered_and_narrowed_sessions_get_exactly_their_users_changes_under_load() {
+    init_logs();
+    let api = start(PresenceConfig::default(), open_http()).await;
+    let engine = api.engine().clone();
+    let all = token("presence:read", None);
+    let narrow = token("presence:read", Some(vec!["a.test"]));
+    // (query, which JIDs the session may see)
+    type Sees = fn(&str) -> bool;
+    let sessions: Vec<(String, Sees)> = vec![
+        (format!("token={all}&jids=u1@a.test,u7@b.test"), |j| {
+            j == "u1@a.test" || j == "u7@b.test"
+        }),
+        (format!("token={all}&domains=b.test"), |j| {
+            j.ends_with("@b.test")
+        }),
+        (format!("token={narrow}"), |j| j.ends_with("@a.test")),
+        // The token's domains win over the filter's.
+        (format!("token={narrow}&jids=u2@a.test,u3@b.test"), |j| {
+            j == "u2@a.test"
+        }),
+        (format!("token={all}"), |_| true),
+    ];
+    let mut socks = Vec::new();
+    for (q, _) in &sessions {
+        let mut ws = api.ws(q, None).await;
+        assert_eq!(next_frame(&mut ws).await["type"], "snapshot");
+        socks.push(ws);
+    }
+    let n = 3000u64;
+    let user = |i: u64| {
+        format!(
+            "u{}@{}",
+            i % 10,
+            if (i / 10).is_multiple_of(2) {
+                "a.test"
+            } else {
+                "b.test"
+            }
+        )
+    };
+    let producer = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            for i in 0..n {
+                engine
+                    .apply(ev(i, &user(i), "r", Some(Show::Chat), &format!("s{i}")))
+                    .await
+                    .unwrap();
+                if i % 100 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    };
+    for ((q, sees), ws) in sessions.iter().zip(socks.iter_mut()) {
+        // Every change is a new status, so change i has seq i + 1.
+        let expected: Vec<(u64, String)> = (0..n)
+            .filter(|i| sees(&user(*i)))
+            .map(|i| (i + 1, user(i)))
+            .collect();
+        let last = expected.last().unwrap().0;
+        let mut got = Vec::new();
+        while got.last().is_none_or(|(s, _): &(u64, String)| *s < last) {
+            let f = next_frame(ws).await;
+            assert_eq!(f["type"], "diff", "{q}: {f}");
+            for c in f["changes"].as_array().unwrap() {
+                got.push((
+                    c["seq"].as_u64().unwrap(),
+                    c["jid"].as_str().unwrap().to_owned(),
+                ));
+            }
+        }
+        assert_eq!(got, expected, "{q}");
+    }
+    producer.await.unwrap();
+    api.stop().await;
+}

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::AppState;
 use super::auth::{Permissions, Scope, authenticate, require};
 use super::error::ApiError;
-use crate::presence::{Change, Resume, UserJid, UserPresence};
+use crate::presence::{Change, Feed, Resume, UserJid, UserPresence};
 
 /// Most changes in one diff frame. Under a burst everything waiting would otherwise go into a
 /// single frame (tens of MB after a busy second), more than clients accept in one message
@@ -147,6 +147,22 @@ impl Filter {
             d.sort();
         }
         FilterBody { jids, domains }
+    }
+
+    /// The feed this filter needs: routed to its users and domains (or the token's domains)
+    /// when it names any, else every change.
+    fn feed(&self, hub: &crate::presence::Hub, p: &Permissions) -> Feed {
+        let keys = match (&self.jids, &self.domains) {
+            (None, None) => p.domain_list().map(|d| (Vec::new(), d)),
+            (j, d) => Some((
+                j.iter().flatten().cloned().collect(),
+                d.iter().flatten().cloned().collect(),
+            )),
+        };
+        match keys {
+            Some((jids, domains)) => Feed::Routed(hub.subscribe_routed(jids, domains)),
+            None => Feed::All(hub.subscribe()),
+        }
     }
 
     /// Whether this filter and the token let everything through.
@@ -522,12 +538,7 @@ impl Conn {
     }
 
     /// Sends a snapshot consistent with its seq and makes `sub` skip what it covers.
-    async fn snapshot(
-        &mut self,
-        sub: &mut crate::presence::Subscription,
-        p: &Permissions,
-        f: &Filter,
-    ) -> Result<(), End> {
+    async fn snapshot(&mut self, sub: &mut Feed, p: &Permissions, f: &Filter) -> Result<(), End> {
         let snap = self.st.engine.snapshot().await.map_err(|_| End::Closed)?;
         sub.skip_through(snap.seq);
         let frame = SnapshotFrame {
@@ -691,13 +702,13 @@ impl Counts {
         st: &AppState,
         p: &Permissions,
         f: &Filter,
-        feed: &mut Option<crate::presence::Subscription>,
+        feed: &mut Option<Feed>,
     ) -> Result<Counts, End> {
         if f.is_everything(p) {
             *feed = None;
             return Ok(Counts::Everything);
         }
-        let mut sub = st.engine.hub().subscribe();
+        let mut sub = f.feed(st.engine.hub(), p);
         let snap = st.engine.snapshot().await.map_err(|_| End::Closed)?;
         sub.skip_through(snap.seq);
         *feed = Some(sub);
@@ -780,7 +791,7 @@ const FEED_GAP: Duration = Duration::from_millis(5);
 
 /// Waits for changes on the feed, if the session has one (else forever), not before `gate`.
 async fn feed_ready(
-    feed: &mut Option<crate::presence::Subscription>,
+    feed: &mut Option<Feed>,
     gate: Option<tokio::time::Instant>,
 ) -> Result<bool, crate::presence::Lagged> {
     if let Some(at) = gate {
@@ -798,14 +809,15 @@ async fn start_mode(
     conn: &mut Conn,
     perms: &Permissions,
     filter: &Filter,
-    feed: &mut Option<crate::presence::Subscription>,
+    feed: &mut Option<Feed>,
     counts: &mut Option<Counts>,
     last_counts: &mut Option<crate::presence::Stats>,
 ) -> Result<(), End> {
     match filter.mode {
         Mode::Diffs => {
             *counts = None;
-            let sub = feed.get_or_insert_with(|| st.engine.hub().subscribe());
+            // A fresh feed for the new filter, taken before the snapshot.
+            let sub = feed.insert(filter.feed(st.engine.hub(), perms));
             conn.snapshot(sub, perms, filter).await
         }
         Mode::Counts => {
@@ -828,7 +840,7 @@ async fn session_loop(
 ) -> Result<Option<CloseReason>, End> {
     let hub = st.engine.hub();
     // Subscribed before the snapshot or the ring is read, so that nothing falls between.
-    let mut sub = hub.subscribe();
+    let mut sub = filter.feed(hub, perms);
     let mut counts: Option<Counts> = None;
     let mut last_counts = None;
     let mut resumed = false;
@@ -992,12 +1004,12 @@ fn lagged_metrics(st: &AppState, conn: &Conn) {
 async fn resync(
     st: &Arc<AppState>,
     conn: &mut Conn,
-    sub: &mut crate::presence::Subscription,
+    sub: &mut Feed,
     perms: &Permissions,
     filter: &Filter,
 ) -> Result<(), End> {
     lagged_metrics(st, conn);
-    *sub = st.engine.hub().subscribe();
+    *sub = filter.feed(st.engine.hub(), perms);
     conn.send(r#"{"type":"resync","reason":"lagged"}"#.to_owned())
         .await?;
     conn.snapshot(sub, perms, filter).await

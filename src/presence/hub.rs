@@ -10,13 +10,19 @@
 //! its queue empty, at most [`MAX_CHUNK`]): with a thousand subscribers each broadcast
 //! receive, and each reference count it touches, is paid per chunk rather than per change.
 //! A subscriber reads the changes of a chunk by reference ([`Subscription::take_ready`]).
+//!
+//! A subscriber interested in a few users or domains takes a [`Routed`] feed instead: the
+//! sequencer puts each change into the queues of the subscribers routed to its JID or its
+//! domain (two hash lookups per change, whatever the number of subscribers), so such a
+//! subscriber wakes only for its own users, not for every chunk.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::broadcast;
 
-use super::model::Change;
+use super::model::{Change, UserJid};
 
 /// The most changes the sequencer gathers before it publishes them: at 20,000 changes/s a
 /// chunk waits at most ~3 ms.
@@ -38,6 +44,50 @@ pub struct Hub {
     ring: Mutex<VecDeque<Arc<Change>>>,
     ring_size: usize,
     feed: broadcast::Sender<Chunk>,
+    routes: Arc<Routes>,
+    /// How many changes a routed subscriber may fall behind before it lags.
+    routed_capacity: usize,
+}
+
+/// The routed subscribers by JID and by domain.
+#[derive(Debug, Default)]
+struct Routes {
+    table: RwLock<RouteTable>,
+    /// Routed subscribers alive: publishing skips the table when there are none.
+    live: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct RouteTable {
+    by_jid: HashMap<UserJid, Vec<Arc<Mailbox>>, foldhash::fast::RandomState>,
+    by_domain: HashMap<String, Vec<Arc<Mailbox>>, foldhash::fast::RandomState>,
+}
+
+/// One routed subscriber's queue.
+#[derive(Debug)]
+struct Mailbox {
+    state: Mutex<MailboxState>,
+    notify: tokio::sync::Notify,
+    capacity: usize,
+}
+
+#[derive(Debug, Default)]
+struct MailboxState {
+    changes: VecDeque<Arc<Change>>,
+    /// Changes dropped because the queue was full (the subscriber must resync).
+    lost: u64,
+}
+
+impl Mailbox {
+    fn push(&self, c: &Arc<Change>) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.lost > 0 || st.changes.len() >= self.capacity {
+            st.lost += 1;
+            st.changes.clear();
+        } else {
+            st.changes.push_back(c.clone());
+        }
+    }
 }
 
 /// What a resume request gets.
@@ -58,6 +108,8 @@ impl Hub {
             ring: Mutex::new(VecDeque::with_capacity(ring_size.min(1 << 16))),
             ring_size,
             feed,
+            routes: Arc::default(),
+            routed_capacity: ring_size.max(16),
         }
     }
 
@@ -75,8 +127,68 @@ impl Hub {
                 ring.push_back(c.clone());
             }
         }
+        if self.routes.live.load(Ordering::Acquire) > 0 {
+            self.route(&changes);
+        }
         // No receivers is fine.
         let _ = self.feed.send(changes.into());
+    }
+
+    /// Puts each change into the mailboxes routed to its JID or domain (once per mailbox),
+    /// then wakes each mailbox that got something, once.
+    fn route(&self, changes: &[Arc<Change>]) {
+        let table = self.routes.table.read().unwrap_or_else(|p| p.into_inner());
+        let mut woken: Vec<&Arc<Mailbox>> = Vec::new();
+        let mut these: Vec<&Arc<Mailbox>> = Vec::new();
+        for c in changes {
+            these.clear();
+            let by_jid = table.by_jid.get(&c.jid).into_iter().flatten();
+            let by_domain = table.by_domain.get(c.jid.domain()).into_iter().flatten();
+            for mb in by_jid.chain(by_domain) {
+                if !these.iter().any(|m| Arc::ptr_eq(m, mb)) {
+                    these.push(mb);
+                }
+            }
+            for mb in &these {
+                mb.push(c);
+                if !woken.iter().any(|m| Arc::ptr_eq(m, mb)) {
+                    woken.push(mb);
+                }
+            }
+        }
+        for mb in woken {
+            mb.notify.notify_one();
+        }
+    }
+
+    /// Subscribes to the changes of these users and of the users of these domains only,
+    /// published from now on (the same rules as [`Hub::subscribe`] for snapshots).
+    pub fn subscribe_routed(&self, jids: Vec<UserJid>, domains: Vec<String>) -> Routed {
+        let mailbox = Arc::new(Mailbox {
+            state: Mutex::default(),
+            notify: tokio::sync::Notify::new(),
+            capacity: self.routed_capacity,
+        });
+        {
+            let mut t = self.routes.table.write().unwrap_or_else(|p| p.into_inner());
+            for j in &jids {
+                t.by_jid.entry(j.clone()).or_default().push(mailbox.clone());
+            }
+            for d in &domains {
+                t.by_domain
+                    .entry(d.clone())
+                    .or_default()
+                    .push(mailbox.clone());
+            }
+        }
+        self.routes.live.fetch_add(1, Ordering::AcqRel);
+        Routed {
+            mailbox,
+            routes: self.routes.clone(),
+            jids,
+            domains,
+            after: 0,
+        }
     }
 
     /// Subscribes to changes published from now on. Subscribe *before* taking a snapshot or
@@ -300,6 +412,71 @@ mod tests {
         assert_eq!(take(&mut sub, 100).unwrap(), vec![8]);
     }
 
+    fn for_user(seq: u64, jid: &str) -> Arc<Change> {
+        let mut c = (*change(seq)).clone();
+        c.jid = UserJid::parse(jid).unwrap();
+        Arc::new(c)
+    }
+
+    fn take_routed(r: &mut Routed) -> Result<Vec<(u64, String)>, Lagged> {
+        let mut out = Vec::new();
+        r.take_ready(1000, |c| out.push((c.seq, c.jid.as_str().to_owned())))?;
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn a_routed_feed_gets_its_users_and_domains_once_each_and_nothing_else() {
+        let hub = Hub::new(100, 16);
+        let mut r = hub.subscribe_routed(
+            vec![UserJid::parse("a@x.test").unwrap()],
+            vec!["y.test".into(), "x.test".into()],
+        );
+        let mut only_b = hub.subscribe_routed(vec![UserJid::parse("b@z.test").unwrap()], vec![]);
+        let mut all = hub.subscribe();
+        hub.publish(vec![
+            for_user(1, "a@x.test"),
+            for_user(2, "b@z.test"),
+            for_user(3, "c@y.test"),
+            for_user(4, "d@w.test"),
+        ]);
+        assert!(r.wait().await.unwrap());
+        // a@x.test matches by JID and by domain: once.
+        assert_eq!(
+            take_routed(&mut r).unwrap(),
+            vec![(1, "a@x.test".into()), (3, "c@y.test".into())]
+        );
+        assert!(only_b.wait().await.unwrap());
+        assert_eq!(
+            take_routed(&mut only_b).unwrap(),
+            vec![(2, "b@z.test".into())]
+        );
+        assert!(all.wait().await.unwrap());
+        assert_eq!(take(&mut all, 100).unwrap(), vec![1, 2, 3, 4]);
+        // Nothing for it: it does not wake.
+        hub.publish(vec![for_user(5, "d@w.test")]);
+        let idle = tokio::time::timeout(std::time::Duration::from_millis(50), r.wait()).await;
+        assert!(idle.is_err(), "woken for a change that is not its own");
+        // A snapshot at seq 6 covers what came before.
+        hub.publish(vec![for_user(6, "a@x.test"), for_user(7, "a@x.test")]);
+        r.skip_through(6);
+        assert!(r.wait().await.unwrap());
+        assert_eq!(take_routed(&mut r).unwrap(), vec![(7, "a@x.test".into())]);
+    }
+
+    #[tokio::test]
+    async fn a_routed_feed_that_falls_behind_lags_and_dropping_it_unregisters() {
+        let hub = Hub::new(16, 16);
+        let mut r = hub.subscribe_routed(vec![], vec!["x.test".into()]);
+        hub.publish((1..=20).map(|i| for_user(i, "a@x.test")).collect());
+        assert!(matches!(r.wait().await, Err(Lagged(_))));
+        assert!(take_routed(&mut r).is_err());
+        assert_eq!(hub.routes.live.load(Ordering::Acquire), 1);
+        drop(r);
+        assert_eq!(hub.routes.live.load(Ordering::Acquire), 0);
+        let t = hub.routes.table.read().unwrap();
+        assert!(t.by_jid.is_empty() && t.by_domain.is_empty());
+    }
+
     #[tokio::test]
     async fn a_subscriber_that_falls_a_feed_behind_lags_and_a_closed_hub_ends() {
         let hub = Hub::new(100, 4);
@@ -313,5 +490,129 @@ mod tests {
         drop(hub);
         assert!(!fresh.wait().await.unwrap());
         assert!(fresh.recv().await.unwrap().is_none());
+    }
+}
+
+/// A routed subscriber's feed: only the changes of its users and domains (see the module
+/// docs). Unregisters on drop.
+#[derive(Debug)]
+pub struct Routed {
+    mailbox: Arc<Mailbox>,
+    routes: Arc<Routes>,
+    jids: Vec<UserJid>,
+    domains: Vec<String>,
+    after: u64,
+}
+
+impl Drop for Routed {
+    fn drop(&mut self) {
+        let mut t = self.routes.table.write().unwrap_or_else(|p| p.into_inner());
+        fn remove<K: std::hash::Hash + Eq>(
+            map: &mut HashMap<K, Vec<Arc<Mailbox>>, foldhash::fast::RandomState>,
+            key: &K,
+            mb: &Arc<Mailbox>,
+        ) {
+            if let Some(v) = map.get_mut(key) {
+                v.retain(|m| !Arc::ptr_eq(m, mb));
+                if v.is_empty() {
+                    map.remove(key);
+                }
+            }
+        }
+        for j in &self.jids {
+            remove(&mut t.by_jid, j, &self.mailbox);
+        }
+        for d in &self.domains {
+            remove(&mut t.by_domain, d, &self.mailbox);
+        }
+        self.routes.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Routed {
+    /// Skips every change with `seq <= seq` from now on.
+    pub fn skip_through(&mut self, seq: u64) {
+        self.after = self.after.max(seq);
+    }
+
+    /// Waits until a change is ready for [`Routed::take_ready`]. Cancel-safe.
+    pub async fn wait(&mut self) -> Result<bool, Lagged> {
+        loop {
+            {
+                let mut st = self.mailbox.state.lock().unwrap_or_else(|p| p.into_inner());
+                if st.lost > 0 {
+                    return Err(Lagged(st.lost));
+                }
+                while st.changes.front().is_some_and(|c| c.seq <= self.after) {
+                    st.changes.pop_front();
+                }
+                if !st.changes.is_empty() {
+                    return Ok(true);
+                }
+            }
+            // A wake-up that came while nobody waited is kept (a permit): none is missed.
+            self.mailbox.notify.notified().await;
+        }
+    }
+
+    /// Hands up to `max` ready changes, in seq order, to `f`, without waiting.
+    pub fn take_ready(
+        &mut self,
+        max: usize,
+        mut f: impl FnMut(&Arc<Change>),
+    ) -> Result<usize, Lagged> {
+        let taken: Vec<Arc<Change>> = {
+            let mut st = self.mailbox.state.lock().unwrap_or_else(|p| p.into_inner());
+            if st.lost > 0 {
+                return Err(Lagged(st.lost));
+            }
+            let n = st.changes.len().min(max);
+            st.changes.drain(..n).collect()
+        };
+        let mut n = 0;
+        for c in &taken {
+            if c.seq <= self.after {
+                continue;
+            }
+            self.after = c.seq;
+            f(c);
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+/// What a session reads: every change ([`Subscription`]) or only its own ([`Routed`]).
+#[derive(Debug)]
+pub enum Feed {
+    /// The broadcast feed.
+    All(Subscription),
+    /// A routed feed.
+    Routed(Routed),
+}
+
+impl Feed {
+    /// See [`Subscription::skip_through`].
+    pub fn skip_through(&mut self, seq: u64) {
+        match self {
+            Feed::All(s) => s.skip_through(seq),
+            Feed::Routed(r) => r.skip_through(seq),
+        }
+    }
+
+    /// See [`Subscription::wait`].
+    pub async fn wait(&mut self) -> Result<bool, Lagged> {
+        match self {
+            Feed::All(s) => s.wait().await,
+            Feed::Routed(r) => r.wait().await,
+        }
+    }
+
+    /// See [`Subscription::take_ready`].
+    pub fn take_ready(&mut self, max: usize, f: impl FnMut(&Arc<Change>)) -> Result<usize, Lagged> {
+        match self {
+            Feed::All(s) => s.take_ready(max, f),
+            Feed::Routed(r) => r.take_ready(max, f),
+        }
     }
 }

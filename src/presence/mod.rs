@@ -8,7 +8,7 @@ pub mod model;
 pub mod sink;
 
 pub use engine::{Engine, EngineClosed, EngineMetrics, EngineOptions, OnlineMap, Snapshot, Stats};
-pub use hub::{Hub, Lagged, Resume, Subscription};
+pub use hub::{Feed, Hub, Lagged, Resume, Routed, Subscription};
 pub use model::{
     Availability, Cause, Change, EventKind, Op, PresenceEvent, ResourcePresence, Show, UserJid,
     UserPresence,
