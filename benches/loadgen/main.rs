@@ -157,14 +157,7 @@ async fn histogram(
     port: u16,
     name: &str,
 ) -> Result<Vec<(f64, u64)>, String> {
-    let text = client
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?
-        .text()
-        .await
-        .map_err(|e| e.to_string())?;
+    let text = metrics_text(client, port).await?;
     let prefix = format!("{name}_bucket{{le=\"");
     Ok(text
         .lines()
@@ -632,21 +625,21 @@ async fn answer_iqs(mut r: tokio::net::tcp::OwnedReadHalf, w: tokio::sync::mpsc:
     }
 }
 
-/// `presence_bridge_changes_total` from the bridge's /metrics.
-async fn changes(client: &reqwest::Client, port: u16) -> Result<u64, String> {
-    let text = client
+/// The bridge's `/metrics` text.
+async fn metrics_text(client: &reqwest::Client, port: u16) -> Result<String, String> {
+    client
         .get(format!("http://127.0.0.1:{port}/metrics"))
         .send()
         .await
         .map_err(|e| e.to_string())?
         .text()
         .await
-        .map_err(|e| e.to_string())?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("presence_bridge_changes_total "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|v| v as u64)
-        .ok_or_else(|| "presence_bridge_changes_total is not in /metrics".to_owned())
+        .map_err(|e| e.to_string())
+}
+
+/// `presence_bridge_changes_total` from the bridge's /metrics.
+async fn changes(client: &reqwest::Client, port: u16) -> Result<u64, String> {
+    metric_value(client, port, "presence_bridge_changes_total").await
 }
 
 /// Floods a fresh bridge (started with `sections` in its config) and waits until every
@@ -1455,14 +1448,7 @@ fn sub_token(i: usize) -> Result<String, String> {
 
 /// One metric's value from the bridge's `/metrics`.
 async fn metric_value(client: &reqwest::Client, port: u16, name: &str) -> Result<u64, String> {
-    let text = client
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?
-        .text()
-        .await
-        .map_err(|e| e.to_string())?;
+    let text = metrics_text(client, port).await?;
     text.lines()
         .find_map(|l| {
             l.strip_prefix(name)
