@@ -741,6 +741,14 @@ impl Counts {
         }
     }
 
+    /// The seq the counts include (cheap: no copy of the counts).
+    fn seq(&self, st: &AppState) -> u64 {
+        match self {
+            Counts::Everything => st.engine.seq(),
+            Counts::Tally { stats, .. } => stats.seq,
+        }
+    }
+
     fn current(&self, st: &AppState) -> crate::presence::Stats {
         match self {
             Counts::Everything => st.engine.stats(),
@@ -758,12 +766,16 @@ struct StatsFrame {
 }
 
 /// Sends the counts if they differ from the last ones sent (the seq alone does not count).
+/// Nothing happened since: nothing is copied or compared.
 async fn send_counts(
     st: &AppState,
     conn: &mut Conn,
     counts: &Counts,
     last: &mut Option<crate::presence::Stats>,
 ) -> Result<(), End> {
+    if last.as_ref().is_some_and(|l| l.seq == counts.seq(st)) {
+        return Ok(());
+    }
     let now = counts.current(st);
     let same = last.as_ref().is_some_and(|l| {
         l.online_users == now.online_users
@@ -771,10 +783,11 @@ async fn send_counts(
             && l.by_show == now.by_show
             && l.by_domain == now.by_domain
     });
+    *last = Some(now.clone());
     if same {
+        // Remember the newer seq, so that the next tick can skip early.
         return Ok(());
     }
-    *last = Some(now.clone());
     let frame = StatsFrame {
         r#type: "stats",
         body: now.into(),
@@ -839,22 +852,23 @@ async fn session_loop(
     stream: &mut actix_ws::AggregatedMessageStream,
 ) -> Result<Option<CloseReason>, End> {
     let hub = st.engine.hub();
-    // Subscribed before the snapshot or the ring is read, so that nothing falls between.
-    let mut sub = filter.feed(hub, perms);
+    let mut feed = None;
     let mut counts: Option<Counts> = None;
     let mut last_counts = None;
-    let mut resumed = false;
     if filter.mode == Mode::Diffs
         && let Some((since, epoch)) = resume
         && epoch == **st.engine.epoch()
-        && let Resume::Changes(missed) = hub.since(since, st.engine.seq())
     {
-        sub.skip_through(missed.last().map_or(since, |c| c.seq));
-        conn.diff(&missed, perms, filter).await?;
-        resumed = true;
+        // Subscribed before the ring is read, so that nothing falls between.
+        let mut sub = filter.feed(hub, perms);
+        if let Resume::Changes(missed) = hub.since(since, st.engine.seq()) {
+            sub.skip_through(missed.last().map_or(since, |c| c.seq));
+            conn.diff(&missed, perms, filter).await?;
+            feed = Some(sub);
+        }
     }
-    let mut feed = Some(sub);
-    if !resumed {
+    // Not resumed: a snapshot (or the counts), on a feed taken before it.
+    if feed.is_none() {
         start_mode(
             st,
             conn,
@@ -1018,29 +1032,9 @@ async fn resync(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::presence::{Op, Show};
 
     fn change(seq: u64, jid: &str, status: &str) -> Arc<Change> {
-        let jid = UserJid::parse(jid).unwrap();
-        let now = Utc::now();
-        Arc::new(Change {
-            seq,
-            jid: jid.clone(),
-            op: Op::Update,
-            presence: Arc::new(UserPresence {
-                jid,
-                online: true,
-                show: Show::Away,
-                status: Some(status.into()),
-                priority: 3,
-                online_since: Some(now),
-                last_change: now,
-                last_seen: None,
-                resources: Vec::new(),
-            }),
-            received_at: now - chrono::Duration::seconds(seq as i64),
-            encoded: Default::default(),
-        })
+        Change::for_test(seq, jid, status, seq as i64)
     }
 
     /// The concatenated frame is exactly the serde encoding of `{"type":"diff","changes":[..]}`

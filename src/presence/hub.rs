@@ -30,7 +30,7 @@ pub const MAX_CHUNK: usize = 64;
 
 /// The subscriber fell behind by more than the feed's buffer; it must resync from a snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("subscriber lagged behind by {0} changes")]
+#[error("subscriber fell behind: {0} feed entries (chunks, or routed changes) lost")]
 pub struct Lagged(pub u64);
 
 /// A chunk of consecutive changes, in seq order.
@@ -76,17 +76,28 @@ struct MailboxState {
     changes: VecDeque<Arc<Change>>,
     /// Changes dropped because the queue was full (the subscriber must resync).
     lost: u64,
+    /// The seq of the last change routed here.
+    last_seq: u64,
 }
 
 impl Mailbox {
-    fn push(&self, c: &Arc<Change>) {
+    /// Queues `c` unless it is here already (routed by its JID and by its domain). True when
+    /// it is the first change of the chunk starting at `chunk_start` this mailbox gets, so
+    /// that the publisher wakes each mailbox once without searching a list.
+    fn push(&self, c: &Arc<Change>, chunk_start: u64) -> bool {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if c.seq <= st.last_seq {
+            return false;
+        }
+        let first = st.last_seq < chunk_start;
+        st.last_seq = c.seq;
         if st.lost > 0 || st.changes.len() >= self.capacity {
             st.lost += 1;
             st.changes.clear();
         } else {
             st.changes.push_back(c.clone());
         }
+        first
     }
 }
 
@@ -135,23 +146,19 @@ impl Hub {
     }
 
     /// Puts each change into the mailboxes routed to its JID or domain (once per mailbox),
-    /// then wakes each mailbox that got something, once.
+    /// then wakes each mailbox that got something, once. Linear in the deliveries: a
+    /// thousand sessions watching one user cost a thousand pushes per change of that user.
     fn route(&self, changes: &[Arc<Change>]) {
+        let Some(chunk_start) = changes.first().map(|c| c.seq) else {
+            return;
+        };
         let table = self.routes.table.read().unwrap_or_else(|p| p.into_inner());
         let mut woken: Vec<&Arc<Mailbox>> = Vec::new();
-        let mut these: Vec<&Arc<Mailbox>> = Vec::new();
         for c in changes {
-            these.clear();
             let by_jid = table.by_jid.get(&c.jid).into_iter().flatten();
             let by_domain = table.by_domain.get(c.jid.domain()).into_iter().flatten();
             for mb in by_jid.chain(by_domain) {
-                if !these.iter().any(|m| Arc::ptr_eq(m, mb)) {
-                    these.push(mb);
-                }
-            }
-            for mb in &these {
-                mb.push(c);
-                if !woken.iter().any(|m| Arc::ptr_eq(m, mb)) {
+                if mb.push(c, chunk_start) {
                     woken.push(mb);
                 }
             }
@@ -328,30 +335,9 @@ impl Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::presence::{Op, Show, UserJid, UserPresence};
-    use chrono::Utc;
 
     fn change(seq: u64) -> Arc<Change> {
-        let jid = UserJid::parse(&format!("u{seq}@x.test")).unwrap();
-        let now = Utc::now();
-        Arc::new(Change {
-            seq,
-            jid: jid.clone(),
-            op: Op::Online,
-            presence: Arc::new(UserPresence {
-                jid,
-                online: true,
-                show: Show::Chat,
-                status: None,
-                priority: 0,
-                online_since: Some(now),
-                last_change: now,
-                last_seen: None,
-                resources: Vec::new(),
-            }),
-            received_at: now,
-            encoded: Default::default(),
-        })
+        Change::for_test(seq, &format!("u{seq}@x.test"), "", 0)
     }
 
     fn chunk(seqs: std::ops::RangeInclusive<u64>) -> Vec<Arc<Change>> {
@@ -413,9 +399,7 @@ mod tests {
     }
 
     fn for_user(seq: u64, jid: &str) -> Arc<Change> {
-        let mut c = (*change(seq)).clone();
-        c.jid = UserJid::parse(jid).unwrap();
-        Arc::new(c)
+        Change::for_test(seq, jid, "", 0)
     }
 
     fn take_routed(r: &mut Routed) -> Result<Vec<(u64, String)>, Lagged> {

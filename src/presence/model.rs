@@ -406,6 +406,31 @@ pub struct Change {
 }
 
 impl Change {
+    /// An `Op::Update` for `jid`, online with `status`, read `age_secs` ago (unit tests).
+    #[cfg(test)]
+    pub(crate) fn for_test(seq: u64, jid: &str, status: &str, age_secs: i64) -> Arc<Change> {
+        let jid = UserJid::parse(jid).expect("a valid test JID");
+        let now = Utc::now();
+        Arc::new(Change {
+            seq,
+            jid: jid.clone(),
+            op: Op::Update,
+            presence: Arc::new(UserPresence {
+                jid,
+                online: true,
+                show: Show::Away,
+                status: Some(status.into()),
+                priority: 3,
+                online_since: Some(now),
+                last_change: now,
+                last_seen: None,
+                resources: Vec::new(),
+            }),
+            received_at: now - chrono::Duration::seconds(age_secs),
+            encoded: Default::default(),
+        })
+    }
+
     /// The change as contract §3 JSON. Encoded on first use and kept, so that a change sent
     /// to a thousand WebSocket subscribers is serialised once, not a thousand times.
     pub fn json(&self) -> &str {
