@@ -129,6 +129,7 @@ async fn ingest(evs: &[PresenceEvent], sinks: Vec<Arc<dyn ChangeSink>>) -> f64 {
             sinks,
             seed: Vec::new(),
             metrics: EngineMetrics::new(&prometheus::Registry::new()),
+            ..Default::default()
         },
     );
     let started = Instant::now();
@@ -150,6 +151,7 @@ async fn deliver(n: usize, changes: u64, outbox: Outbox) -> f64 {
             sinks: vec![Arc::new(WebhookSink(w.clone()))],
             seed: Vec::new(),
             metrics: EngineMetrics::new(&prometheus::Registry::new()),
+            ..Default::default()
         },
     );
     let started = Instant::now();

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Installs what the test suite needs from Debian's packages, only what is missing.
-#   scripts/install-deps.sh [ejabberd] [postgres] [rabbitmq] [prosody] [deploy-tools] [chromium] [node] [python-venv] [curl] [wrk] ...   (no argument: ejabberd postgres)
+#   scripts/install-deps.sh [ejabberd] [postgres] [rabbitmq] [prosody] [deploy-tools] [chromium] [node] [python-venv] [curl] [wrk] [nats] ...   (no argument: ejabberd postgres)
 set -euo pipefail
 want=("$@"); [ ${#want[@]} -gt 0 ] || want=(ejabberd postgres)
 pkgs=()
@@ -11,6 +11,7 @@ for w in "${want[@]}"; do
     prosody) { command -v prosody >/dev/null && [ -e /usr/lib/prosody/modules/mod_privilege ]; } || pkgs+=(prosody prosody-modules lua-unbound) ;;
     deploy-tools) { command -v docker-compose >/dev/null && command -v promtool >/dev/null && command -v systemd-analyze >/dev/null; } || pkgs+=(docker-compose prometheus systemd) ;;
     wrk) command -v wrk >/dev/null || pkgs+=(wrk) ;;
+    nats) command -v nats-server >/dev/null || pkgs+=(nats-server) ;;
     chromium) [ -x /usr/bin/chromium ] || pkgs+=(chromium) ;;
     node) command -v npm >/dev/null || pkgs+=(nodejs npm) ;;
     curl) command -v curl >/dev/null || pkgs+=(curl) ;;

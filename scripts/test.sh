@@ -8,6 +8,8 @@
 #   - RabbitMQ (installed if missing, the machine's node started if not running; each AMQP
 #     test declares its own exchange and queue, the restart test runs a private node);
 #   - Prosody 0.12 + prosody-modules (each Prosody test runs its own instance);
+#   - nats-server with JetStream (Debian's package; each replica test runs its own server on
+#     a free port with a temporary store, never the machine's);
 #   - docker-compose, promtool and systemd-analyze, which validate compose.yaml, the alert
 #     rules and the systemd unit (tests/deploy.rs; no container engine is needed or used);
 #   - the pinned standardwebhooks PyPI package in a venv under target/ (the webhook tests'
@@ -23,7 +25,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-scripts/install-deps.sh ejabberd postgres rabbitmq prosody deploy-tools chromium node python-venv curl wrk
+scripts/install-deps.sh ejabberd postgres rabbitmq prosody deploy-tools chromium node python-venv curl wrk nats
 scripts/start-postgres.sh
 scripts/start-rabbitmq.sh
 # The webhook tests' receiver verifies with the standardwebhooks package (pinned, in a venv).

@@ -30,7 +30,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::auth::Auth;
-use crate::api::{self, AppState};
+use crate::api::{self, AppState, LeaderParts};
+use crate::cluster::{self, ClusterError, LeaderSinks, Leadership, Step};
 use crate::config::{Config, ConfigError};
 use crate::presence::{ChangeSink, Engine, EngineMetrics, EngineOptions};
 use crate::sources::amqp::{self, AmqpMetrics};
@@ -86,6 +87,9 @@ pub enum AppError {
     /// The XMPP server refused the component for good.
     #[error("fatal: {0}")]
     Xmpp(#[from] FatalError),
+    /// The cluster (contract §11) could not start, or this replica cannot go on.
+    #[error("cluster: {0}")]
+    Cluster(#[from] ClusterError),
     /// A task panicked.
     #[error("{what} failed: {cause}")]
     Task {
@@ -207,65 +211,79 @@ impl AppBuilder {
         // Memory-only: this run's history in memory (contract §6).
         let memory_history = (store.is_none() && external.is_none())
             .then(|| MemoryHistory::new(cfg.store.memory_history_events));
+        // A replica (contract §11): the cluster's epoch and latest snapshot first.
+        let cluster_boot = match &cfg.cluster {
+            Some(_) if external.is_some() => {
+                return Err(ConfigError::Invalid {
+                    key: "cluster".into(),
+                    reason: "cannot be combined with an engine started elsewhere".into(),
+                }
+                .into());
+            }
+            Some(c) => {
+                let node = c.node();
+                tracing::info!(%node, stream = %c.stream, nats = %c.nats_url.masked(), "joining the cluster");
+                Some((c.clone(), node.clone(), cluster::bootstrap(c, &node).await?))
+            }
+            _ => None,
+        };
         // Webhooks and alerts (contract §7): their own tasks, stopped after the engine so that
-        // the last changes still reach the outbox.
+        // the last changes still reach the outbox. A replica starts them when it first leads.
         let webhook_cancel = CancellationToken::new();
         let webhook_tasks = TaskTracker::new();
-        let webhooks = match external {
-            Some(_) => None,
-            None => {
-                // A pool of its own: its connections' I/O then runs on the webhook runtime
-                // (low priority) and never on the writer's connections.
-                let outbox = match &cfg.store.postgres_url {
-                    Some(url) => Outbox::Postgres(
-                        store::pg::pool(url.expose(), 4, cfg.store.connect_timeout_secs)
-                            .map_err(AppError::from)?,
-                    ),
-                    None => Outbox::memory(),
-                };
-                let settings = webhooks::Settings {
-                    endpoints: cfg.webhooks.clone(),
-                    alerts: cfg.alerts.clone(),
-                    timeout: cfg.webhooks_timeout_secs,
-                    max_attempts: cfg.webhooks_max_attempts,
-                };
-                Some(
-                    Webhooks::start(
-                        settings,
-                        outbox,
-                        &registry,
-                        webhook_tasks.clone(),
-                        webhook_cancel.clone(),
-                    )
-                    .await
-                    .map_err(|reason| ConfigError::Invalid {
-                        key: "webhooks".into(),
-                        reason,
-                    })?,
-                )
-            }
+        let hooks = WebhookStarter {
+            cfg: cfg.clone(),
+            registry: registry.clone(),
+            tasks: webhook_tasks.clone(),
+            cancel: webhook_cancel.clone(),
+        };
+        let webhooks = match (&external, &cluster_boot) {
+            (None, None) => Some(hooks.start().await?),
+            _ => None,
         };
         let (engine, engine_task) = match external {
             Some(e) => (e, None),
             None => {
-                let mut sinks: Vec<Arc<dyn ChangeSink>> = store
-                    .iter()
-                    .map(|s| Arc::new(s.sink().clone()) as Arc<dyn ChangeSink>)
-                    .collect();
+                let mut sinks: Vec<Arc<dyn ChangeSink>> = Vec::new();
                 if let Some(h) = &memory_history {
                     sinks.push(Arc::new(h.clone()));
                 }
-                if let Some(w) = &webhooks {
-                    sinks.push(Arc::new(WebhookSink(w.clone())));
-                }
-                let (e, t) = Engine::start_with(
-                    &cfg.presence,
-                    EngineOptions {
-                        sinks,
-                        seed: recovered.known,
-                        metrics: EngineMetrics::new(&registry),
-                    },
-                );
+                let opts = match &cluster_boot {
+                    // A replica follows until it takes over; its store writer and webhooks
+                    // are the leader's sinks (cluster::Leadership::take_over).
+                    Some((c, _, boot)) => {
+                        if !recovered.known.is_empty() {
+                            tracing::info!(
+                                users = recovered.known.len(),
+                                "cluster: the map comes from the stream, not from the store's last-seen rows"
+                            );
+                        }
+                        EngineOptions {
+                            sinks,
+                            seed: boot.seed.clone(),
+                            metrics: EngineMetrics::new(&registry),
+                            epoch: Some(boot.epoch.clone()),
+                            seq: boot.seq,
+                            follower: true,
+                            takeover_replay: c.takeover_replay,
+                        }
+                    }
+                    None => {
+                        if let Some(s) = &store {
+                            sinks.insert(0, Arc::new(s.sink().clone()));
+                        }
+                        if let Some(w) = &webhooks {
+                            sinks.push(Arc::new(WebhookSink(w.clone())));
+                        }
+                        EngineOptions {
+                            sinks,
+                            seed: recovered.known,
+                            metrics: EngineMetrics::new(&registry),
+                            ..Default::default()
+                        }
+                    }
+                };
+                let (e, t) = Engine::start_with(&cfg.presence, opts);
                 (e, Some(t))
             }
         };
@@ -275,100 +293,67 @@ impl AppBuilder {
 
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let (component, component_task) = match ingest {
-            Ingest::Xmpp if !cfg.xmpp_enabled() => {
-                tracing::info!(
-                    "[amqp] is set and xmpp.password is not: running without the XMPP component"
-                );
-                (None, None)
-            }
-            Ingest::Xmpp => {
-                tracing::info!(
-                    server = %cfg.xmpp.server,
-                    component = %cfg.xmpp.component,
-                    domains = ?cfg.xmpp.domains,
-                    "starting the XMPP component"
-                );
-                let (h, t) = xmpp::spawn(
-                    cfg.xmpp.clone(),
-                    engine.clone(),
-                    cancel.clone(),
-                    SpawnOptions {
-                        lost_at: recovered.stopped_at,
-                        metrics: XmppMetrics::new(&registry),
-                        tasks: tasks.clone(),
-                    },
-                );
-                (Some(h), Some(t))
-            }
-            Ingest::Simulated {
-                users,
-                seed,
-                backfill_hours,
-            } => {
-                tasks.spawn(Simulator::new(users, seed).run(
-                    engine.clone(),
-                    backfill_hours,
-                    cancel.clone(),
-                ));
-                (None, None)
-            }
-            Ingest::None => (None, None),
+        let sources = Sources::new(&cfg, ingest, engine.clone(), &registry, tasks.clone());
+        let (mut parts, component_task) = match &cluster_boot {
+            Some(_) => (LeaderParts::default(), None),
+            None => sources.start(cancel.clone(), recovered.stopped_at)?,
         };
-
-        let amqp = match (&cfg.amqp, ingest) {
-            (Some(a), Ingest::Xmpp) => Some(amqp::spawn(
-                a.clone(),
-                cfg.xmpp.domains.clone(),
-                engine.clone(),
-                cancel.clone(),
-                AmqpMetrics::new(&registry),
-                &tasks,
-            )),
-            _ => None,
-        };
-        let reconciler = match (&cfg.reconcile, ingest) {
-            (Some(r), Ingest::Xmpp) => {
-                let rec = Arc::new(
-                    Reconciler::new(
-                        r.clone(),
-                        &cfg.xmpp.domains,
-                        engine.clone(),
-                        component.clone(),
-                        ReconcileMetrics::new(&registry),
-                    )
-                    .map_err(|e| AppError::Task {
-                        what: "the reconciler",
-                        cause: e.to_string(),
-                    })?,
-                );
-                rec.clone().spawn(cancel.clone(), &tasks);
-                Some(rec)
-            }
-            _ => None,
-        };
+        parts.webhooks = webhooks.clone();
 
         let mut state = AppState::new(
             engine.clone(),
-            component.clone(),
+            None,
             store.clone(),
-            registry,
+            registry.clone(),
             cfg.http.clone(),
             cancel.clone(),
             tasks.clone(),
         );
-        state.amqp = amqp;
+        state.set_leader_parts(parts);
         state.history = memory_history;
         state.retention_days = cfg.store.retention_days;
-        state.reconciler = reconciler;
-        state.webhooks = webhooks.clone();
         if let Some(j) = auth.jwks() {
             // Keys are fetched in the background: until the first fetch, tokens with a kid
             // get 401 and /readyz says the JWKS is unavailable.
             state.jwks = Some(j.clone());
             tasks.spawn(j.clone().run(cancel.clone()));
         }
+        let (fatal_tx, fatal_rx) = tokio::sync::mpsc::unbounded_channel();
+        let cluster_cancel = CancellationToken::new();
+        let mut starter = None;
+        let mut replica = None;
+        if let Some((c, node, boot)) = cluster_boot {
+            let lead = Arc::new(Replica {
+                sources,
+                hooks,
+                store_sink: store.as_ref().map(|s| s.sink().clone()),
+                state: std::sync::OnceLock::new(),
+                webhooks: tokio::sync::Mutex::new(None),
+                running: tokio::sync::Mutex::new(None),
+                app_cancel: cancel.clone(),
+                fatal: fatal_tx,
+            });
+            let (handle, s) = cluster::prepare(
+                boot,
+                c,
+                node,
+                engine.clone(),
+                lead.clone(),
+                &registry,
+                cluster_cancel.clone(),
+            );
+            state.cluster = Some(handle);
+            starter = Some(s);
+            replica = Some(lead);
+        }
         let state = Arc::new(state);
+        let cluster_task = match (starter, &replica) {
+            (Some(s), Some(r)) => {
+                let _ = r.state.set(state.clone());
+                Some(s.start())
+            }
+            _ => None,
+        };
         api::spawn_sampler(state.clone());
         let server = api::serve(listener, state.clone(), auth, tls).map_err(AppError::Http)?;
         let server_handle = server.handle();
@@ -378,7 +363,7 @@ impl AppBuilder {
         Ok(App {
             addr,
             engine,
-            component,
+            component: state.component(),
             store,
             state,
             cancel,
@@ -392,6 +377,10 @@ impl AppBuilder {
             webhooks,
             webhook_cancel,
             webhook_tasks,
+            cluster_task,
+            cluster_cancel,
+            replica,
+            fatal: fatal_rx,
         })
     }
 }
@@ -417,6 +406,13 @@ pub struct App {
     webhooks: Option<Arc<Webhooks>>,
     webhook_cancel: CancellationToken,
     webhook_tasks: TaskTracker,
+    /// A replica's task (contract §11).
+    cluster_task: Option<JoinHandle<Result<(), ClusterError>>>,
+    /// Cancelled once the engine has closed (a leader's last changes are published first).
+    cluster_cancel: CancellationToken,
+    replica: Option<Arc<Replica>>,
+    /// A replica's component failed for good while it led.
+    fatal: tokio::sync::mpsc::UnboundedReceiver<AppError>,
 }
 
 impl App {
@@ -452,6 +448,22 @@ impl App {
 
     /// Runs until the shutdown token is cancelled (Ok) or the XMPP component fails for good.
     pub async fn wait(&mut self) -> Result<(), AppError> {
+        if let Some(task) = &mut self.cluster_task {
+            let ended = tokio::select! {
+                r = task => r,
+                Some(e) = self.fatal.recv() => return Err(e),
+                _ = self.cancel.cancelled() => return Ok(()),
+            };
+            self.cluster_task = None;
+            return match ended {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.into()),
+                Err(e) => Err(AppError::Task {
+                    what: "the cluster replica",
+                    cause: e.to_string(),
+                }),
+            };
+        }
         let Some(task) = &mut self.component_task else {
             self.cancel.cancelled().await;
             return Ok(());
@@ -499,8 +511,17 @@ impl App {
             self.engine.close().await;
             stop_by(deadline, "the presence engine", t).await;
         }
+        // A replica: its last changes are published; a leader hands the lease over.
+        self.cluster_cancel.cancel();
+        if let Some(t) = self.cluster_task.take() {
+            stop_by(deadline, "the cluster replica", t).await;
+        }
+        let replica_hooks = match &self.replica {
+            Some(r) => r.webhooks.lock().await.clone(),
+            None => None,
+        };
         // The last changes' webhook messages reach the outbox; deliveries stop.
-        if let Some(w) = &self.webhooks {
+        if let Some(w) = self.webhooks.as_ref().or(replica_hooks.as_ref()) {
             stop_by(deadline, "the webhook outbox", w.flush()).await;
         }
         self.webhook_cancel.cancel();
@@ -545,5 +566,258 @@ impl Drop for App {
     fn drop(&mut self) {
         self.cancel.cancel();
         self.webhook_cancel.cancel();
+        self.cluster_cancel.cancel();
+    }
+}
+
+/// Starts webhooks and alerts (contract §7) on demand: at start on a single bridge, when a
+/// replica first leads.
+#[derive(Debug)]
+struct WebhookStarter {
+    cfg: Config,
+    registry: Registry,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl WebhookStarter {
+    async fn start(&self) -> Result<Arc<Webhooks>, AppError> {
+        let cfg = &self.cfg;
+        // A pool of its own: its connections' I/O then runs on the webhook runtime (low
+        // priority) and never on the writer's connections.
+        let outbox = match &cfg.store.postgres_url {
+            Some(url) => Outbox::Postgres(
+                store::pg::pool(url.expose(), 4, cfg.store.connect_timeout_secs)
+                    .map_err(AppError::from)?,
+            ),
+            None => Outbox::memory(),
+        };
+        let settings = webhooks::Settings {
+            endpoints: cfg.webhooks.clone(),
+            alerts: cfg.alerts.clone(),
+            timeout: cfg.webhooks_timeout_secs,
+            max_attempts: cfg.webhooks_max_attempts,
+        };
+        Webhooks::start(
+            settings,
+            outbox,
+            &self.registry,
+            self.tasks.clone(),
+            self.cancel.clone(),
+        )
+        .await
+        .map_err(|reason| {
+            ConfigError::Invalid {
+                key: "webhooks".into(),
+                reason,
+            }
+            .into()
+        })
+    }
+}
+
+/// The sources a leader runs (all of them, on a single bridge): the component, the AMQP
+/// consumer, the reconciler, or the demo's simulator. Their metrics are registered once.
+#[derive(Debug)]
+struct Sources {
+    cfg: Config,
+    ingest: Ingest,
+    engine: Engine,
+    tasks: TaskTracker,
+    xmpp: Option<XmppMetrics>,
+    amqp: Option<AmqpMetrics>,
+    reconcile: Option<ReconcileMetrics>,
+}
+
+impl Sources {
+    fn new(
+        cfg: &Config,
+        ingest: Ingest,
+        engine: Engine,
+        registry: &Registry,
+        tasks: TaskTracker,
+    ) -> Self {
+        let xmpp_on = ingest == Ingest::Xmpp && cfg.xmpp_enabled();
+        Self {
+            xmpp: xmpp_on.then(|| XmppMetrics::new(registry)),
+            amqp: (ingest == Ingest::Xmpp && cfg.amqp.is_some())
+                .then(|| AmqpMetrics::new(registry)),
+            reconcile: (ingest == Ingest::Xmpp && cfg.reconcile.is_some())
+                .then(|| ReconcileMetrics::new(registry)),
+            cfg: cfg.clone(),
+            ingest,
+            engine,
+            tasks,
+        }
+    }
+
+    /// Starts them under `cancel`; the component's task says if it failed for good.
+    #[allow(clippy::type_complexity)]
+    fn start(
+        &self,
+        cancel: CancellationToken,
+        lost_at: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<(LeaderParts, Option<JoinHandle<Result<(), FatalError>>>), AppError> {
+        let cfg = &self.cfg;
+        let engine = &self.engine;
+        let tasks = &self.tasks;
+        let mut parts = LeaderParts::default();
+        let mut component_task = None;
+        match self.ingest {
+            Ingest::Xmpp if !cfg.xmpp_enabled() => {
+                tracing::info!(
+                    "[amqp] is set and xmpp.password is not: running without the XMPP component"
+                );
+            }
+            Ingest::Xmpp => {
+                tracing::info!(
+                    server = %cfg.xmpp.server,
+                    component = %cfg.xmpp.component,
+                    domains = ?cfg.xmpp.domains,
+                    "starting the XMPP component"
+                );
+                let (h, t) = xmpp::spawn(
+                    cfg.xmpp.clone(),
+                    engine.clone(),
+                    cancel.clone(),
+                    SpawnOptions {
+                        lost_at,
+                        metrics: self.xmpp.clone().unwrap_or_default(),
+                        tasks: tasks.clone(),
+                    },
+                );
+                parts.component = Some(h);
+                component_task = Some(t);
+            }
+            Ingest::Simulated {
+                users,
+                seed,
+                backfill_hours,
+            } => {
+                tasks.spawn(Simulator::new(users, seed).run(
+                    engine.clone(),
+                    backfill_hours,
+                    cancel.clone(),
+                ));
+            }
+            Ingest::None => {}
+        }
+        if let (Some(a), Some(m)) = (&cfg.amqp, &self.amqp) {
+            parts.amqp = Some(amqp::spawn(
+                a.clone(),
+                cfg.xmpp.domains.clone(),
+                engine.clone(),
+                cancel.clone(),
+                m.clone(),
+                tasks,
+            ));
+        }
+        if let (Some(r), Some(m)) = (&cfg.reconcile, &self.reconcile) {
+            let rec = Arc::new(
+                Reconciler::new(
+                    r.clone(),
+                    &cfg.xmpp.domains,
+                    engine.clone(),
+                    parts.component.clone(),
+                    m.clone(),
+                )
+                .map_err(|e| AppError::Task {
+                    what: "the reconciler",
+                    cause: e.to_string(),
+                })?,
+            );
+            rec.clone().spawn(cancel, tasks);
+            parts.reconciler = Some(rec);
+        }
+        Ok((parts, component_task))
+    }
+}
+
+/// What this replica runs while it leads (contract §11), started and stopped by the cluster.
+#[derive(Debug)]
+struct Replica {
+    sources: Sources,
+    hooks: WebhookStarter,
+    store_sink: Option<store::StoreSink>,
+    state: std::sync::OnceLock<Arc<AppState>>,
+    /// Started the first time this replica leads; kept (its deliveries go on) after.
+    webhooks: tokio::sync::Mutex<Option<Arc<Webhooks>>>,
+    running: tokio::sync::Mutex<Option<(CancellationToken, TaskTracker)>>,
+    app_cancel: CancellationToken,
+    fatal: tokio::sync::mpsc::UnboundedSender<AppError>,
+}
+
+impl Leadership for Replica {
+    fn take_over(&self) -> Step<'_, LeaderSinks> {
+        Box::pin(async move {
+            let mut sinks: Vec<Arc<dyn ChangeSink>> = Vec::new();
+            if let Some(s) = &self.store_sink {
+                sinks.push(Arc::new(s.clone()));
+            }
+            let mut hooks = self.webhooks.lock().await;
+            if hooks.is_none() {
+                match self.hooks.start().await {
+                    Ok(w) => {
+                        if let Some(st) = self.state.get() {
+                            w.set_epoch(st.engine.epoch().clone());
+                        }
+                        *hooks = Some(w);
+                    }
+                    Err(e) => tracing::error!(error = %e, "cluster: webhooks could not start"),
+                }
+            }
+            if let Some(w) = hooks.as_ref() {
+                sinks.push(Arc::new(WebhookSink(w.clone())));
+            }
+            sinks
+        })
+    }
+
+    fn started(&self) -> Step<'_, ()> {
+        Box::pin(async move {
+            let cancel = self.app_cancel.child_token();
+            let watch = TaskTracker::new();
+            match self.sources.start(cancel.clone(), None) {
+                Ok((mut parts, task)) => {
+                    parts.webhooks = self.webhooks.lock().await.clone();
+                    if let Some(st) = self.state.get() {
+                        st.set_leader_parts(parts);
+                    }
+                    if let Some(t) = task {
+                        let fatal = self.fatal.clone();
+                        watch.spawn(async move {
+                            if let Err(e) = component_ended(t.await) {
+                                let _ = fatal.send(e);
+                            }
+                        });
+                    }
+                }
+                Err(e) => {
+                    let _ = self.fatal.send(e);
+                }
+            }
+            *self.running.lock().await = Some((cancel, watch));
+        })
+    }
+
+    fn step_down(&self) -> Step<'_, ()> {
+        Box::pin(async move {
+            if let Some((cancel, watch)) = self.running.lock().await.take() {
+                cancel.cancel();
+                watch.close();
+                if tokio::time::timeout(STOP_GRACE, watch.wait())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("cluster: the component did not stop within 10 s");
+                }
+            }
+            if let Some(st) = self.state.get() {
+                st.set_leader_parts(LeaderParts {
+                    webhooks: self.webhooks.lock().await.clone(),
+                    ..LeaderParts::default()
+                });
+            }
+        })
     }
 }

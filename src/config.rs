@@ -51,12 +51,13 @@ pub struct Secret(String);
 
 /// The secret keys: read from the environment as raw strings (never parsed as numbers or
 /// booleans), and never echoed in an error.
-pub const SECRET_KEYS: [(&str, &str); 5] = [
+pub const SECRET_KEYS: [(&str, &str); 6] = [
     ("xmpp", "password"),
     ("auth", "jwt_secret"),
     ("store", "postgres_url"),
     ("amqp", "url"),
     ("reconcile", "password"),
+    ("cluster", "nats_url"),
 ];
 
 /// Reads a secret as text. A TOML integer or boolean is taken as its text (`123456`, `true`);
@@ -301,6 +302,9 @@ pub struct Config {
     pub reconcile: Option<ReconcileConfig>,
     /// `[alerts]`: flapping and login-storm thresholds (contract §7).
     pub alerts: AlertsConfig,
+    /// `[cluster]`: run as one of several replicas on NATS JetStream (contract §11).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
     /// `[[webhooks]]`: endpoints from the config file (contract §7).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<WebhookConfig>,
@@ -318,6 +322,7 @@ impl Default for Config {
             presence: PresenceConfig::default(),
             log: LogConfig::default(),
             amqp: None,
+            cluster: None,
             reconcile: None,
             alerts: AlertsConfig::default(),
             webhooks: Vec::new(),
@@ -539,6 +544,111 @@ impl AmqpConfig {
             ));
         }
         Ok(())
+    }
+}
+
+/// `[cluster]`: several replicas sharing one change stream (contract §11).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// `nats://[user:pass@]host:port` of a NATS server with JetStream; shown masked.
+    pub nats_url: DbUrl,
+    /// The JetStream stream of changes (its KV bucket and object store take this name as a
+    /// prefix).
+    pub stream: String,
+    /// This replica's name, unique in the cluster (default: host name + process id).
+    pub node_id: String,
+    /// A new leader takes over within this many seconds of the old one's death: the lease
+    /// lives this long after its last renewal (renewed every third of it).
+    #[serde(with = "secs")]
+    pub failover_secs: Duration,
+    /// The leader stores a snapshot of the map (for replicas that start late) this often.
+    #[serde(with = "secs")]
+    pub snapshot_secs: Duration,
+    /// The stream keeps changes this long (a replica that starts later loads a snapshot).
+    #[serde(with = "secs")]
+    pub max_age_secs: Duration,
+    /// A follower keeps this many of the last changes to write them again if it takes over
+    /// (whatever the dead leader's writer had not written yet).
+    pub takeover_replay: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            nats_url: DbUrl::new("nats://127.0.0.1:4222"),
+            stream: "PRESENCE".into(),
+            node_id: String::new(),
+            failover_secs: Duration::from_secs(10),
+            snapshot_secs: Duration::from_secs(60),
+            max_age_secs: Duration::from_secs(24 * 3600),
+            takeover_replay: 50_000,
+        }
+    }
+}
+
+impl ClusterConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let u = self.nats_url.expose();
+        if !(u.starts_with("nats://") || u.starts_with("tls://")) {
+            return Err(ConfigError::invalid(
+                "cluster.nats_url",
+                "must be a nats:// or tls:// URL",
+            ));
+        }
+        let name_ok = |v: &str| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
+        if !name_ok(&self.stream) {
+            return Err(ConfigError::invalid(
+                "cluster.stream",
+                "must be 1..=64 of A-Z a-z 0-9 - _",
+            ));
+        }
+        if !self.node_id.is_empty() && !name_ok(&self.node_id) {
+            return Err(ConfigError::invalid(
+                "cluster.node_id",
+                "must be 1..=64 of A-Z a-z 0-9 - _ (or empty: host name + pid)",
+            ));
+        }
+        if self.failover_secs < Duration::from_secs(2) {
+            return Err(ConfigError::invalid(
+                "cluster.failover_secs",
+                "must be at least 2",
+            ));
+        }
+        at_least_one(
+            "cluster.snapshot_secs",
+            self.snapshot_secs.as_secs() as usize,
+        )?;
+        if self.max_age_secs < self.snapshot_secs * 2 {
+            return Err(ConfigError::invalid(
+                "cluster.max_age_secs",
+                "must be at least twice cluster.snapshot_secs",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `node_id`, or the host name and process id.
+    pub fn node(&self) -> String {
+        if !self.node_id.is_empty() {
+            return self.node_id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| {
+                h.trim()
+                    .chars()
+                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                    .collect::<String>()
+            })
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "bridge".into());
+        format!("{host}-{}", std::process::id())
     }
 }
 
@@ -1222,6 +1332,9 @@ impl Config {
         }
         if let Some(r) = &self.reconcile {
             r.validate()?;
+        }
+        if let Some(c) = &self.cluster {
+            c.validate()?;
         }
         self.http.validate()?;
         self.auth.validate()?;

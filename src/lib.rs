@@ -49,6 +49,7 @@
 pub mod api;
 pub mod app;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod presence;
 pub mod provision;

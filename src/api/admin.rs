@@ -69,7 +69,8 @@ pub struct ResyncBody {
 #[utoipa::path(post, path = "/api/v1/admin/resync", responses((status = 202, description = "A resync round starts (probes go out at `xmpp.probe_rate_per_sec`; `/readyz` shows `resyncing` until the grace period ends)", body = ResyncBody), (status = 401, description = "No token, or an invalid or expired one", body = super::error::ErrorBody), (status = 403, description = "The token lacks the admin scope", body = super::error::ErrorBody), (status = 429, description = "Rate limited", body = super::error::ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait"))), (status = 501, description = "`resync_unavailable`: no XMPP component (demo, or AMQP alone)", body = super::error::ErrorBody), (status = 503, description = "`xmpp_disconnected`: the component is down (the next connect resyncs anyway)", body = super::error::ErrorBody)), security(("bearer" = [])))]
 #[post("/admin/resync")]
 pub async fn resync(st: State, AdminScope(p): AdminScope) -> Result<HttpResponse, ApiError> {
-    let Some(c) = &st.component else {
+    st.leader_only()?;
+    let Some(c) = st.component() else {
         return Err(ApiError::new(
             StatusCode::NOT_IMPLEMENTED,
             "resync_unavailable",
@@ -119,6 +120,8 @@ pub async fn erase_user(
             ));
         }
     }
+    // The erasure goes through the stream: only the leader sequences it.
+    st.leader_only()?;
     let known = st.engine.forget(&jid).await.map_err(|_| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -155,7 +158,7 @@ pub async fn erase_user(
     // Pending webhook messages about the user go too (those still queued first reach the
     // outbox, so none slips past).
     let mut messages = 0;
-    if let Some(w) = &st.webhooks {
+    if let Some(w) = st.webhooks() {
         w.flush().await;
         messages = w
             .outbox()

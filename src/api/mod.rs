@@ -46,8 +46,10 @@ use crate::store::StoreHandle;
 pub struct AppState {
     /// The presence engine (map, hub, snapshot).
     pub engine: Engine,
-    /// The XMPP component (None in demo mode).
-    pub component: Option<ComponentHandle>,
+    /// What only a leader runs (everything, on a single bridge): see [`AppState::component`].
+    pub leader: std::sync::RwLock<LeaderParts>,
+    /// This replica's place in the cluster, when `[cluster]` is set (contract §11).
+    pub cluster: Option<crate::cluster::ClusterHandle>,
     /// The store (None in memory-only mode).
     pub store: Option<StoreHandle>,
     /// The registry every layer registered its metrics in; `/metrics` renders it.
@@ -65,10 +67,6 @@ pub struct AppState {
     pub tasks: TaskTracker,
     /// Online counts sampled every [`SAMPLE_EVERY`] over the last hour (dashboard sparkline).
     pub samples: std::sync::Mutex<std::collections::VecDeque<Sample>>,
-    /// The AMQP consumer, when `[amqp]` is set.
-    pub amqp: Option<crate::sources::amqp::AmqpHandle>,
-    /// The reconciler, when `[reconcile]` is set.
-    pub reconciler: Option<Arc<crate::sources::reconcile::Reconciler>>,
     /// This run's history in memory, when there is no Postgres.
     pub history: Option<crate::store::memory::MemoryHistory>,
     /// `store.retention_days`: how far back replay looks for an online stretch.
@@ -77,6 +75,17 @@ pub struct AppState {
     pub subscribers: DashMap<String, Arc<ws::Subscriber>>,
     /// The identity provider's keys, when `auth.jwks_url` is set.
     pub jwks: Option<Arc<jwks::Jwks>>,
+}
+
+/// The parts a replica runs only while it leads; a single bridge's, set once at start.
+#[derive(Debug, Default, Clone)]
+pub struct LeaderParts {
+    /// The XMPP component (None in demo mode).
+    pub component: Option<ComponentHandle>,
+    /// The AMQP consumer, when `[amqp]` is set.
+    pub amqp: Option<crate::sources::amqp::AmqpHandle>,
+    /// The reconciler, when `[reconcile]` is set.
+    pub reconciler: Option<Arc<crate::sources::reconcile::Reconciler>>,
     /// Webhooks and alerts (absent when the engine belongs to someone else).
     pub webhooks: Option<Arc<crate::webhooks::Webhooks>>,
 }
@@ -99,6 +108,55 @@ pub struct Sample {
 }
 
 impl AppState {
+    fn parts(&self) -> std::sync::RwLockReadGuard<'_, LeaderParts> {
+        self.leader.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces the leader's parts (the composition root, when the role changes).
+    pub fn set_leader_parts(&self, parts: LeaderParts) {
+        *self.leader.write().unwrap_or_else(|p| p.into_inner()) = parts;
+    }
+
+    /// The XMPP component, if this bridge runs it now.
+    pub fn component(&self) -> Option<ComponentHandle> {
+        self.parts().component.clone()
+    }
+
+    /// The AMQP consumer, if this bridge runs it now.
+    pub fn amqp(&self) -> Option<crate::sources::amqp::AmqpHandle> {
+        self.parts().amqp.clone()
+    }
+
+    /// The reconciler, if this bridge runs it now.
+    pub fn reconciler(&self) -> Option<Arc<crate::sources::reconcile::Reconciler>> {
+        self.parts().reconciler.clone()
+    }
+
+    /// Webhooks and alerts, if this bridge runs them now.
+    pub fn webhooks(&self) -> Option<Arc<crate::webhooks::Webhooks>> {
+        self.parts().webhooks.clone()
+    }
+
+    /// 503 `not_leader` when this is a follower replica (what only the leader can do: it
+    /// holds the component, sequences, and writes).
+    pub fn leader_only(&self) -> Result<(), ApiError> {
+        let Some(c) = &self.cluster else {
+            return Ok(());
+        };
+        let s = c.status();
+        if s.role == crate::presence::Role::Leader {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+            "not_leader",
+            match s.leader {
+                Some(l) => format!("this replica is a follower; the leader is {l}"),
+                None => "this replica is a follower; no leader is known yet".to_owned(),
+            },
+        ))
+    }
+
     /// A state with no sessions and no samples yet; the API registers its metrics in
     /// `registry`.
     pub fn new(
@@ -113,7 +171,11 @@ impl AppState {
         AppState {
             metrics: ApiMetrics::new(&registry),
             engine,
-            component,
+            leader: std::sync::RwLock::new(LeaderParts {
+                component,
+                ..LeaderParts::default()
+            }),
+            cluster: None,
             store,
             registry,
             http,
@@ -121,13 +183,10 @@ impl AppState {
             shutdown,
             tasks,
             samples: Default::default(),
-            amqp: None,
-            reconciler: None,
             history: None,
             retention_days: 30,
             subscribers: DashMap::new(),
             jwks: None,
-            webhooks: None,
         }
     }
 

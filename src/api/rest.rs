@@ -68,15 +68,37 @@ pub struct Ready {
     pub epoch: String,
     /// Last seq.
     pub seq: u64,
+    /// `leader` / `follower`, when `[cluster]` is set (contract §11).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub role: Option<crate::presence::Role>,
+    /// The leader's `cluster.node_id`, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    /// This replica's `cluster.node_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Stream messages this replica has not applied yet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_lag: Option<u64>,
+    /// Connected to NATS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats: Option<&'static str>,
 }
 
 /// `GET /readyz`.
 #[utoipa::path(get, path = "/readyz", responses((status = 200, description = "Connected and the store accepts writes", body = Ready), (status = 503, description = "Not ready (XMPP disconnected, or no key from auth.jwks_url yet)", body = Ready)))]
 #[route("/readyz", method = "GET", method = "HEAD")]
 pub async fn readyz(st: State) -> HttpResponse {
-    let status = st.component.as_ref().map(|c| c.status());
-    let amqp = st.amqp.as_ref().map(|a| a.status().connected);
+    let status = st.component().map(|c| c.status());
+    let amqp = st.amqp().map(|a| a.status().connected);
+    let cluster = st.cluster.as_ref().map(|c| c.status());
+    let follower = cluster
+        .as_ref()
+        .is_some_and(|c| c.role != crate::presence::Role::Leader);
     let (xmpp, xmpp_ok) = match (&status, amqp) {
+        // A follower: the leader holds the component; it is ready while it reads the stream.
+        _ if follower => ("replica", cluster.as_ref().is_some_and(|c| c.nats)),
         (Some(s), _) if s.connected => ("connected", true),
         (Some(_), _) => ("disconnected", false),
         // The event pusher alone: ready while it consumes.
@@ -115,6 +137,13 @@ pub async fn readyz(st: State) -> HttpResponse {
         jwks: st.jwks.as_ref().map(|j| j.status()),
         epoch: st.engine.epoch().to_string(),
         seq: st.engine.seq(),
+        role: cluster.as_ref().map(|c| c.role),
+        leader: cluster.as_ref().and_then(|c| c.leader.clone()),
+        node: cluster.as_ref().map(|c| c.node.clone()),
+        stream_lag: cluster.as_ref().map(|c| c.lag),
+        nats: cluster
+            .as_ref()
+            .map(|c| if c.nats { "connected" } else { "disconnected" }),
     };
     // Spooling still accepts writes (durably, on disk): the bridge stays ready. Without any
     // key from its identity provider it cannot authenticate anyone's tokens: not ready.
@@ -546,7 +575,8 @@ pub async fn admin_reconcile(
     AdminScope(p): AdminScope,
 ) -> Result<HttpResponse, ApiError> {
     use crate::sources::reconcile::ReconcileError;
-    let Some(rec) = &st.reconciler else {
+    st.leader_only()?;
+    let Some(rec) = st.reconciler() else {
         return Err(ApiError::new(
             StatusCode::NOT_IMPLEMENTED,
             "reconcile_disabled",

@@ -15,8 +15,9 @@ use crate::webhooks::{CreateError, DeleteError, Source, Webhooks, alerts::Alert,
 
 type State = web::Data<AppState>;
 
-fn hooks(st: &AppState) -> Result<&std::sync::Arc<Webhooks>, ApiError> {
-    st.webhooks.as_ref().ok_or_else(|| {
+fn hooks(st: &AppState) -> Result<std::sync::Arc<Webhooks>, ApiError> {
+    st.leader_only()?;
+    st.webhooks().ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_IMPLEMENTED,
             "webhooks_unavailable",
@@ -272,8 +273,7 @@ pub struct AlertsBody {
 #[route("/alerts", method = "GET", method = "HEAD")]
 pub async fn alerts(st: State, PresenceRead(p): PresenceRead) -> HttpResponse {
     let alerts = st
-        .webhooks
-        .as_ref()
+        .webhooks()
         .map(|w| {
             w.recent_alerts()
                 .into_iter()

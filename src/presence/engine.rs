@@ -5,7 +5,7 @@
 //! `seq`; a snapshot is taken *by* this task, between two events, and is therefore exactly the
 //! state at its `seq`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -21,6 +21,7 @@ use super::hub::Hub;
 use super::model::{
     Cause, Change, EventKind, PresenceEvent, Show, UserJid, UserPresence, new_event_id,
 };
+use super::replica::{Entry, Gap, Gate, Refused, Role};
 use super::sink::{Applied, ChangeSink};
 use crate::config::PresenceConfig;
 use crate::telemetry;
@@ -160,7 +161,20 @@ pub struct EngineOptions {
     pub seed: Vec<UserPresence>,
     /// Where the engine counts.
     pub metrics: EngineMetrics,
+    /// The epoch to use (a replica continues the cluster's); `None`: a fresh one.
+    pub epoch: Option<Arc<str>>,
+    /// The seq the state starts at (a replica loaded from a snapshot); 0 for a fresh engine.
+    pub seq: u64,
+    /// Start as a follower (contract §11): refuse events, apply [`Engine::replicate`].
+    pub follower: bool,
+    /// A follower keeps this many of the last entries it applied, with the state before
+    /// each; on taking over as leader it hands them to its sinks again (the old leader's
+    /// writer may have died with them queued; the store writes them idempotently).
+    pub takeover_replay: usize,
 }
+
+/// Batches a leader may have at its gate, unconfirmed, before it waits for the oldest.
+const MAX_INFLIGHT: usize = 32;
 
 enum Command {
     Apply(PresenceEvent),
@@ -174,12 +188,21 @@ enum Command {
     },
     Barrier(oneshot::Sender<u64>),
     Forget(UserJid, oneshot::Sender<bool>),
+    Replicate(Vec<Entry>, oneshot::Sender<Result<u64, Gap>>),
+    Lead {
+        gate: Gate,
+        sinks: Vec<Arc<dyn ChangeSink>>,
+        reply: oneshot::Sender<u64>,
+    },
+    Follow(oneshot::Sender<u64>),
+    Dump(oneshot::Sender<(u64, Vec<Arc<UserPresence>>)>),
 }
 
 /// State shared between the sequencer and readers.
 #[derive(Debug)]
 struct Shared {
     epoch: Arc<str>,
+    role: RwLock<Role>,
     /// Every user ever seen this run (online or not), for O(1) reads by JID. Hashed with
     /// seeded foldhash (hashbrown's own default), not SipHash: every event and every
     /// last-seen lookup probes it.
@@ -212,17 +235,24 @@ impl Engine {
             sinks,
             seed,
             metrics,
+            epoch,
+            seq,
+            follower,
+            takeover_replay,
         } = opts;
         let (tx, rx) = mpsc::channel(cfg.queue_size);
-        let epoch: Arc<str> = Arc::from(format!(
-            "{:016x}",
-            (new_event_id() >> 64) as u64 ^ rand::random::<u64>()
-        ));
+        let epoch = epoch.unwrap_or_else(new_epoch);
+        let role = if follower {
+            Role::Follower
+        } else {
+            Role::Single
+        };
         let shared = Arc::new(Shared {
             epoch,
+            role: RwLock::new(role),
             map: DashMap::with_hasher(foldhash::fast::RandomState::default()),
             stats: RwLock::new(Stats::default()),
-            seq: AtomicU64::new(0),
+            seq: AtomicU64::new(seq),
             // The feed holds chunks of up to MAX_CHUNK changes; an eighth of the ring in
             // chunks lets a subscriber fall at least that many changes (and, under load, up
             // to eight times the ring) behind before it must resync.
@@ -232,6 +262,7 @@ impl Engine {
         let mut online = OnlineMap::new();
         {
             let mut stats = shared.stats.write().unwrap_or_else(|p| p.into_inner());
+            stats.seq = seq;
             for u in seed {
                 stats.account(&u, 1);
                 let u = Arc::new(u);
@@ -244,16 +275,29 @@ impl Engine {
             metrics.online_resources.set(stats.online_resources as i64);
             metrics.known_users.set(shared.map.len() as i64);
         }
-        let seq = Sequencer {
+        let touch = seed_touch(&shared);
+        let sequencer = Sequencer {
             shared: shared.clone(),
             online,
-            touch: 0,
+            touch,
             resync: None,
             sinks,
+            leader_sinks: Vec::new(),
             metrics,
             unpublished: Vec::with_capacity(super::hub::MAX_CHUNK),
+            mode: if follower {
+                Mode::Follower
+            } else {
+                Mode::Single
+            },
+            next_seq: seq,
+            ahead: HashMap::new(),
+            staged: Vec::new(),
+            inflight: VecDeque::new(),
+            takeover: VecDeque::new(),
+            takeover_replay,
         };
-        let task = tokio::spawn(seq.run(rx));
+        let task = tokio::spawn(sequencer.run(rx));
         (Engine { tx, shared }, task)
     }
 
@@ -346,6 +390,43 @@ impl Engine {
             .map_err(|_| EngineClosed)
     }
 
+    /// Applies entries sequenced by the leader (a follower only). Entries at or below the
+    /// current seq are skipped (a redelivery); the first one past it must be the next seq, or
+    /// the whole call fails with the [`Gap`] and nothing after it is applied. Returns the seq
+    /// after.
+    pub async fn replicate(&self, entries: Vec<Entry>) -> Result<Result<u64, Gap>, EngineClosed> {
+        self.ask(|reply| Command::Replicate(entries, reply)).await
+    }
+
+    /// Becomes the leader: from now on events are sequenced after the current seq, and each
+    /// change is visible once `gate` confirmed it; `sinks` get every change from here on,
+    /// after the entries this follower kept for a takeover. Returns the seq it leads from.
+    pub async fn lead(
+        &self,
+        gate: Gate,
+        sinks: Vec<Arc<dyn ChangeSink>>,
+    ) -> Result<u64, EngineClosed> {
+        self.ask(|reply| Command::Lead { gate, sinks, reply }).await
+    }
+
+    /// Stops leading: changes the gate has not confirmed are dropped (they will come back
+    /// through [`Engine::replicate`] if they did reach the stream), the sinks are let go,
+    /// events are refused. Returns the last visible seq.
+    pub async fn follow(&self) -> Result<u64, EngineClosed> {
+        self.ask(Command::Follow).await
+    }
+
+    /// Every user the map knows (online or not) and the seq they are exact at: a replica's
+    /// snapshot. O(users) on the sequencer (Arc clones only).
+    pub async fn dump(&self) -> Result<(u64, Vec<Arc<UserPresence>>), EngineClosed> {
+        self.ask(Command::Dump).await
+    }
+
+    /// The engine's current role.
+    pub fn role(&self) -> Role {
+        *self.shared.role.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     async fn ask<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> Command,
@@ -395,29 +476,63 @@ struct Resync {
     pending: HashSet<(UserJid, String)>,
 }
 
+/// How the sequencer makes a change visible.
+enum Mode {
+    /// At once (a single bridge).
+    Single,
+    /// Once the gate confirmed it.
+    Leader(Gate),
+    /// Never sequences; applies the leader's entries.
+    Follower,
+}
+
+/// A change sequenced but not yet visible, with what its commit needs.
+struct Staged {
+    entry: Entry,
+    before: Option<Arc<UserPresence>>,
+}
+
+type Ack = oneshot::Receiver<Result<(), Refused>>;
+
 struct Sequencer {
     shared: Arc<Shared>,
     /// The online users, kept in step with `shared.map`; snapshots are clones of it.
     online: OnlineMap,
     touch: u64,
     resync: Option<Resync>,
+    /// Sinks every change goes to, whatever the role.
     sinks: Vec<Arc<dyn ChangeSink>>,
+    /// Sinks only a leader feeds (its store writer, its webhooks): given by
+    /// [`Engine::lead`], let go when it stops leading.
+    leader_sinks: Vec<Arc<dyn ChangeSink>>,
     metrics: EngineMetrics,
     /// Changes applied but not yet on the hub's feed (see [`Sequencer::publish`]).
     unpublished: Vec<Arc<Change>>,
+    mode: Mode,
+    /// The seq of the last change sequenced (visible or not).
+    next_seq: u64,
+    /// A leader's users whose latest state is not visible yet (`None`: erased).
+    ahead: HashMap<UserJid, Option<Arc<UserPresence>>>,
+    /// A leader's changes not yet handed to the gate.
+    staged: Vec<Staged>,
+    /// A leader's batches at the gate, oldest first.
+    inflight: VecDeque<(Vec<Staged>, Ack)>,
+    /// A follower's last entries, for its sinks if it takes over.
+    takeover: VecDeque<Staged>,
+    takeover_replay: usize,
 }
 
 impl Sequencer {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         loop {
-            // Changes go to the hub in chunks: when the queue is empty (so a lone change is
-            // published at once), before any other command (a barrier or snapshot answer
-            // never runs ahead of the feed), or at MAX_CHUNK.
+            // Changes go to the hub (a leader's: to the gate) in chunks: when the queue is
+            // empty (so a lone change is published at once), before any other command (a
+            // barrier or snapshot answer never runs ahead of the feed), or at MAX_CHUNK.
             let cmd = match rx.try_recv() {
                 Ok(cmd) => cmd,
                 Err(mpsc::error::TryRecvError::Empty) => {
-                    self.flush();
-                    match rx.recv().await {
+                    self.flush().await;
+                    match self.next(&mut rx).await {
                         Some(cmd) => cmd,
                         None => break,
                     }
@@ -425,13 +540,22 @@ impl Sequencer {
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
             };
             if !matches!(cmd, Command::Apply(_)) {
-                self.flush();
+                // Everything sequenced so far is visible (or refused) before the command.
+                self.flush().await;
+                self.settle().await;
             }
             match cmd {
                 Command::Apply(ev) => {
+                    if matches!(self.mode, Mode::Follower) {
+                        tracing::debug!(jid = %ev.jid, "a follower refuses an event (only the leader sequences)");
+                        continue;
+                    }
                     self.metrics.events.inc();
                     self.confirm(&ev);
-                    self.apply(&ev);
+                    self.apply(ev);
+                    if self.staged.len() >= super::hub::MAX_CHUNK {
+                        self.flush().await;
+                    }
                 }
                 Command::Close => break,
                 Command::Snapshot(reply) => {
@@ -453,7 +577,26 @@ impl Sequencer {
                 }
                 Command::Forget(jid, reply) => {
                     let known = self.forget(&jid);
-                    let _ = reply.send(known);
+                    // A leader's erasure happened only once the gate confirmed it.
+                    self.flush().await;
+                    self.settle().await;
+                    let done = known && !self.shared.map.contains_key(&jid);
+                    let _ = reply.send(done);
+                }
+                Command::Replicate(entries, reply) => {
+                    let _ = reply.send(self.replicate(entries));
+                }
+                Command::Lead { gate, sinks, reply } => {
+                    self.lead(gate, sinks);
+                    let _ = reply.send(self.next_seq);
+                }
+                Command::Dump(reply) => {
+                    let users = self.shared.map.iter().map(|e| e.value().clone()).collect();
+                    let _ = reply.send((self.shared.seq.load(Ordering::Acquire), users));
+                }
+                Command::Follow(reply) => {
+                    self.step_down("asked to follow");
+                    let _ = reply.send(self.next_seq);
                 }
                 Command::ResyncBegin(generation) => {
                     let pending = self
@@ -484,6 +627,9 @@ impl Sequencer {
                     let Some(r) = self.resync.take() else {
                         continue;
                     };
+                    if matches!(self.mode, Mode::Follower) {
+                        continue;
+                    }
                     let mut stale: Vec<_> = r.pending.into_iter().collect();
                     stale.sort();
                     if !stale.is_empty() {
@@ -494,7 +640,7 @@ impl Sequencer {
                     }
                     let now = Utc::now();
                     for (jid, resource) in stale {
-                        self.apply(&PresenceEvent {
+                        self.apply(PresenceEvent {
                             id: new_event_id(),
                             jid,
                             resource,
@@ -510,18 +656,182 @@ impl Sequencer {
                 }
             }
         }
-        self.flush();
+        self.flush().await;
+        self.settle().await;
+        self.publish_pending();
+    }
+
+    /// The next command; a leader commits the batches the gate confirms meanwhile.
+    async fn next(&mut self, rx: &mut mpsc::Receiver<Command>) -> Option<Command> {
+        loop {
+            let Some((_, ack)) = self.inflight.front_mut() else {
+                return rx.recv().await;
+            };
+            tokio::select! {
+                biased;
+                r = ack => self.acked(r.unwrap_or_else(|_| Err(Refused("the cluster publisher has stopped".into())))),
+                cmd = rx.recv() => return cmd,
+            }
+        }
+    }
+
+    /// Hands what is staged to the gate (a leader), commits what the gate has confirmed, and
+    /// publishes visible changes to the hub.
+    async fn flush(&mut self) {
+        if let Mode::Leader(gate) = &self.mode
+            && !self.staged.is_empty()
+        {
+            let gate = gate.clone();
+            let staged = std::mem::take(&mut self.staged);
+            let mut it = staged.into_iter().peekable();
+            while it.peek().is_some() {
+                let part: Vec<Staged> = it.by_ref().take(super::hub::MAX_CHUNK).collect();
+                let batch: Arc<[Entry]> = part.iter().map(|s| s.entry.clone()).collect();
+                let ack = gate.submit(batch);
+                self.inflight.push_back((part, ack));
+            }
+        }
+        // Confirmed batches, without waiting; past the in-flight bound, wait for the oldest.
+        loop {
+            let over = self.inflight.len() > MAX_INFLIGHT;
+            let Some((_, ack)) = self.inflight.front_mut() else {
+                break;
+            };
+            let r = if over {
+                ack.await
+                    .unwrap_or_else(|_| Err(Refused("the cluster publisher has stopped".into())))
+            } else {
+                match ack.try_recv() {
+                    Ok(r) => r,
+                    Err(oneshot::error::TryRecvError::Empty) => break,
+                    Err(oneshot::error::TryRecvError::Closed) => {
+                        Err(Refused("the cluster publisher has stopped".into()))
+                    }
+                }
+            };
+            self.acked(r);
+        }
+        self.publish_pending();
+    }
+
+    /// Waits until every batch at the gate is answered (and committed, or dropped).
+    async fn settle(&mut self) {
+        while let Some((_, ack)) = self.inflight.front_mut() {
+            let r = ack
+                .await
+                .unwrap_or_else(|_| Err(Refused("the cluster publisher has stopped".into())));
+            self.acked(r);
+        }
+        self.publish_pending();
+    }
+
+    /// The gate answered for the oldest batch at it.
+    fn acked(&mut self, r: Result<(), Refused>) {
+        match r {
+            Ok(()) => {
+                if let Some((batch, _)) = self.inflight.pop_front() {
+                    for s in batch {
+                        self.commit(s);
+                    }
+                }
+            }
+            Err(why) => self.step_down(&why.0),
+        }
+    }
+
+    /// Drops every change not yet visible and stops sequencing.
+    fn step_down(&mut self, why: &str) {
+        let dropped = self.staged.len() + self.inflight.iter().map(|(b, _)| b.len()).sum::<usize>();
+        if matches!(self.mode, Mode::Leader(_)) {
+            tracing::warn!(
+                dropped,
+                reason = why,
+                "no longer the leader: changes the stream did not confirm are dropped"
+            );
+        }
+        self.staged.clear();
+        self.inflight.clear();
+        self.ahead.clear();
+        self.leader_sinks.clear();
+        self.takeover.clear();
+        self.next_seq = self.shared.seq.load(Ordering::Acquire);
+        self.mode = Mode::Follower;
+        self.set_role(Role::Follower);
+    }
+
+    fn lead(&mut self, gate: Gate, sinks: Vec<Arc<dyn ChangeSink>>) {
+        self.leader_sinks = sinks;
+        // What the old leader's writer may not have written: the store writes it again
+        // idempotently (an event id is written once).
+        let replay = std::mem::take(&mut self.takeover);
+        if !replay.is_empty() {
+            tracing::info!(
+                changes = replay.len(),
+                "taking over: the last changes go to the sinks again"
+            );
+        }
+        for s in &replay {
+            if let Some(ev) = &s.entry.event {
+                for sink in &self.leader_sinks {
+                    sink.accept(Applied {
+                        event: ev,
+                        before: s.before.as_deref(),
+                        change: &s.entry.change,
+                    });
+                }
+            }
+        }
+        self.next_seq = self.shared.seq.load(Ordering::Acquire);
+        self.mode = Mode::Leader(gate);
+        self.set_role(Role::Leader);
+    }
+
+    fn set_role(&self, role: Role) {
+        *self.shared.role.write().unwrap_or_else(|p| p.into_inner()) = role;
+    }
+
+    fn replicate(&mut self, entries: Vec<Entry>) -> Result<u64, Gap> {
+        if !matches!(self.mode, Mode::Follower) {
+            // A leader's own changes are already applied; it never reads them back.
+            return Ok(self.shared.seq.load(Ordering::Acquire));
+        }
+        for entry in entries {
+            let have = self.shared.seq.load(Ordering::Acquire);
+            let seq = entry.change.seq;
+            if seq <= have {
+                continue;
+            }
+            if seq != have + 1 {
+                self.publish_pending();
+                return Err(Gap {
+                    expected: have + 1,
+                    got: seq,
+                });
+            }
+            for r in &entry.change.presence.resources {
+                self.touch = self.touch.max(r.touched);
+            }
+            let before = self
+                .shared
+                .map
+                .get(&entry.change.jid)
+                .map(|e| e.value().clone());
+            self.commit(Staged { entry, before });
+        }
+        self.next_seq = self.shared.seq.load(Ordering::Acquire);
+        self.publish_pending();
+        Ok(self.next_seq)
     }
 
     /// Queues a change for the hub; see `run` for when the queue is published.
     fn publish(&mut self, change: Arc<Change>) {
         self.unpublished.push(change);
         if self.unpublished.len() >= super::hub::MAX_CHUNK {
-            self.flush();
+            self.publish_pending();
         }
     }
 
-    fn flush(&mut self) {
+    fn publish_pending(&mut self) {
         if !self.unpublished.is_empty() {
             let chunk = std::mem::replace(
                 &mut self.unpublished,
@@ -531,28 +841,41 @@ impl Sequencer {
         }
     }
 
+    /// The user's latest state as the sequencer knows it (a leader: possibly not visible yet).
+    fn current(&self, jid: &UserJid) -> Option<Arc<UserPresence>> {
+        match self.ahead.get(jid) {
+            Some(latest) => latest.clone(),
+            None => self.shared.map.get(jid).map(|e| e.value().clone()),
+        }
+    }
+
+    /// Sequences one change: visible at once (single), or staged for the gate (leader).
+    fn stage(&mut self, s: Staged) {
+        match self.mode {
+            Mode::Single => self.commit(s),
+            Mode::Leader(_) => {
+                let latest = (!s.entry.is_erasure()).then(|| s.entry.change.presence.clone());
+                self.ahead.insert(s.entry.change.jid.clone(), latest);
+                self.staged.push(s);
+            }
+            Mode::Follower => {}
+        }
+    }
+
     fn forget(&mut self, jid: &UserJid) -> bool {
         if let Some(r) = &mut self.resync {
             r.pending.retain(|(j, _)| j != jid);
         }
-        let Some((_, prev)) = self.shared.map.remove(jid) else {
+        let Some(prev) = self.current(jid) else {
             return false;
         };
-        self.metrics.known_users.set(self.shared.map.len() as i64);
-        if !prev.online {
+        // A single bridge tells subscribers only if the user was online; replicas must all
+        // hear of every erasure, so a leader always sends one.
+        if !prev.online && matches!(self.mode, Mode::Single) {
+            self.shared.map.remove(jid);
+            self.metrics.known_users.set(self.shared.map.len() as i64);
             return true;
         }
-        let seq = self.shared.seq.load(Ordering::Relaxed) + 1;
-        {
-            let mut stats = self.shared.stats.write().unwrap_or_else(|p| p.into_inner());
-            stats.account(&prev, -1);
-            stats.seq = seq;
-            self.metrics.online_users.set(stats.online_users as i64);
-            self.metrics
-                .online_resources
-                .set(stats.online_resources as i64);
-        }
-        self.online.remove(jid);
         let now = Utc::now();
         let gone = Arc::new(UserPresence {
             jid: jid.clone(),
@@ -565,16 +888,22 @@ impl Sequencer {
             last_seen: None,
             resources: Vec::new(),
         });
-        self.shared.seq.store(seq, Ordering::Release);
-        self.metrics.changes.inc();
-        self.publish(Arc::new(Change {
-            seq,
+        self.next_seq += 1;
+        let change = Arc::new(Change {
+            seq: self.next_seq,
             jid: jid.clone(),
             op: super::model::Op::Offline,
             presence: gone,
             received_at: now,
             encoded: Default::default(),
-        }));
+        });
+        self.stage(Staged {
+            entry: Entry {
+                change,
+                event: None,
+            },
+            before: Some(prev),
+        });
         true
     }
 
@@ -589,61 +918,124 @@ impl Sequencer {
         }
     }
 
-    fn apply(&mut self, ev: &PresenceEvent) {
+    fn apply(&mut self, ev: PresenceEvent) {
         self.touch += 1;
-        let prev = self.shared.map.get(&ev.jid).map(|e| e.value().clone());
-        let clamped;
-        let ev = match aggregate::not_before(prev.as_deref(), ev) {
-            Some(at) => {
-                clamped = PresenceEvent { at, ..ev.clone() };
-                &clamped
-            }
+        let prev = self.current(&ev.jid);
+        let ev = match aggregate::not_before(prev.as_deref(), &ev) {
+            Some(at) => PresenceEvent { at, ..ev },
             None => ev,
         };
-        let Some((op, next)) = aggregate::apply(prev.as_deref(), ev, self.touch) else {
+        let Some((op, next)) = aggregate::apply(prev.as_deref(), &ev, self.touch) else {
             return;
         };
-        let next = Arc::new(next);
-        let seq = self.shared.seq.load(Ordering::Relaxed) + 1;
+        self.next_seq += 1;
+        let change = Arc::new(Change {
+            seq: self.next_seq,
+            jid: ev.jid.clone(),
+            op,
+            presence: Arc::new(next),
+            received_at: ev.received_at,
+            encoded: Default::default(),
+        });
+        self.stage(Staged {
+            entry: Entry {
+                change,
+                event: Some(Arc::new(ev)),
+            },
+            before: prev,
+        });
+    }
+
+    /// Makes one change visible: counters, sinks, map, seq, hub.
+    fn commit(&mut self, s: Staged) {
+        let Staged { entry, before } = s;
+        let change = &entry.change;
+        let seq = change.seq;
+        let erase = entry.is_erasure();
         {
             let mut stats = self.shared.stats.write().unwrap_or_else(|p| p.into_inner());
-            if let Some(p) = &prev {
+            if let Some(p) = &before {
                 stats.account(p, -1);
             }
-            stats.account(&next, 1);
+            if !erase {
+                stats.account(&change.presence, 1);
+            }
             stats.seq = seq;
             self.metrics.online_users.set(stats.online_users as i64);
             self.metrics
                 .online_resources
                 .set(stats.online_resources as i64);
         }
-        let change = Arc::new(Change {
-            seq,
-            jid: ev.jid.clone(),
-            op,
-            presence: next.clone(),
-            received_at: ev.received_at,
-            encoded: Default::default(),
-        });
-        for sink in &self.sinks {
-            sink.accept(Applied {
-                event: ev,
-                before: prev.as_deref(),
-                change: &change,
-            });
+        if let Some(ev) = &entry.event {
+            for sink in self.sinks.iter().chain(&self.leader_sinks) {
+                sink.accept(Applied {
+                    event: ev,
+                    before: before.as_deref(),
+                    change,
+                });
+            }
         }
-        if next.online {
-            self.online.insert(ev.jid.clone(), next.clone());
+        if change.presence.online && !erase {
+            self.online
+                .insert(change.jid.clone(), change.presence.clone());
         } else {
-            self.online.remove(&ev.jid);
+            self.online.remove(&change.jid);
         }
-        if self.shared.map.insert(ev.jid.clone(), next).is_none() {
+        if erase {
+            self.shared.map.remove(&change.jid);
             self.metrics.known_users.set(self.shared.map.len() as i64);
+        } else if self
+            .shared
+            .map
+            .insert(change.jid.clone(), change.presence.clone())
+            .is_none()
+        {
+            self.metrics.known_users.set(self.shared.map.len() as i64);
+        }
+        if let Some(latest) = self.ahead.get(&change.jid) {
+            let same = match latest {
+                Some(p) => !erase && Arc::ptr_eq(p, &change.presence),
+                None => erase,
+            };
+            if same {
+                self.ahead.remove(&change.jid);
+            }
         }
         self.shared.seq.store(seq, Ordering::Release);
         self.metrics.changes.inc();
+        let change = change.clone();
+        if matches!(self.mode, Mode::Follower) && self.takeover_replay > 0 {
+            if self.takeover.len() >= self.takeover_replay {
+                self.takeover.pop_front();
+            }
+            self.takeover.push_back(Staged { entry, before });
+        }
         self.publish(change);
     }
+}
+
+/// A fresh epoch: 64 random bits in hex.
+pub fn new_epoch() -> Arc<str> {
+    Arc::from(format!(
+        "{:016x}",
+        (new_event_id() >> 64) as u64 ^ rand::random::<u64>()
+    ))
+}
+
+/// The tie-break counter continues above every resource the seed carries.
+fn seed_touch(shared: &Shared) -> u64 {
+    shared
+        .map
+        .iter()
+        .flat_map(|e| {
+            e.value()
+                .resources
+                .iter()
+                .map(|r| r.touched)
+                .collect::<Vec<_>>()
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// A reference map of the live state, rebuilt from a snapshot plus changes (used by tests and

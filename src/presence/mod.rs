@@ -5,14 +5,18 @@ pub mod analytics;
 pub mod engine;
 pub mod hub;
 pub mod model;
+pub mod replica;
 pub mod sink;
 
-pub use engine::{Engine, EngineClosed, EngineMetrics, EngineOptions, OnlineMap, Snapshot, Stats};
+pub use engine::{
+    Engine, EngineClosed, EngineMetrics, EngineOptions, OnlineMap, Snapshot, Stats, new_epoch,
+};
 pub use hub::{Feed, Hub, Lagged, Resume, Routed, Subscription};
 pub use model::{
     Availability, Cause, Change, EventKind, Op, PresenceEvent, ResourcePresence, Show, UserJid,
     UserPresence,
 };
+pub use replica::{Entry, Gap, Gate, GateRequest, Refused, Role};
 pub use sink::{Applied, ChangeSink};
 
 #[cfg(test)]
@@ -248,6 +252,68 @@ mod proptests {
                     let rebuilt = replay(snap, &after);
                     prop_assert_eq!(rebuilt, live_map.clone());
                 }
+                Ok(())
+            })?;
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// A leader shows a change only once its gate confirms it; a follower applying what
+        /// the gate saw is the leader's state, seq for seq; a refused batch never happened.
+        #[test]
+        fn a_follower_applying_the_gate_equals_its_leader(
+            steps in proptest::collection::vec(step(), 1..120),
+            refuse_at in proptest::option::of(0usize..40),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| TestCaseError::fail(e.to_string()))?;
+            rt.block_on(async {
+                let cfg = PresenceConfig { ring_size: 4096, queue_size: 1024 };
+                let (leader, _t1) = Engine::start_with(&cfg, EngineOptions { follower: true, ..Default::default() });
+                let (follower, _t2) = Engine::start_with(&cfg, EngineOptions {
+                    follower: true,
+                    epoch: Some(leader.epoch().clone()),
+                    ..Default::default()
+                });
+                let (gate, mut rx) = Gate::channel();
+                leader.lead(gate, Vec::new()).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(leader.role(), Role::Leader);
+                // The "stream": confirms batches (all, or up to `refuse_at`) and hands the
+                // confirmed ones to the follower.
+                let f = follower.clone();
+                let stream = tokio::spawn(async move {
+                    let mut n = 0usize;
+                    let mut refused = false;
+                    while let Some((batch, reply)) = rx.recv().await {
+                        if refused || refuse_at == Some(n) {
+                            refused = true;
+                            let _ = reply.send(Err(Refused("test".into())));
+                            continue;
+                        }
+                        n += 1;
+                        f.replicate(batch.to_vec()).await.expect("open").expect("no gap");
+                        let _ = reply.send(Ok(()));
+                    }
+                });
+                for (n, s) in steps.iter().enumerate() {
+                    if let Some(ev) = event(s, n as u64) {
+                        leader.apply(ev).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    }
+                }
+                let seq = leader.barrier().await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let fseq = follower.barrier().await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(seq, fseq, "the follower is at the leader's seq");
+                let a = leader.snapshot().await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let b = follower.snapshot().await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(a.users.clone(), b.users.clone());
+                prop_assert_eq!(leader.stats(), follower.stats());
+                if refuse_at.is_some() && leader.role() == Role::Follower {
+                    // Refused: the leader stopped sequencing; later events change nothing.
+                    leader.apply(event(&Step::AllGone { user: 0 }, 999).expect("event")).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    prop_assert_eq!(leader.barrier().await.map_err(|e| TestCaseError::fail(e.to_string()))?, seq);
+                }
+                drop(leader);
+                let _ = stream.await;
                 Ok(())
             })?;
         }

@@ -7,6 +7,7 @@
 //! - [`http`]: HTTP, WebSocket and metrics helpers;
 //! - [`events`]: the event builder;
 //! - [`fake_http`]: a local HTTP server for admin APIs that cannot run here (MongooseIM);
+//! - [`nats`]: private NATS servers with JetStream (the replica tests);
 //! - [`prosody`]: private Prosody instances;
 //! - [`rabbit`]: RabbitMQ (the machine's broker or a private node) and an event pusher;
 //! - [`webhook_receiver`]: a webhook receiver that verifies with the `standardwebhooks` package.
@@ -17,6 +18,7 @@ pub mod ejabberd;
 pub mod events;
 pub mod fake_http;
 pub mod http;
+pub mod nats;
 pub mod pg;
 pub mod prosody;
 pub mod rabbit;
@@ -33,6 +35,7 @@ pub use ejabberd::*;
 pub use events::*;
 pub use fake_http::*;
 pub use http::*;
+pub use nats::*;
 pub use pg::*;
 pub use prosody::*;
 pub use rabbit::*;
