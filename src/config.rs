@@ -565,9 +565,9 @@ pub struct ClusterConfig {
     /// The leader stores a snapshot of the map (for replicas that start late) this often.
     #[serde(with = "secs")]
     pub snapshot_secs: Duration,
-    /// The stream keeps changes this long (a replica that starts later loads a snapshot).
-    #[serde(with = "secs")]
-    pub max_age_secs: Duration,
+    /// The stream keeps changes this many hours (a replica that starts later loads a
+    /// snapshot).
+    pub max_age_hours: u32,
     /// A follower keeps this many of the last changes to write them again if it takes over
     /// (whatever the dead leader's writer had not written yet).
     pub takeover_replay: usize,
@@ -581,7 +581,7 @@ impl Default for ClusterConfig {
             node_id: String::new(),
             failover_secs: Duration::from_secs(10),
             snapshot_secs: Duration::from_secs(60),
-            max_age_secs: Duration::from_secs(24 * 3600),
+            max_age_hours: 24,
             takeover_replay: 50_000,
         }
     }
@@ -624,13 +624,24 @@ impl ClusterConfig {
             "cluster.snapshot_secs",
             self.snapshot_secs.as_secs() as usize,
         )?;
-        if self.max_age_secs < self.snapshot_secs * 2 {
+        if !(1..=24 * 365).contains(&self.max_age_hours) {
             return Err(ConfigError::invalid(
-                "cluster.max_age_secs",
-                "must be at least twice cluster.snapshot_secs",
+                "cluster.max_age_hours",
+                "must be 1..=8760",
+            ));
+        }
+        if self.snapshot_secs * 2 > self.max_age() {
+            return Err(ConfigError::invalid(
+                "cluster.snapshot_secs",
+                "must be at most half of cluster.max_age_hours",
             ));
         }
         Ok(())
+    }
+
+    /// How long the stream keeps changes.
+    pub fn max_age(&self) -> Duration {
+        Duration::from_secs(u64::from(self.max_age_hours) * 3600)
     }
 
     /// `node_id`, or the host name and process id.

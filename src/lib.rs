@@ -2,8 +2,8 @@
 //!
 //! # Layout
 //!
-//! Dependencies point one way: `config` ← `presence` ← {`sources`, `store`, `webhooks`} ← `api` ← `app`
-//! ← `cli` (and `telemetry`, `shutdown` are utilities at the bottom). A module never imports
+//! Dependencies point one way: `config` ← `presence` ← {`sources`, `store`, `webhooks`} ←
+//! `cluster` ← `api` ← `app` ← `cli` (and `telemetry`, `shutdown` are utilities at the bottom). A module never imports
 //! one to its right. `docs/architecture.md` has the data flow and the task tree.
 //!
 //! - [`config`]: layered configuration (defaults → TOML → `PRESENCE_BRIDGE__…` env), secrets
@@ -31,6 +31,10 @@
 //!   flapping users, login storms) into messages for the configured endpoints, a durable
 //!   outbox (Postgres, or memory), and one delivery task per endpoint (Standard Webhooks
 //!   signatures, ordered, retried with backoff and jitter).
+//! - [`cluster`]: contract §11 — replicas on NATS JetStream. The leader's engine shows a
+//!   change only once the stream confirmed it ([`presence::Gate`]); followers apply the
+//!   stream through the same commit path; the lease is a KV key with a TTL, fencing is the
+//!   stream's expected-last-sequence check; snapshots for late replicas in an object store.
 //! - [`api`]: one actix-web server: REST (last-seen, presence, history, stats), the WebSocket
 //!   feed (snapshot + batched diffs, resume, filters, lag → resync), JWT auth turned into a
 //!   permissions value that scoped handlers must take, rate limits, `/metrics` (rendering the

@@ -249,7 +249,7 @@ fn the_example_configs_optional_sections_are_valid_when_enabled() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("[amqp]") && stdout.contains("[reconcile]"),
+        stdout.contains("[amqp]") && stdout.contains("[reconcile]") && stdout.contains("[cluster]"),
         "{stdout}"
     );
     assert!(

@@ -156,6 +156,23 @@ async fn three_replicas_serve_one_sequence_and_a_follower_takes_over() {
         let jid = presence_bridge::presence::UserJid::parse("u3@x.test").unwrap();
         assert_eq!(f.engine().get(&jid), leader.engine().get(&jid));
     }
+    // Metrics: the leader published, the followers applied, every replica says its role.
+    let lm = metrics_text(leader.port);
+    assert_eq!(metric(&lm, "presence_bridge_cluster_leader"), 1, "{lm}");
+    assert!(metric(&lm, "presence_bridge_cluster_published_changes_total") >= 200);
+    assert_eq!(metric(&lm, "presence_bridge_cluster_takeovers_total"), 1);
+    for f in &followers {
+        let fm = metrics_text(f.port);
+        assert_eq!(metric(&fm, "presence_bridge_cluster_leader"), 0, "{fm}");
+        assert!(metric(&fm, "presence_bridge_cluster_applied_changes_total") >= 200);
+        for name in [
+            "presence_bridge_cluster_stream_lag",
+            "presence_bridge_cluster_step_downs_total",
+            "presence_bridge_cluster_snapshots_total",
+        ] {
+            assert!(fm.contains(name), "{name} exported: {fm}");
+        }
+    }
     // Followers refuse what only the leader does.
     let admin = token("admin", None);
     let (code, body, _) = http::api(
@@ -292,7 +309,7 @@ async fn the_stream_fences_a_leader_whose_lease_was_taken() {
             // Renewed every 20 s: the old leader will not notice by itself during the test.
             c.failover_secs = Duration::from_secs(60);
             c.snapshot_secs = Duration::from_secs(60);
-            c.max_age_secs = Duration::from_secs(3600);
+            c.max_age_hours = 1;
         }
         cfg
     };

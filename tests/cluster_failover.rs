@@ -196,18 +196,48 @@ async fn churn(clients: &mut [Client], from: usize, rounds: usize) {
     }
 }
 
+/// The shared ejabberd with a leased component domain, a fresh database, a private NATS and
+/// three replica processes a, b, c.
+struct Three {
+    ej: Ejabberd,
+    lease: ComponentLease,
+    pg: Pg,
+    nats: Nats,
+    bridges: Vec<Bridge>,
+}
+
+impl Three {
+    fn start(tag: &str) -> Three {
+        init_logs();
+        let ej = Ejabberd::shared();
+        let lease = lease_component();
+        let pg = Pg::shared(tag);
+        let nats = Nats::private();
+        let xmpp = xmpp_cfg(&ej, &lease);
+        let bridges = ["a", "b", "c"]
+            .iter()
+            .map(|n| Bridge::start(n, &xmpp, &pg, &nats))
+            .collect();
+        Three {
+            ej,
+            lease,
+            pg,
+            nats,
+            bridges,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_mid_stream_loses_nothing_and_breaks_no_sequence() {
-    init_logs();
-    let ej = Ejabberd::shared();
-    let lease = lease_component();
-    let pg = Pg::shared("clusterkill");
-    let nats = Nats::private();
-    let xmpp = xmpp_cfg(&ej, &lease);
-    let bridges: Vec<Bridge> = ["a", "b", "c"]
-        .iter()
-        .map(|n| Bridge::start(n, &xmpp, &pg, &nats))
-        .collect();
+    // Every part bound: an unbound one would be dropped (stopped) here.
+    let Three {
+        ej,
+        lease,
+        pg,
+        nats: _nats,
+        bridges,
+    } = Three::start("clusterkill");
     let refs: Vec<&Bridge> = bridges.iter().collect();
     let l = leader(&refs).await;
     let followers: Vec<usize> = (0..3).filter(|&i| i != l).collect();
@@ -222,6 +252,9 @@ async fn killing_the_leader_mid_stream_loses_nothing_and_breaks_no_sequence() {
         Recorder::start(bridges[followers[1]].port).await,
     ];
     assert_eq!(recorders[0].epoch, recorders[1].epoch);
+    // And one on the leader: all three see the same epoch and the same changes.
+    let on_leader = Recorder::start(bridges[l].port).await;
+    assert_eq!(on_leader.epoch, recorders[0].epoch);
 
     let users: Vec<String> = (0..5).map(|_| ej.user("clk", &lease.domain)).collect();
     let mut clients = Vec::new();
@@ -229,11 +262,30 @@ async fn killing_the_leader_mid_stream_loses_nothing_and_breaks_no_sequence() {
         clients.push(Client::login(ej.c2s, u, "desk").await);
     }
     churn(&mut clients, 0, 10).await;
+    // Everything the leader showed so far reached the followers' subscribers, identically.
+    let before_kill = on_leader.changes.lock().unwrap().clone();
+    assert!(!before_kill.is_empty());
+    eventually(
+        "the followers' subscribers saw what the leader's did",
+        || {
+            recorders
+                .iter()
+                .all(|r| r.changes.lock().unwrap().len() >= before_kill.len())
+        },
+    )
+    .await;
+    for r in &recorders {
+        assert_eq!(
+            r.changes.lock().unwrap()[..before_kill.len()],
+            before_kill[..],
+            "identical epoch/seq and changes on all three replicas"
+        );
+    }
     let killed_at = Instant::now();
     bridges[l].signal("-KILL");
     churn(&mut clients, 10, 10).await;
     let rest: Vec<&Bridge> = followers.iter().map(|&i| &bridges[i]).collect();
-    let nl = leader(&rest).await;
+    leader(&rest).await;
     let took = killed_at.elapsed();
     eprintln!("failover: a new connected leader {took:?} after SIGKILL");
     churn(&mut clients, 20, 5).await;
@@ -325,7 +377,6 @@ async fn killing_the_leader_mid_stream_loses_nothing_and_breaks_no_sequence() {
         expected.to_string(),
         "no event twice"
     );
-    let _ = nl;
     for c in clients {
         c.close().await;
     }
@@ -333,16 +384,13 @@ async fn killing_the_leader_mid_stream_loses_nothing_and_breaks_no_sequence() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_paused_past_its_lease_never_publishes_again() {
-    init_logs();
-    let ej = Ejabberd::shared();
-    let lease = lease_component();
-    let pg = Pg::shared("clusterstop");
-    let nats = Nats::private();
-    let xmpp = xmpp_cfg(&ej, &lease);
-    let bridges: Vec<Bridge> = ["a", "b", "c"]
-        .iter()
-        .map(|n| Bridge::start(n, &xmpp, &pg, &nats))
-        .collect();
+    let Three {
+        ej,
+        lease,
+        pg: _pg,
+        nats,
+        bridges,
+    } = Three::start("clusterstop");
     let refs: Vec<&Bridge> = bridges.iter().collect();
     let l = leader(&refs).await;
     let old = &bridges[l];

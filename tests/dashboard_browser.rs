@@ -231,3 +231,70 @@ fn analytics_and_replay_views_in_headless_chromium() {
         assert!(dir.join(f).exists(), "{f} saved");
     }
 }
+
+/// A dashboard on a follower replica (contract §11) says which replica it is on and whose
+/// follower, and shows what the leader sequences, live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followers_dashboard_names_its_replica_and_shows_the_leaders_changes() {
+    let dir = browser_dir();
+    let nats = Nats::private();
+    let cfg = |node: &str| {
+        let mut c = test_config();
+        c.cluster = Some(presence_bridge::config::ClusterConfig {
+            nats_url: presence_bridge::config::DbUrl::new(nats.url()),
+            node_id: node.into(),
+            failover_secs: std::time::Duration::from_secs(2),
+            ..Default::default()
+        });
+        c
+    };
+    let a = TestApp::start(cfg("alpha"), Ingest::None).await;
+    common::eventually("alpha leads", || {
+        a.get("/readyz", None).1["role"] == "leader"
+    })
+    .await;
+    let b = TestApp::start(cfg("beta"), Ingest::None).await;
+    let t = token("presence:read", None);
+    let url = format!("http://127.0.0.1:{}/#token={t}", b.port);
+    let engine = a.engine().clone();
+    let feeder = tokio::spawn(async move {
+        for i in 0..40u128 {
+            engine
+                .apply(event(
+                    i + 1,
+                    "replicated@example.com",
+                    "phone",
+                    chrono::Utc::now(),
+                    available(Show::Away, &format!("step {i}"), 0, None),
+                ))
+                .await
+                .unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+    let shot = artifacts().join("dashboard-follower.png");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(dir.join("replica.mjs"))
+            .args([
+                url.as_str(),
+                "replica beta (follower of alpha)",
+                "replicated@example.com",
+                "step 39",
+            ])
+            .env("SHOT", &shot)
+            .output()
+            .expect("node")
+    })
+    .await
+    .unwrap();
+    feeder.await.unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.contains("ALL OK"), "{text}");
+    b.stop().await;
+    a.stop().await;
+}

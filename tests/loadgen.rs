@@ -1,6 +1,8 @@
 //! Smoke runs of `presence-loadgen` (it must keep working; no assertion on time): the ingest
 //! flood against the real bridge binary, memory-only and with Postgres, the lookup load with
-//! wrk, the fan-out and idle-subscriber runs, and a clear error when the bridge cannot start.
+//! wrk, the fan-out and idle-subscriber runs, the replica runs (ingest through a leader of
+//! followers, failover timing) on a private NATS, and a clear error when the bridge cannot
+//! start.
 
 mod common;
 
@@ -230,4 +232,51 @@ fn idle_measures_the_bridges_memory_per_open_session() {
     assert_eq!(r["open_sessions"], 51, "{r}");
     assert!(r["rss_after_kib"].as_u64().unwrap() > 0, "{r}");
     assert!(r["kib_per_subscriber"].as_f64().is_some(), "{r}");
+}
+
+#[test]
+fn ingest_as_a_leader_of_followers_and_failover_runs() {
+    let nats = Nats::private();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("ingest.json");
+    let out = loadgen(&[
+        "ingest",
+        "--users",
+        "100",
+        "--stanzas",
+        "2000",
+        "--replicas",
+        "3",
+        "--nats",
+        &nats.url(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let r = report(&out, &json);
+    assert_eq!(r["applied"], 2000, "{r}");
+    assert_eq!(r["replicas"]["replicas"], 3, "{r}");
+    assert!(
+        r["replicas"]["ratio_to_single"].as_f64().unwrap() > 0.0,
+        "{r}"
+    );
+    assert!(
+        r["replicas"]["followers_done_secs"].as_f64().unwrap() > 0.0,
+        "{r}"
+    );
+
+    let json = dir.path().join("failover.json");
+    let out = loadgen(&[
+        "failover",
+        "--runs",
+        "2",
+        "--failover-secs",
+        "2",
+        "--nats",
+        &nats.url(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let r = report(&out, &json);
+    assert_eq!(r["ready_secs"].as_array().unwrap().len(), 2, "{r}");
+    assert!(r["worst_secs"].as_f64().unwrap() > 0.0, "{r}");
 }

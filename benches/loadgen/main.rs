@@ -22,6 +22,13 @@
 //! `--subscribers` count: every stanza carries its send time in its status, so each measured
 //! subscriber reports stanza→frame latency; per class: percentiles, frames and bytes per
 //! second, resyncs. The ramp shows the knee.
+//!
+//! Replicas (contract §11): `ingest --replicas N` adds a run where the bridge leads N−1
+//! followers over NATS JetStream (`--nats`, a stream of the run's own, deleted after) and
+//! prints the leader's rate next to the single bridge's, and how long the followers took to
+//! hold every change; `fanout --replicas 2` puts every subscriber on a follower; `failover`
+//! kills the leader (SIGKILL) `--runs` times and times each takeover, from the kill to the
+//! new leader's component handshake and its `/readyz` saying `leader`.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -67,6 +74,139 @@ enum Cmd {
     Fanout(FanoutArgs),
     /// Idle WebSocket subscribers: the bridge's memory per open session.
     Idle(IdleArgs),
+    /// Replicas: SIGKILL the leader repeatedly and time each takeover.
+    Failover(FailoverArgs),
+}
+
+#[derive(clap::Args)]
+struct FailoverArgs {
+    /// The presence-bridge binary (default: the one next to this binary).
+    #[arg(long)]
+    bridge: Option<PathBuf>,
+    /// NATS with JetStream.
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    /// Kills (one takeover each).
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    /// `cluster.failover_secs` of the replicas.
+    #[arg(long, default_value_t = 10)]
+    failover_secs: u64,
+    /// Write the figures as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct FailoverReport {
+    failover_secs: u64,
+    runs: usize,
+    /// Seconds from SIGKILL to the new leader's component handshake.
+    connect_secs: Vec<f64>,
+    /// Seconds from SIGKILL to its `/readyz` saying `leader`.
+    ready_secs: Vec<f64>,
+    median_secs: f64,
+    worst_secs: f64,
+}
+
+/// A stream of the run's own on a NATS server, and the `[cluster]` section naming it.
+struct ClusterRun {
+    nats: String,
+    stream: String,
+    failover_secs: u64,
+}
+
+impl ClusterRun {
+    fn new(nats: &str, failover_secs: u64) -> Self {
+        Self {
+            nats: nats.to_owned(),
+            stream: format!("LG{:08x}", rand::random::<u32>()),
+            failover_secs,
+        }
+    }
+
+    fn section(&self, node: &str) -> String {
+        format!(
+            "[cluster]\nnats_url = \"{}\"\nstream = \"{}\"\nnode_id = \"{node}\"\nfailover_secs = {}\n",
+            self.nats, self.stream, self.failover_secs
+        )
+    }
+
+    /// Deletes the run's stream, buckets and object store.
+    async fn cleanup(&self) {
+        let Ok(client) = async_nats::connect(&self.nats).await else {
+            return;
+        };
+        let js = async_nats::jetstream::new(client);
+        for name in [
+            self.stream.clone(),
+            format!("KV_{}_lease", self.stream),
+            format!("KV_{}_meta", self.stream),
+            format!("OBJ_{}_snapshots", self.stream),
+        ] {
+            let _ = js.delete_stream(&name).await;
+        }
+    }
+}
+
+/// Starts `n` followers (config `sections` plus their `[cluster]` section) and waits until
+/// each says `follower` on `/readyz`.
+async fn start_followers(
+    exe: Option<&PathBuf>,
+    xmpp_port: u16,
+    postgres: Option<&str>,
+    sections: &str,
+    cluster: &ClusterRun,
+    n: usize,
+) -> Result<Vec<Bridge>, String> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        // Followers yield the CPU to the leader: on this 2-core machine they stand in for
+        // replicas on other machines (docs/benchmarks.md).
+        let b = start_bridge(
+            exe,
+            xmpp_port,
+            postgres,
+            NO_LIMITS,
+            &format!("{sections}{}", cluster.section(&format!("lg-f{i}"))),
+            Some(19),
+        )?;
+        out.push(b);
+    }
+    let client = reqwest::Client::new();
+    for b in &out {
+        wait_role(&client, b, "follower", Duration::from_secs(30)).await?;
+    }
+    Ok(out)
+}
+
+/// Waits until the bridge's `/readyz` says `role` (and, for a leader, a connected component).
+async fn wait_role(
+    client: &reqwest::Client,
+    b: &Bridge,
+    role: &str,
+    patience: Duration,
+) -> Result<(), String> {
+    let started = Instant::now();
+    loop {
+        if let Ok(r) = client
+            .get(format!("http://127.0.0.1:{}/readyz", b.http))
+            .send()
+            .await
+            && let Ok(v) = r.json::<serde_json::Value>().await
+            && v["role"] == role
+            && (role != "leader" || v["xmpp"] == "connected")
+        {
+            return Ok(());
+        }
+        if started.elapsed() > patience {
+            return Err(format!(
+                "a replica did not become {role} within {patience:?}; its log:\n{}",
+                b.log()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[derive(clap::Args)]
@@ -129,6 +269,13 @@ struct FanoutArgs {
     /// Write the figures as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Run the bridge as a leader with this many replicas in all; every subscriber is on
+    /// the first follower.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// NATS with JetStream, for `--replicas`.
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    nats: String,
 }
 
 #[derive(Serialize, Clone)]
@@ -275,13 +422,23 @@ struct IngestArgs {
     /// this process answering 204), after a run without, and print the ratio.
     #[arg(long, default_value_t = 0)]
     webhooks: usize,
+    /// Also run as a leader with this many replicas in all (N−1 followers; 1: the leader
+    /// alone, publishing to the stream) over `--nats`, and print the ratio to the single
+    /// bridge (0: no such run).
+    #[arg(long, default_value_t = 0)]
+    replicas: usize,
+    /// NATS with JetStream, for `--replicas`.
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    nats: String,
 }
 
-/// One ingest run: applied changes, seconds, seconds spent sending.
+/// One ingest run: applied changes, seconds, seconds spent sending, and (replicas) the
+/// seconds until every follower held every change.
 struct IngestRun {
     applied: u64,
     seconds: f64,
     sent_secs: f64,
+    followers_done_secs: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -298,6 +455,17 @@ struct IngestReport {
     ratio_to_baseline: Option<f64>,
     /// With `--webhooks N`: the run with N endpoints, and its ratio to the run above.
     webhooks: Option<WebhookRun>,
+    /// With `--replicas N`: the run as a leader of N−1 followers.
+    replicas: Option<ReplicaRun>,
+}
+
+#[derive(Serialize)]
+struct ReplicaRun {
+    replicas: usize,
+    changes_per_sec: f64,
+    ratio_to_single: f64,
+    /// Seconds from the start of the load until the last follower held every change.
+    followers_done_secs: f64,
 }
 
 #[derive(Serialize)]
@@ -327,6 +495,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Lookup(a) => rt.block_on(lookup(a)),
         Cmd::Fanout(a) => rt.block_on(fanout(a)),
         Cmd::Idle(a) => rt.block_on(idle(a)),
+        Cmd::Failover(a) => rt.block_on(failover(a)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -431,7 +600,17 @@ impl Drop for Bridge {
 }
 
 impl Bridge {
+    /// SIGKILL: no goodbye to anyone.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     fn stop(&mut self) {
+        // Already reaped (killed): its pid may belong to someone else by now.
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
@@ -464,12 +643,14 @@ impl Bridge {
     }
 }
 
+/// Starts the bridge (at niceness `nice`, if given) with a config pointing it at us.
 fn start_bridge(
     bridge: Option<&PathBuf>,
     xmpp_port: u16,
     postgres: Option<&str>,
     http_keys: &str,
     sections: &str,
+    nice: Option<u8>,
 ) -> Result<Bridge, String> {
     let exe = match bridge {
         Some(p) => p.clone(),
@@ -497,7 +678,15 @@ fn start_bridge(
     let conf = dir.join("bridge.toml");
     std::fs::write(&conf, toml).map_err(|e| e.to_string())?;
     let log = std::fs::File::create(dir.join("bridge.log")).map_err(|e| e.to_string())?;
-    let child = Command::new(&exe)
+    let mut cmd = match nice {
+        Some(n) => {
+            let mut c = Command::new("nice");
+            c.args(["-n", &n.to_string()]).arg(&exe);
+            c
+        }
+        None => Command::new(&exe),
+    };
+    let child = cmd
         .args(["run", "--config"])
         .arg(&conf)
         .env("RUST_LOG", "warn")
@@ -644,23 +833,47 @@ async fn changes(client: &reqwest::Client, port: u16) -> Result<u64, String> {
 
 /// Floods a fresh bridge (started with `sections` in its config) and waits until every
 /// stanza is a change, or no progress for `--stall-secs`.
-async fn ingest_once(a: &IngestArgs, bytes: &[u8], sections: &str) -> Result<IngestRun, String> {
+async fn ingest_once(
+    a: &IngestArgs,
+    bytes: &[u8],
+    sections: &str,
+    cluster: Option<&ClusterRun>,
+) -> Result<IngestRun, String> {
     if let (Some(url), true) = (&a.postgres, a.fresh_db) {
         recreate_database(url).await?;
     }
+    let leader_sections = match cluster {
+        Some(c) => format!("{sections}{}", c.section("lg-leader")),
+        None => sections.to_owned(),
+    };
     let Rig {
         bridge,
         mut w,
         mut rx,
         client,
         before,
+        xmpp_port,
     } = rig(
         a.bridge.as_ref(),
         a.postgres.as_deref(),
         NO_LIMITS,
-        sections,
+        &leader_sections,
     )
     .await?;
+    let followers = match cluster {
+        Some(c) => {
+            start_followers(
+                a.bridge.as_ref(),
+                xmpp_port,
+                a.postgres.as_deref(),
+                sections,
+                c,
+                a.replicas - 1,
+            )
+            .await?
+        }
+        None => Vec::new(),
+    };
     // Send: 64 KiB writes, paced when a rate is set; IQ answers go in between.
     let started = Instant::now();
     let sent_secs = send_all(&mut w, &mut rx, bytes, a.rate).await?;
@@ -675,12 +888,32 @@ async fn ingest_once(a: &IngestArgs, bytes: &[u8], sections: &str) -> Result<Ing
     )
     .await?;
     let seconds = started.elapsed().as_secs_f64();
+    // Followers hold every change once their count of changes is the leader's.
+    let mut followers_done_secs = None;
+    if !followers.is_empty() {
+        let total = changes(&client, bridge.http).await?;
+        for f in &followers {
+            let waiting = Instant::now();
+            while changes(&client, f.http).await? < total {
+                if waiting.elapsed() > Duration::from_secs(a.stall_secs) {
+                    return Err(format!(
+                        "a follower did not catch up; its log:\n{}",
+                        f.log()
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        followers_done_secs = Some(started.elapsed().as_secs_f64());
+    }
     drop(w);
+    drop(followers);
     drop(bridge);
     Ok(IngestRun {
         applied,
         seconds,
         sent_secs,
+        followers_done_secs,
     })
 }
 
@@ -736,12 +969,13 @@ async fn ingest(a: IngestArgs) -> Result<(), String> {
         applied,
         seconds,
         sent_secs,
-    } = ingest_once(&a, &bytes, "").await?;
+        ..
+    } = ingest_once(&a, &bytes, "", None).await?;
     let webhooks = if a.webhooks > 0 {
         let (port, received) = receiver::start()
             .await
             .map_err(|e| format!("webhook receiver: {e}"))?;
-        let run = ingest_once(&a, &bytes, &webhook_sections(a.webhooks, port)).await?;
+        let run = ingest_once(&a, &bytes, &webhook_sections(a.webhooks, port), None).await?;
         let rate = run.applied as f64 / run.seconds;
         Some(WebhookRun {
             endpoints: a.webhooks,
@@ -753,6 +987,21 @@ async fn ingest(a: IngestArgs) -> Result<(), String> {
         None
     };
     let rate = applied as f64 / seconds;
+    let replicas = if a.replicas > 0 {
+        let cluster = ClusterRun::new(&a.nats, 10);
+        let run = ingest_once(&a, &bytes, "", Some(&cluster)).await;
+        cluster.cleanup().await;
+        let run = run?;
+        let r = run.applied as f64 / run.seconds;
+        Some(ReplicaRun {
+            replicas: a.replicas,
+            changes_per_sec: r,
+            ratio_to_single: r / rate,
+            followers_done_secs: run.followers_done_secs.unwrap_or(run.seconds),
+        })
+    } else {
+        None
+    };
     let report = IngestReport {
         users: a.users,
         stanzas: a.stanzas,
@@ -765,6 +1014,7 @@ async fn ingest(a: IngestArgs) -> Result<(), String> {
         baseline_per_sec: baseline_rate,
         ratio_to_baseline: baseline_rate.map(|b| rate / b),
         webhooks,
+        replicas,
     };
     println!("| ingest | value |");
     println!("|---|---|");
@@ -802,6 +1052,21 @@ async fn ingest(a: IngestArgs) -> Result<(), String> {
             wh.messages_received
         );
     }
+    if let Some(r) = &report.replicas {
+        println!(
+            "| changes/s as leader of {} followers | {:.0} |",
+            r.replicas - 1,
+            r.changes_per_sec
+        );
+        println!(
+            "| ratio to the single bridge | {:.1} % |",
+            r.ratio_to_single * 100.0
+        );
+        println!(
+            "| seconds until every follower held every change | {:.3} |",
+            r.followers_done_secs
+        );
+    }
     if let Some(path) = &a.json {
         let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
         std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -824,6 +1089,8 @@ struct Rig {
     rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
     client: reqwest::Client,
     before: u64,
+    /// Where the bridge's component connects (us).
+    xmpp_port: u16,
 }
 
 async fn rig(
@@ -836,7 +1103,7 @@ async fn rig(
         .await
         .map_err(|e| e.to_string())?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
-    let mut bridge = start_bridge(exe, port, postgres, http_keys, sections)?;
+    let mut bridge = start_bridge(exe, port, postgres, http_keys, sections, None)?;
     let stream = match accept(&listener).await {
         Ok(s) => s,
         Err(e) => {
@@ -865,6 +1132,7 @@ async fn rig(
         rx,
         client,
         before,
+        xmpp_port: port,
     })
 }
 
@@ -1044,6 +1312,7 @@ async fn lookup(a: LookupArgs) -> Result<(), String> {
         mut rx,
         client,
         before,
+        ..
     } = rig(a.bridge.as_ref(), None, limits, &auth).await?;
     // Every user online once: known to last-seen.
     online(a.users, &client, bridge.http, before, &mut w, &mut rx).await?;
@@ -1292,14 +1561,34 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
         );
     }
     let auth = format!("[auth]\njwt_secret = \"{JWT_SECRET}\"\n");
+    let cluster = (a.replicas > 1).then(|| ClusterRun::new(&a.nats, 10));
+    let leader_sections = match &cluster {
+        Some(c) => format!("{auth}{}", c.section("lg-leader")),
+        None => auth.clone(),
+    };
     let Rig {
         bridge,
         mut w,
         mut rx,
         client,
         before,
-    } = rig(a.bridge.as_ref(), None, NO_LIMITS, &auth).await?;
+        xmpp_port,
+    } = rig(a.bridge.as_ref(), None, NO_LIMITS, &leader_sections).await?;
     online(a.users, &client, bridge.http, before, &mut w, &mut rx).await?;
+    // With replicas, every subscriber is on the first follower.
+    let followers = match &cluster {
+        Some(c) => {
+            start_followers(a.bridge.as_ref(), xmpp_port, None, &auth, c, a.replicas - 1).await?
+        }
+        None => Vec::new(),
+    };
+    let served = followers.first().map_or(bridge.http, |f| f.http);
+    if let Some(f) = followers.first() {
+        let total = changes(&client, bridge.http).await?;
+        while changes(&client, f.http).await? < total {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     let filter = format!(
         "&jids={}",
         (0..10)
@@ -1330,7 +1619,7 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
                 } else {
                     i - filtered
                 };
-                let ws = ws_open(bridge.http, &sub_token(i)?, f).await?;
+                let ws = ws_open(served, &sub_token(i)?, f).await?;
                 let measure = index_in_class < a.measured;
                 tasks.push((
                     class,
@@ -1338,7 +1627,7 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
                 ));
             }
             let hist_before =
-                histogram(&client, bridge.http, "presence_bridge_stanza_to_ws_seconds").await?;
+                histogram(&client, served, "presence_bridge_stanza_to_ws_seconds").await?;
             // The load: every 10 ms, rate/100 status changes, stamped at send time.
             let per_tick = (rate / 100).max(1) as usize;
             let step_start = Instant::now();
@@ -1366,7 +1655,7 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
             tokio::time::sleep(Duration::from_secs(2)).await;
             stop.cancel();
             let hist_after =
-                histogram(&client, bridge.http, "presence_bridge_stanza_to_ws_seconds").await?;
+                histogram(&client, served, "presence_bridge_stanza_to_ws_seconds").await?;
             let bridge_p50 = bucket_quantile(&hist_before, &hist_after, 0.5);
             let bridge_p99 = bucket_quantile(&hist_before, &hist_after, 0.99);
             let mut by_class: std::collections::BTreeMap<&'static str, (usize, SubStats)> =
@@ -1401,7 +1690,11 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
         }
     }
     drop(w);
+    drop(followers);
     drop(bridge);
+    if let Some(c) = &cluster {
+        c.cleanup().await;
+    }
     println!(
         "| subscribers | changes/s | class | count | p50 ms | p99 ms | max ms | frames/s (class) | MB/s (class) | resyncs | bridge p50/p99 ≤ ms |"
     );
@@ -1429,6 +1722,111 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
         std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(())
+}
+
+async fn failover(a: FailoverArgs) -> Result<(), String> {
+    if a.runs == 0 || a.failover_secs < 2 {
+        return Err("--runs must be at least 1 and --failover-secs at least 2".into());
+    }
+    let cluster = ClusterRun::new(&a.nats, a.failover_secs);
+    let r = failover_runs(&a, &cluster).await;
+    cluster.cleanup().await;
+    let report = r?;
+    println!("| failover (SIGKILL of the leader) | value |");
+    println!("|---|---|");
+    println!("| cluster.failover_secs | {} |", report.failover_secs);
+    println!("| runs | {} |", report.runs);
+    println!(
+        "| median s (kill → new leader ready) | {:.2} |",
+        report.median_secs
+    );
+    println!("| worst s | {:.2} |", report.worst_secs);
+    println!(
+        "| kill → component handshake, each run (s) | {} |",
+        report
+            .connect_secs
+            .iter()
+            .map(|s| format!("{s:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Some(path) = &a.json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+async fn failover_runs(a: &FailoverArgs, cluster: &ClusterRun) -> Result<FailoverReport, String> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let client = reqwest::Client::new();
+    let start = |node: &str| {
+        start_bridge(
+            a.bridge.as_ref(),
+            port,
+            None,
+            NO_LIMITS,
+            &cluster.section(node),
+            None,
+        )
+    };
+    // The component of whichever replica leads; its IQs are answered until it dies.
+    let serve = |s: TcpStream| {
+        let (r, mut w) = s.into_split();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+        tokio::spawn(answer_iqs(r, tx));
+        tokio::spawn(async move {
+            while let Some(reply) = rx.recv().await {
+                if w.write_all(&reply).await.is_err() {
+                    return;
+                }
+            }
+        });
+    };
+    let patience = Duration::from_secs(a.failover_secs * 3 + 30);
+    let mut leader = start("lg-a")?;
+    serve(accept(&listener).await?);
+    wait_role(&client, &leader, "leader", patience).await?;
+    let mut follower = start("lg-b")?;
+    wait_role(&client, &follower, "follower", patience).await?;
+    let (mut connect_secs, mut ready_secs) = (Vec::new(), Vec::new());
+    for run in 0..a.runs {
+        // Let the follower settle into its lease checks (and the lease be renewed).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let killed = Instant::now();
+        leader.kill();
+        let s = tokio::time::timeout(patience, accept(&listener))
+            .await
+            .map_err(|_| format!("run {run}: no new leader connected within {patience:?}"))??;
+        connect_secs.push(killed.elapsed().as_secs_f64());
+        serve(s);
+        wait_role(&client, &follower, "leader", patience).await?;
+        ready_secs.push(killed.elapsed().as_secs_f64());
+        eprintln!(
+            "failover run {run}: {:.2} s to the handshake, {:.2} s to ready",
+            connect_secs[run], ready_secs[run]
+        );
+        // The killed replica comes back as a follower; roles swap.
+        let node = if run % 2 == 0 { "lg-a" } else { "lg-b" };
+        let back = start(node)?;
+        wait_role(&client, &back, "follower", patience).await?;
+        leader = std::mem::replace(&mut follower, back);
+    }
+    drop(follower);
+    drop(leader);
+    let mut sorted = ready_secs.clone();
+    sorted.sort_by(f64::total_cmp);
+    Ok(FailoverReport {
+        failover_secs: a.failover_secs,
+        runs: a.runs,
+        median_secs: sorted[sorted.len() / 2],
+        worst_secs: sorted[sorted.len() - 1],
+        connect_secs,
+        ready_secs,
+    })
 }
 
 /// A token of its own for subscriber `i` (the bridge caps connections per token subject).
@@ -1469,6 +1867,7 @@ async fn idle(a: IdleArgs) -> Result<(), String> {
         mut rx,
         client,
         before,
+        ..
     } = rig(a.bridge.as_ref(), None, NO_LIMITS, &auth).await?;
     if a.users > 0 {
         online(a.users, &client, bridge.http, before, &mut w, &mut rx).await?;

@@ -4,8 +4,8 @@
 //!
 //! - the stream `S` (subject `presence-bridge.S.changes`): one message per batch of changes,
 //!   and a `term` message each time a replica takes over ([`wire`]);
-//! - the KV bucket `S_lease`, whose entries live `cluster.failover_secs`: the key `leader`
-//!   names the leader; it is created by the replica that takes over, renewed (a
+//! - the KV bucket `S_lease`, whose entries live [`lease_ttl`] (`cluster.failover_secs` less a
+//!   follower's retry interval and half a second): the key `leader` names the leader; it is created by the replica that takes over, renewed (a
 //!   compare-and-set on its revision) every third of its life, deleted on a clean stop;
 //! - the KV bucket `S_meta`: the cluster's `epoch`, created once by whichever replica first
 //!   starts, so that every replica and every leader shows the same epoch;
@@ -71,6 +71,15 @@ pub enum ClusterError {
         "the stream does not continue this replica's state ({0}); restart it to load the latest snapshot"
     )]
     Gap(String),
+    /// A stream message this replica cannot read (written by something else, or by a
+    /// newer version): following on could skip changes.
+    #[error("stream message {stream_seq} cannot be read ({reason}); this replica stops following")]
+    Undecodable {
+        /// Its stream sequence.
+        stream_seq: u64,
+        /// Why.
+        reason: String,
+    },
     /// The stream belongs to another epoch.
     #[error("the stream holds epoch {found}, this cluster's is {ours} (cluster.stream is shared?)")]
     Epoch {
@@ -79,6 +88,19 @@ pub enum ClusterError {
         /// The message's.
         found: String,
     },
+}
+
+/// How often a follower tries the lease.
+fn tick(cfg: &ClusterConfig) -> Duration {
+    (cfg.failover_secs / 5).clamp(Duration::from_millis(100), Duration::from_secs(1))
+}
+
+/// How long the lease lives after its last renewal: short enough that a follower's next try
+/// after it lapses, the takeover and the component's connect fit in `failover_secs`.
+pub fn lease_ttl(cfg: &ClusterConfig) -> Duration {
+    cfg.failover_secs
+        .saturating_sub(tick(cfg) + Duration::from_millis(500))
+        .max(Duration::from_secs(1))
 }
 
 fn nats(e: impl std::fmt::Display) -> ClusterError {
@@ -231,7 +253,7 @@ pub async fn bootstrap(cfg: &ClusterConfig, node: &str) -> Result<Bootstrap, Clu
         .get_or_create_stream(stream::Config {
             name: cfg.stream.clone(),
             subjects: vec![subject.clone()],
-            max_age: cfg.max_age_secs,
+            max_age: cfg.max_age(),
             storage: stream::StorageType::File,
             duplicate_window: Duration::from_secs(120),
             description: Some("presence-bridge: changes, in seq order".into()),
@@ -242,7 +264,7 @@ pub async fn bootstrap(cfg: &ClusterConfig, node: &str) -> Result<Bootstrap, Clu
     let lease = key_value(
         &js,
         &format!("{}_lease", cfg.stream),
-        cfg.failover_secs,
+        lease_ttl(cfg),
         "the leader lease",
     )
     .await
@@ -494,7 +516,7 @@ impl Replica {
     }
 
     fn tick(&self) -> Duration {
-        (self.cfg.failover_secs / 5).clamp(Duration::from_millis(100), Duration::from_secs(1))
+        tick(&self.cfg)
     }
 
     /// Applies the stream until this replica holds the lease (its revision) or is cancelled.
@@ -593,16 +615,10 @@ impl Replica {
                 changes,
             }) => {
                 self.check_epoch(&epoch)?;
-                let entries = match wire::entries(changes) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        // Not a batch a replica wrote; the next batch's seq tells if a real
-                        // one was lost.
-                        tracing::error!(stream_seq, error = %e, "cluster: skipping a bad stream message");
-                        self.applied = stream_seq;
-                        return Ok(true);
-                    }
-                };
+                let entries = wire::entries(changes).map_err(|e| ClusterError::Undecodable {
+                    stream_seq,
+                    reason: e.to_string(),
+                })?;
                 let n = entries.len() as u64;
                 match self.engine.replicate(entries).await {
                     Ok(Ok(_)) => self.metrics.applied.inc_by(n),
@@ -614,7 +630,11 @@ impl Replica {
                 }
             }
             Err(e) => {
-                tracing::error!(stream_seq, error = %e, "cluster: skipping a bad stream message");
+                // Skipping it could skip changes: this replica cannot follow any further.
+                return Err(ClusterError::Undecodable {
+                    stream_seq,
+                    reason: e.to_string(),
+                });
             }
         }
         self.applied = stream_seq;
@@ -658,7 +678,7 @@ impl Replica {
 
     /// Leads from lease revision `rev` until cancelled or no longer the leader.
     async fn lead(&mut self, mut rev: u64) -> Result<Led, ClusterError> {
-        let ttl = self.cfg.failover_secs;
+        let ttl = lease_ttl(&self.cfg);
         // 1. Everything in the stream is applied, then our term fences the old leader.
         let (term_seq, lease_until) = loop {
             let asked = Instant::now();
@@ -861,8 +881,7 @@ impl Replica {
             .find(|(l, _)| *l <= seq)
             .map_or(term_seq, |(_, s)| *s)
             + 1;
-        let doc = wire::SnapshotDoc::new(&self.epoch, seq, stream_from, &users);
-        let bytes = match serde_json::to_vec(&doc) {
+        let bytes = match wire::encode_snapshot(&self.epoch, seq, stream_from, &users) {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, "cluster: cannot encode a snapshot");

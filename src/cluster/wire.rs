@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use chrono::serde::{ts_nanoseconds, ts_nanoseconds_option};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -16,9 +17,8 @@ use crate::presence::{
     UserJid, UserPresence,
 };
 
-/// One message of the stream.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
+/// One message of the stream, as read.
+#[derive(Debug)]
 pub enum Message {
     /// Changes, in seq order, gap-free within the message.
     Changes {
@@ -40,76 +40,184 @@ pub enum Message {
     },
 }
 
+/// The message's JSON, read without buffering (an internally tagged enum made serde buffer
+/// every message into an intermediate tree first: half a follower's time).
+#[derive(Deserialize)]
+struct MessageIn {
+    #[serde(rename = "type")]
+    kind: MessageKind,
+    node: String,
+    epoch: String,
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(default)]
+    changes: Option<Vec<WireChange>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum MessageKind {
+    Changes,
+    Term,
+}
+
+/// The same message, as written: borrowed from the engine's changes (no copies), times as
+/// integer nanoseconds (chrono's RFC 3339 text was most of the encoding's cost).
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum Out<'a> {
+    Changes {
+        node: &'a str,
+        epoch: &'a str,
+        changes: Vec<OutChange<'a>>,
+    },
+    Term {
+        node: &'a str,
+        epoch: &'a str,
+        seq: u64,
+    },
+}
+
 /// A change and the event behind it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Deserialize)]
 pub struct WireChange {
     seq: u64,
     op: Op,
     p: WirePresence,
     /// When the leader read the stanza (end-to-end latency on every replica).
+    #[serde(with = "ts_nanoseconds")]
     rx: DateTime<Utc>,
     /// `None`: an erasure.
     ev: Option<WireEvent>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Serialize)]
+struct OutChange<'a> {
+    seq: u64,
+    op: Op,
+    p: OutPresence<'a>,
+    #[serde(with = "ts_nanoseconds")]
+    rx: DateTime<Utc>,
+    ev: Option<OutEvent<'a>>,
+}
+
+#[derive(Debug, Deserialize)]
 struct WirePresence {
     jid: UserJid,
     online: bool,
     show: Show,
     status: Option<String>,
     prio: i8,
+    #[serde(with = "ts_nanoseconds_option")]
     since: Option<DateTime<Utc>>,
+    #[serde(with = "ts_nanoseconds")]
     changed: DateTime<Utc>,
+    #[serde(with = "ts_nanoseconds_option")]
     seen: Option<DateTime<Utc>>,
     res: Vec<WireResource>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Serialize)]
+struct OutPresence<'a> {
+    jid: &'a str,
+    online: bool,
+    show: Show,
+    status: Option<&'a str>,
+    prio: i8,
+    #[serde(with = "ts_nanoseconds_option")]
+    since: Option<DateTime<Utc>>,
+    #[serde(with = "ts_nanoseconds")]
+    changed: DateTime<Utc>,
+    #[serde(with = "ts_nanoseconds_option")]
+    seen: Option<DateTime<Utc>>,
+    res: Vec<OutResource<'a>>,
+}
+
+#[derive(Debug, Deserialize)]
 struct WireResource {
     r: String,
     show: Show,
     status: Option<String>,
     prio: i8,
     client: Option<String>,
+    #[serde(with = "ts_nanoseconds")]
     since: DateTime<Utc>,
+    #[serde(with = "ts_nanoseconds_option")]
     idle: Option<DateTime<Utc>>,
     /// The leader's tie-break order ("most recent" among equal priorities).
     t: u64,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Serialize)]
+struct OutResource<'a> {
+    r: &'a str,
+    show: Show,
+    status: Option<&'a str>,
+    prio: i8,
+    client: Option<&'a str>,
+    #[serde(with = "ts_nanoseconds")]
+    since: DateTime<Utc>,
+    #[serde(with = "ts_nanoseconds_option")]
+    idle: Option<DateTime<Utc>>,
+    t: u64,
+}
+
+/// An event: its kind (`k`) and that kind's fields side by side (no nested tagged enum:
+/// serde would buffer it).
+#[derive(Debug, Deserialize)]
 struct WireEvent {
-    /// The event id, as 32 hex digits.
-    id: String,
+    /// The event id's high and low 64 bits (JSON numbers stop short of a u128).
+    id: [u64; 2],
     r: String,
-    kind: WireKind,
+    k: Kind,
+    show: Option<Show>,
+    status: Option<String>,
+    prio: Option<i8>,
+    client: Option<String>,
+    #[serde(default, with = "ts_nanoseconds_option")]
+    idle: Option<DateTime<Utc>>,
+    reason: Option<String>,
+    #[serde(with = "ts_nanoseconds")]
     at: DateTime<Utc>,
+    #[serde(with = "ts_nanoseconds")]
     rx: DateTime<Utc>,
     cause: Cause,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "k", rename_all = "lowercase")]
-enum WireKind {
-    Available(WireAvail),
-    Present(WireAvail),
-    Unavailable {
-        status: Option<String>,
-        reason: Option<String>,
-    },
-    All {
-        status: Option<String>,
-    },
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Kind {
+    Available,
+    Present,
+    Unavailable,
+    All,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct WireAvail {
-    show: Show,
-    status: Option<String>,
-    prio: i8,
-    client: Option<String>,
+#[derive(Serialize)]
+struct OutEvent<'a> {
+    id: [u64; 2],
+    r: &'a str,
+    k: Kind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    show: Option<Show>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prio: Option<i8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client: Option<&'a str>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "ts_nanoseconds_option"
+    )]
     idle: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    #[serde(with = "ts_nanoseconds")]
+    at: DateTime<Utc>,
+    #[serde(with = "ts_nanoseconds")]
+    rx: DateTime<Utc>,
+    cause: Cause,
 }
 
 /// A message that is not what a replica sends.
@@ -125,9 +233,9 @@ pub enum WireError {
 
 /// Encodes a batch of entries.
 pub fn encode_changes(node: &str, epoch: &str, entries: &[Entry]) -> Vec<u8> {
-    let msg = Message::Changes {
-        node: node.to_owned(),
-        epoch: epoch.to_owned(),
+    let msg = Out::Changes {
+        node,
+        epoch,
         changes: entries.iter().map(to_wire).collect(),
     };
     // Serialising plain data to a Vec cannot fail.
@@ -136,17 +244,26 @@ pub fn encode_changes(node: &str, epoch: &str, entries: &[Entry]) -> Vec<u8> {
 
 /// Encodes a term message.
 pub fn encode_term(node: &str, epoch: &str, seq: u64) -> Vec<u8> {
-    serde_json::to_vec(&Message::Term {
-        node: node.to_owned(),
-        epoch: epoch.to_owned(),
-        seq,
-    })
-    .unwrap_or_default()
+    serde_json::to_vec(&Out::Term { node, epoch, seq }).unwrap_or_default()
 }
 
 /// Decodes a message (its changes still in wire form: see [`entries`]).
 pub fn decode(payload: &[u8]) -> Result<Message, WireError> {
-    Ok(serde_json::from_slice(payload)?)
+    let m: MessageIn = serde_json::from_slice(payload)?;
+    Ok(match m.kind {
+        MessageKind::Changes => Message::Changes {
+            node: m.node,
+            epoch: m.epoch,
+            changes: m
+                .changes
+                .ok_or(WireError::Invalid("changes without changes"))?,
+        },
+        MessageKind::Term => Message::Term {
+            node: m.node,
+            epoch: m.epoch,
+            seq: m.seq.ok_or(WireError::Invalid("term without seq"))?,
+        },
+    })
 }
 
 /// The entries of a `changes` message, checked: gap-free seqs, a change's user is its
@@ -164,14 +281,14 @@ pub fn entries(changes: Vec<WireChange>) -> Result<Vec<Entry>, WireError> {
     Ok(out)
 }
 
-fn to_wire(e: &Entry) -> WireChange {
+fn to_wire(e: &Entry) -> OutChange<'_> {
     let c = &e.change;
-    WireChange {
+    OutChange {
         seq: c.seq,
         op: c.op,
-        p: wire_presence(&c.presence),
+        p: out_presence(&c.presence),
         rx: c.received_at,
-        ev: e.event.as_deref().map(event_to_wire),
+        ev: e.event.as_deref().map(out_event),
     }
 }
 
@@ -195,12 +312,12 @@ fn from_wire(w: WireChange) -> Result<Entry, WireError> {
     })
 }
 
-fn wire_presence(p: &UserPresence) -> WirePresence {
-    WirePresence {
-        jid: p.jid.clone(),
+fn out_presence(p: &UserPresence) -> OutPresence<'_> {
+    OutPresence {
+        jid: p.jid.as_str(),
         online: p.online,
         show: p.show,
-        status: p.status.clone(),
+        status: p.status.as_deref(),
         prio: p.priority,
         since: p.online_since,
         changed: p.last_change,
@@ -208,12 +325,12 @@ fn wire_presence(p: &UserPresence) -> WirePresence {
         res: p
             .resources
             .iter()
-            .map(|r| WireResource {
-                r: r.resource.clone(),
+            .map(|r| OutResource {
+                r: &r.resource,
                 show: r.show,
-                status: r.status.clone(),
+                status: r.status.as_deref(),
                 prio: r.priority,
-                client: r.client.clone(),
+                client: r.client.as_deref(),
                 since: r.since,
                 idle: r.idle_since,
                 t: r.touched,
@@ -249,61 +366,81 @@ fn presence_from_wire(w: WirePresence) -> UserPresence {
     }
 }
 
-fn event_to_wire(e: &PresenceEvent) -> WireEvent {
-    let avail = |a: &Availability| WireAvail {
-        show: a.show,
-        status: a.status.clone(),
-        prio: a.priority,
-        client: a.client.clone(),
-        idle: a.idle_since,
-    };
-    WireEvent {
-        id: format!("{:032x}", e.id),
-        r: e.resource.clone(),
-        kind: match &e.kind {
-            EventKind::Available(a) => WireKind::Available(avail(a)),
-            EventKind::Present(a) => WireKind::Present(avail(a)),
-            EventKind::Unavailable { status, reason } => WireKind::Unavailable {
-                status: status.clone(),
-                reason: reason.clone(),
-            },
-            EventKind::AllUnavailable { status } => WireKind::All {
-                status: status.clone(),
-            },
-        },
+fn out_event(e: &PresenceEvent) -> OutEvent<'_> {
+    let mut o = OutEvent {
+        id: [(e.id >> 64) as u64, e.id as u64],
+        r: &e.resource,
+        k: Kind::All,
+        show: None,
+        status: None,
+        prio: None,
+        client: None,
+        idle: None,
+        reason: None,
         at: e.at,
         rx: e.received_at,
         cause: e.cause,
+    };
+    match &e.kind {
+        EventKind::Available(a) | EventKind::Present(a) => {
+            o.k = if matches!(e.kind, EventKind::Present(_)) {
+                Kind::Present
+            } else {
+                Kind::Available
+            };
+            o.show = Some(a.show);
+            o.status = a.status.as_deref();
+            o.prio = Some(a.priority);
+            o.client = a.client.as_deref();
+            o.idle = a.idle_since;
+        }
+        EventKind::Unavailable { status, reason } => {
+            o.k = Kind::Unavailable;
+            o.status = status.as_deref();
+            o.reason = reason.as_deref();
+        }
+        EventKind::AllUnavailable { status } => o.status = status.as_deref(),
     }
+    o
 }
 
 fn event_from_wire(w: WireEvent, jid: UserJid) -> Result<PresenceEvent, WireError> {
-    let avail = |a: WireAvail| Availability {
-        show: a.show,
-        status: a.status,
-        priority: a.prio,
-        client: a.client,
-        idle_since: a.idle,
+    let avail = |w: &mut WireEvent| -> Result<Availability, WireError> {
+        Ok(Availability {
+            show: w
+                .show
+                .ok_or(WireError::Invalid("an available event without show"))?,
+            status: w.status.take(),
+            priority: w.prio.unwrap_or(0),
+            client: w.client.take(),
+            idle_since: w.idle,
+        })
     };
-    let id = u128::from_str_radix(&w.id, 16).map_err(|_| WireError::Invalid("event id"))?;
+    let mut w = w;
+    let kind = match w.k {
+        Kind::Available => EventKind::Available(avail(&mut w)?),
+        Kind::Present => EventKind::Present(avail(&mut w)?),
+        Kind::Unavailable => EventKind::Unavailable {
+            status: w.status.take(),
+            reason: w.reason.take(),
+        },
+        Kind::All => EventKind::AllUnavailable {
+            status: w.status.take(),
+        },
+    };
     Ok(PresenceEvent {
-        id,
+        id: (u128::from(w.id[0]) << 64) | u128::from(w.id[1]),
         jid,
         resource: w.r,
-        kind: match w.kind {
-            WireKind::Available(a) => EventKind::Available(avail(a)),
-            WireKind::Present(a) => EventKind::Present(avail(a)),
-            WireKind::Unavailable { status, reason } => EventKind::Unavailable { status, reason },
-            WireKind::All { status } => EventKind::AllUnavailable { status },
-        },
+        kind,
         at: w.at,
         received_at: w.rx,
         cause: w.cause,
     })
 }
 
-/// A snapshot of every known user at one seq (what a late replica starts from).
-#[derive(Debug, Serialize, Deserialize)]
+/// A snapshot of every known user at one seq (what a late replica starts from), as read.
+#[derive(Debug, Deserialize)]
 pub struct SnapshotDoc {
     /// The cluster's epoch.
     pub epoch: String,
@@ -315,17 +452,30 @@ pub struct SnapshotDoc {
     users: Vec<WirePresence>,
 }
 
-impl SnapshotDoc {
-    /// A snapshot of `users` at `seq`.
-    pub fn new(epoch: &str, seq: u64, stream_from: u64, users: &[Arc<UserPresence>]) -> Self {
-        Self {
-            epoch: epoch.to_owned(),
-            seq,
-            stream_from,
-            users: users.iter().map(|u| wire_presence(u)).collect(),
-        }
-    }
+#[derive(Serialize)]
+struct OutSnapshot<'a> {
+    epoch: &'a str,
+    seq: u64,
+    stream_from: u64,
+    users: Vec<OutPresence<'a>>,
+}
 
+/// Encodes a snapshot of `users` at `seq`.
+pub fn encode_snapshot(
+    epoch: &str,
+    seq: u64,
+    stream_from: u64,
+    users: &[Arc<UserPresence>],
+) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(&OutSnapshot {
+        epoch,
+        seq,
+        stream_from,
+        users: users.iter().map(|u| out_presence(u)).collect(),
+    })
+}
+
+impl SnapshotDoc {
     /// How many users it holds.
     pub fn users(&self) -> usize {
         self.users.len()
@@ -358,9 +508,16 @@ mod tests {
     fn a_batch_survives_the_wire_with_everything_a_follower_needs() {
         let c = Change::for_test(7, "alice@example.com", "hi", 0);
         let mut p = (*c.presence).clone();
-        for r in &mut p.resources {
-            r.touched = 41;
-        }
+        p.resources.push(ResourcePresence {
+            resource: "phone".into(),
+            show: Show::Away,
+            status: Some("hi".into()),
+            priority: 3,
+            client: Some("Gajim".into()),
+            since: Utc::now(),
+            idle_since: Some(Utc::now()),
+            touched: 41,
+        });
         let c = Arc::new(Change {
             presence: Arc::new(p),
             ..(*c).clone()

@@ -669,7 +669,11 @@ impl Sequencer {
             };
             tokio::select! {
                 biased;
-                r = ack => self.acked(r.unwrap_or_else(|_| Err(Refused("the cluster publisher has stopped".into())))),
+                r = ack => {
+                    self.acked(r.unwrap_or_else(|_| Err(Refused("the cluster publisher has stopped".into()))));
+                    // Confirmed changes reach subscribers now, not with the next command.
+                    self.publish_pending();
+                }
                 cmd = rx.recv() => return cmd,
             }
         }

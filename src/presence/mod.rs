@@ -320,6 +320,46 @@ mod proptests {
     }
 
     #[tokio::test]
+    async fn a_leaders_lone_change_reaches_subscribers_once_confirmed() {
+        let cfg = PresenceConfig {
+            ring_size: 64,
+            queue_size: 64,
+        };
+        let (leader, _t) = Engine::start_with(
+            &cfg,
+            EngineOptions {
+                follower: true,
+                ..Default::default()
+            },
+        );
+        let (gate, mut rx) = Gate::channel();
+        leader.lead(gate, Vec::new()).await.unwrap();
+        let mut sub = leader.hub().subscribe();
+        let s = Step::Avail {
+            user: 1,
+            res: 0,
+            show: 1,
+            prio: 0,
+            status: 0,
+        };
+        leader.apply(event(&s, 1).expect("event")).await.unwrap();
+        // Not visible before the gate answers.
+        let (batch, reply) = rx.recv().await.expect("a batch at the gate");
+        assert_eq!(batch.len(), 1);
+        assert_eq!(leader.seq(), 0);
+        assert!(leader.get(&user(1)).is_none());
+        reply.send(Ok(())).unwrap();
+        // No further command: the confirmed change still reaches the feed.
+        let c = tokio::time::timeout(std::time::Duration::from_secs(5), sub.recv())
+            .await
+            .expect("the change is published without waiting for another command")
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.seq, 1);
+        assert_eq!(leader.seq(), 1);
+    }
+
+    #[tokio::test]
     async fn resync_expires_unconfirmed_resources_only() {
         let (engine, _task) = Engine::start(&PresenceConfig {
             ring_size: 64,

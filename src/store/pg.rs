@@ -446,7 +446,8 @@ async fn write_sessions(
         tx.execute(
             "UPDATE presence_sessions s SET ended_at = u.at, end_cause = u.cause, end_reason = u.reason \
              FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[]) AS u(jid, resource, at, cause, reason) \
-             WHERE s.jid = u.jid AND s.resource = u.resource AND s.ended_at IS NULL",
+             WHERE s.jid = u.jid AND s.resource = u.resource AND s.ended_at IS NULL \
+               AND s.started_at <= u.at",
             &[&j, &r, &a, &c, &why],
         )
         .await?;

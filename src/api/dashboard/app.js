@@ -354,8 +354,14 @@ async function pollReady() {
   try {
     const r = await fetch('/readyz');
     const b = await r.json();
-    const x = b.xmpp === 'simulated' ? 'XMPP: simulated (demo)' : 'XMPP: ' + b.xmpp + (b.stale ? ' (stale)' : '') + (b.resyncing ? ', resyncing' : '');
-    $('xmpp-state').textContent = x + ' · store: ' + b.store + (b.spooled_events ? ' (' + b.spooled_events + ' spooled)' : '');
+    const x = b.xmpp === 'simulated' ? 'XMPP: simulated (demo)'
+      : b.xmpp === 'replica' ? 'XMPP: held by the leader'
+      : 'XMPP: ' + b.xmpp + (b.stale ? ' (stale)' : '') + (b.resyncing ? ', resyncing' : '');
+    // A replica (contract §11): which one this dashboard is on, and its role.
+    const replica = b.role
+      ? 'replica ' + b.node + ' (' + b.role + (b.role === 'follower' && b.leader ? ' of ' + b.leader : '') + (b.stream_lag ? ', ' + b.stream_lag + ' behind' : '') + ') · '
+      : '';
+    $('xmpp-state').textContent = replica + x + ' · store: ' + b.store + (b.spooled_events ? ' (' + b.spooled_events + ' spooled)' : '');
   } catch (_) {
     $('xmpp-state').textContent = 'bridge unreachable';
   }
