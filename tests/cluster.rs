@@ -461,3 +461,29 @@ async fn a_nats_restart_mid_stream_loses_nothing_and_repeats_no_seq() {
     b.stop().await;
     a.stop().await;
 }
+
+/// The lease's TTL and the stream's retention follow the config of the replica that starts
+/// (an existing bucket is updated, not kept as it was made).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_failover_secs_changes_the_lease_ttl() {
+    init_logs();
+    let nats = Nats::private();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    for (secs, hours) in [(2u64, 1u32), (6, 2)] {
+        let mut cfg = cluster_cfg(&nats, "a");
+        let c = cfg.cluster.as_mut().unwrap();
+        c.failover_secs = Duration::from_secs(secs);
+        c.max_age_hours = hours;
+        let want = presence_bridge::cluster::lease_ttl(c);
+        let app = TestApp::start(cfg, Ingest::None).await;
+        let lease = js.get_stream("KV_PRESENCE_lease").await.unwrap();
+        assert_eq!(lease.get_info().await.unwrap().config.max_age, want);
+        let changes = js.get_stream("PRESENCE").await.unwrap();
+        assert_eq!(
+            changes.get_info().await.unwrap().config.max_age,
+            Duration::from_secs(u64::from(hours) * 3600)
+        );
+        app.stop().await;
+    }
+}

@@ -249,16 +249,20 @@ pub async fn bootstrap(cfg: &ClusterConfig, node: &str) -> Result<Bootstrap, Clu
     let mut js = jetstream::new(client.clone());
     js.set_timeout((cfg.failover_secs / 4).max(Duration::from_secs(1)));
     let subject = format!("presence-bridge.{}.changes", cfg.stream);
+    // Created, or updated to this config (a changed max_age_hours takes effect).
+    js.create_or_update_stream(stream::Config {
+        name: cfg.stream.clone(),
+        subjects: vec![subject.clone()],
+        max_age: cfg.max_age(),
+        storage: stream::StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        description: Some("presence-bridge: changes, in seq order".into()),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| nats_at("the stream")(&e))?;
     let stream = js
-        .get_or_create_stream(stream::Config {
-            name: cfg.stream.clone(),
-            subjects: vec![subject.clone()],
-            max_age: cfg.max_age(),
-            storage: stream::StorageType::File,
-            duplicate_window: Duration::from_secs(120),
-            description: Some("presence-bridge: changes, in seq order".into()),
-            ..Default::default()
-        })
+        .get_stream(&cfg.stream)
         .await
         .map_err(|e| nats_at("the stream")(&e))?;
     let lease = key_value(
@@ -338,14 +342,15 @@ pub async fn bootstrap(cfg: &ClusterConfig, node: &str) -> Result<Bootstrap, Clu
 }
 
 /// A KV bucket (history 1), its stream made as async-nats's `create_key_value` would make it
-/// (which first queries the account in a shape NATS 2.9 does not answer).
+/// (which first queries the account in a shape NATS 2.9 does not answer), or updated to this
+/// config: a changed `failover_secs` changes the lease's TTL.
 async fn key_value(
     js: &jetstream::Context,
     bucket: &str,
     max_age: Duration,
     what: &str,
 ) -> Result<kv::Store, async_nats::Error> {
-    js.get_or_create_stream(stream::Config {
+    js.create_or_update_stream(stream::Config {
         name: format!("KV_{bucket}"),
         description: Some(format!("presence-bridge: {what}")),
         subjects: vec![format!("$KV.{bucket}.>")],
