@@ -487,3 +487,59 @@ async fn a_changed_failover_secs_changes_the_lease_ttl() {
         app.stop().await;
     }
 }
+
+/// No NATS at `cluster.nats_url`: the service does not start, and says which key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_nats_is_a_clear_start_error() {
+    init_logs();
+    let port = free_port();
+    let mut cfg = test_config();
+    cfg.cluster = Some(ClusterConfig {
+        nats_url: DbUrl::new(format!("nats://127.0.0.1:{port}")),
+        ..ClusterConfig::default()
+    });
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let err = presence_bridge::app::AppBuilder::new(cfg)
+        .ingest(Ingest::None)
+        .listener(listener)
+        .start()
+        .await
+        .expect_err("no NATS, no replica");
+    let text = err.to_string();
+    assert!(text.contains("cluster.nats_url"), "{text}");
+    assert_eq!(err.exit_code(), 1);
+}
+
+/// A stream message no replica wrote: a follower stops following (its `wait` returns the
+/// error, naming the message) rather than skip what could be changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_stops_at_a_message_it_cannot_read() {
+    init_logs();
+    let nats = Nats::private();
+    let a = replica(&nats, "a").await;
+    leader_of(&[&a]).await;
+    change(&a, 1, "g@x.test").await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut b = presence_bridge::app::AppBuilder::new(cluster_cfg(&nats, "b"))
+        .ingest(Ingest::None)
+        .listener(listener)
+        .start()
+        .await
+        .unwrap();
+    eventually("b follows", || b.engine().seq() == 1).await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.publish("presence-bridge.PRESENCE.changes", "not a batch".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(PATIENCE, b.wait())
+        .await
+        .expect("the follower stops");
+    let text = ended.expect_err("an error, not a clean end").to_string();
+    assert!(text.contains("cannot be read"), "{text}");
+    assert_eq!(b.engine().seq(), 1, "nothing applied past it");
+    let _ = b.shutdown().await;
+    a.stop().await;
+}
